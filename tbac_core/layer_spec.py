@@ -89,6 +89,8 @@ from __future__ import annotations
 import math
 import re
 
+from .errors import TBACError
+
 __all__ = [
     "LAYER_SPEC_SYNTAX",
     "WEIGHT_SPEC_SYNTAX",
@@ -130,7 +132,7 @@ _RAMP_ARROW_RE = re.compile(r"(.*?)\s*->\s*(.*)")
 _ECHO_LIMIT = 200  # a pasted novel should not flood the ComfyUI error popup
 
 
-class LayerSpecError(ValueError):
+class LayerSpecError(TBACError, ValueError):
     """A layer spec or block-weight spec is malformed or does not fit the model.
 
     The message always says what was wrong, what is allowed (the valid range or the syntax)

@@ -1,0 +1,168 @@
+"""The frozen Qwen2.5-VL of TBAC-UniImage: building it, naming its weights, reading its ladder.
+
+transformers <=4.51 names the modules ``model.X`` (text decoder) and ``visual.X``; >=4.52 names
+them ``model.language_model.X`` and ``model.visual.X``. Checkpoints exist in both layouts, so keys
+are compared in one canonical (new) layout whatever version is installed.
+"""
+from __future__ import annotations
+
+import inspect
+from contextlib import contextmanager
+
+import torch
+from accelerate import init_empty_weights
+from torch import nn
+from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+
+def canonical_key(key: str) -> str:
+    """Map a Qwen2.5-VL state-dict key of either transformers layout to the >=4.52 layout."""
+    if key.startswith(("model.language_model.", "model.visual.")):
+        return key
+    if key.startswith("visual."):
+        return "model." + key
+    if key.startswith("model."):
+        return "model.language_model." + key[len("model."):]
+    return key
+
+
+def build_mllm(config_dict: dict, embedding_rows: int) -> tuple[Qwen2_5_VLForConditionalGeneration, int]:
+    """Instantiate Qwen2.5-VL on the meta device with ``embedding_rows`` input-embedding rows.
+
+    Returns the model and its base vocabulary size (rows before TBAC's metaquery rows). The LM
+    head is not built here: TBAC's checkpoint has none (see ``attach_lm_head``).
+    """
+    config = Qwen2_5_VLConfig.from_dict(dict(config_dict))
+    text_config = getattr(config, "text_config", config)
+    base_vocab = int(getattr(text_config, "vocab_size", None) or config.vocab_size)
+    for cfg in {id(config): config, id(text_config): text_config}.values():
+        if "vocab_size" in cfg.to_dict() or hasattr(cfg, "vocab_size"):
+            cfg.vocab_size = embedding_rows
+        cfg.use_sliding_window = False
+        cfg.sliding_window = None
+    config.tie_word_embeddings = False
+    config._attn_implementation = "sdpa"
+    with init_empty_weights():
+        model = Qwen2_5_VLForConditionalGeneration._from_config(config, attn_implementation="sdpa")
+    model.lm_head = nn.Identity()  # attached from the embedding after loading
+    model.eval().requires_grad_(False)
+    return model, base_vocab
+
+
+def attach_lm_head(model: Qwen2_5_VLForConditionalGeneration, base_vocab: int) -> None:
+    """Rebuild the (tied) LM head from the base-vocabulary rows of the input embedding.
+
+    The rows TBAC added (metaqueries, padding) are left out, so ``generate`` can never emit them.
+    The head shares storage with the embedding: it costs no memory.
+    """
+    embedding = model.get_input_embeddings().weight
+    head = nn.Linear(embedding.shape[1], base_vocab, bias=False, device="meta")
+    head.weight = nn.Parameter(embedding[:base_vocab], requires_grad=False)
+    model.lm_head = head
+
+
+def text_model(model) -> nn.Module:
+    """The decoder stack (``.layers``, ``.norm``) in either transformers layout."""
+    inner = model.model
+    return getattr(inner, "language_model", inner)
+
+
+def vision_dtype(model) -> torch.dtype:
+    visual = getattr(model.model, "visual", None) or model.visual
+    return next(visual.parameters()).dtype
+
+
+def num_rungs(model) -> int:
+    """Hidden-state entries: embeddings, one per decoder layer but the last, the final norm."""
+    return len(text_model(model).layers) + 1
+
+
+def rope_position_ids(model, input_ids, attention_mask, image_grid_thw, image_token_id) -> torch.Tensor:
+    """3-D M-RoPE positions [3, B, S] from the model's own ``get_rope_index``.
+
+    transformers 5 needs ``mm_token_type_ids`` (1 on image tokens) for it; 4.5x does not.
+    """
+    owner = model.model if hasattr(model.model, "get_rope_index") else model
+    get_rope_index = owner.get_rope_index
+    kwargs = {"image_grid_thw": image_grid_thw, "attention_mask": attention_mask}
+    if "mm_token_type_ids" in inspect.signature(get_rope_index).parameters:
+        kwargs["mm_token_type_ids"] = (input_ids == image_token_id).to(torch.int)
+    position_ids, _ = get_rope_index(input_ids, **kwargs)
+    return position_ids
+
+
+class _StopForward(Exception):
+    """Raised by a hook once the deepest needed rung is captured, to skip the layers above it."""
+
+
+@contextmanager
+def _capture_rungs(model, rungs: list[int], positions: torch.Tensor, store: dict):
+    """Hooks that copy the hidden states at ``positions`` [B, N] for each rung in ``rungs``."""
+    decoder = text_model(model)
+    layers = decoder.layers
+    last_rung = len(layers)
+    deepest = max(rungs)
+    handles = []
+
+    def keep(rung, hidden):
+        if rung in rungs:
+            batch = torch.arange(hidden.shape[0], device=hidden.device)[:, None]
+            store[rung] = hidden[batch, positions.to(hidden.device)]
+        if rung == deepest:
+            raise _StopForward
+
+    def output_of(value):
+        return value[0] if isinstance(value, (tuple, list)) else value
+
+    handles.append(layers[0].register_forward_pre_hook(
+        lambda mod, args, kwargs: keep(0, args[0] if args else kwargs["hidden_states"]), with_kwargs=True
+    ))
+    for index in range(min(deepest, last_rung - 1)):
+        handles.append(layers[index].register_forward_hook(
+            lambda mod, args, out, rung=index + 1: keep(rung, output_of(out))
+        ))
+    if deepest == last_rung:
+        handles.append(decoder.norm.register_forward_hook(lambda mod, args, out: keep(last_rung, out)))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@torch.no_grad()
+def metaquery_rung_states(
+    model,
+    inputs: dict,
+    positions: torch.Tensor,
+    rungs: list[int],
+    image_token_id: int,
+) -> torch.Tensor:
+    """Run the MLLM and return hidden states at ``positions`` for ``rungs`` -> [len(rungs), B, N, H].
+
+    The forward stops right after the deepest requested rung: the layers above it, the final norm
+    and the LM head are never computed, and no full-sequence hidden states are kept.
+    """
+    device = model.get_input_embeddings().weight.device
+    input_ids = inputs["input_ids"].to(device)
+    attention_mask = inputs["attention_mask"].to(device)
+    grid = inputs.get("image_grid_thw")
+    grid = grid.to(device) if grid is not None else None
+    pixel_values = inputs.get("pixel_values")
+    if pixel_values is not None:
+        pixel_values = pixel_values.to(device=device, dtype=vision_dtype(model))
+    position_ids = rope_position_ids(model, input_ids, attention_mask, grid, image_token_id)
+    store: dict[int, torch.Tensor] = {}
+    with _capture_rungs(model, rungs, positions, store):
+        try:
+            model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                pixel_values=pixel_values,
+                image_grid_thw=grid,
+                use_cache=False,
+            )
+        except _StopForward:
+            pass
+    return torch.stack([store[r] for r in rungs], dim=0)

@@ -1,0 +1,180 @@
+"""``TBACPipeline``: text-to-image, editing and image-to-image in a few calls, for scripts.
+
+    from tbac_core import TBACPipeline
+    pipe = TBACPipeline.from_pretrained("models/tbac/TBAC-UniImage-3B")
+    images = pipe.generate("a red cat on a blue chair", seed=42).images   # list of PIL images
+    edited = pipe.edit("make the cat green", images=[images[0]], seed=1).images
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .errors import InvalidParameterError
+from .images import images_to_uint8, pil_to_tensor, to_pil_rgb
+from .ladder import LadderConditioning
+from .model import TBACModel
+from .sampling import SamplingParams, StepCallback, denoise, initial_noise
+from .vae import decode_latents, encode_images
+
+MAX_SIDE = 4096
+MAX_BATCH = 64
+
+
+@dataclass
+class GenerationOutput:
+    images: list[Image.Image]
+    tensors: torch.Tensor  # [B, H, W, 3] float in 0..1, CPU
+    latents: torch.Tensor  # [B, C, h, w] float32
+
+
+def check_size(width: int, height: int, factor: int) -> None:
+    """Refuse sizes the DiT cannot take before anything is allocated."""
+    for name, value in (("width", width), ("height", height)):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise InvalidParameterError(f"{name} must be an integer, got {value!r}.")
+        if not factor <= value <= MAX_SIDE or value % factor:
+            raise InvalidParameterError(
+                f"{name}={value} is not allowed: use a multiple of {factor} (the VAE's latent factor) "
+                f"between {factor} and {MAX_SIDE}."
+            )
+
+
+def check_batch(count: int) -> None:
+    if not 1 <= count <= MAX_BATCH:
+        raise InvalidParameterError(f"A batch of {count} images is not allowed: use 1..{MAX_BATCH}.")
+
+
+class TBACPipeline:
+    def __init__(self, model: TBACModel):
+        self.model = model
+
+    @classmethod
+    def from_pretrained(cls, checkpoint_dir, **kwargs) -> "TBACPipeline":
+        return cls(TBACModel.from_pretrained(checkpoint_dir, **kwargs))
+
+    # -- building blocks -------------------------------------------------------------------
+    def encode(self, prompt, images=None, negative_prompt: str = "", layers="default", **kwargs) -> LadderConditioning:
+        return self.model.encode(prompt, images=images, negative_prompt=negative_prompt, layers=layers, **kwargs)
+
+    def latent_shape(self, batch: int, width: int, height: int) -> tuple[int, int, int, int]:
+        factor = self.model.vae_scale
+        check_size(width, height, factor)
+        check_batch(batch)
+        return (batch, self.model.latent_channels, height // factor, width // factor)
+
+    def sample(
+        self,
+        cond: LadderConditioning,
+        *,
+        width: int | None = None,
+        height: int | None = None,
+        params: SamplingParams = SamplingParams(),
+        init_latents: torch.Tensor | None = None,
+        callback: StepCallback | None = None,
+        check_cancel: Callable[[], None] | None = None,
+    ) -> torch.Tensor:
+        """Denoise from seeded noise (or from ``init_latents`` with ``params.denoise < 1``)."""
+        params.validate()
+        cond.check_model(self.model.identity)
+        size = self.model.config.default_image_size
+        width, height = width or size, height or size
+        if init_latents is not None:
+            height, width = (d * self.model.vae_scale for d in init_latents.shape[-2:])
+        shape = self.latent_shape(cond.batch_size * params.num_images_per_prompt, width, height)
+        noise = initial_noise(params.seed, shape)
+        if init_latents is not None and init_latents.shape[0] != shape[0]:
+            if init_latents.shape[0] != 1:
+                raise InvalidParameterError(
+                    f"init latents have batch {init_latents.shape[0]}; expected 1 or {shape[0]}."
+                )
+            init_latents = init_latents.expand(shape[0], -1, -1, -1)
+        return denoise(
+            self.model.dit, cond, noise, self.model.scheduler_config, params,
+            init_latents=init_latents, callback=callback, check_cancel=check_cancel,
+        )
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> images [B, H, W, 3] float in 0..1 on the CPU."""
+        return decode_latents(self.model.vae, latents)
+
+    def encode_image(self, images) -> torch.Tensor:
+        """Images (PIL, or [B, H, W, 3] tensor in 0..1) -> latents, for image-to-image."""
+        tensor = _as_image_batch(images)
+        factor = self.model.vae_scale
+        check_size(tensor.shape[2], tensor.shape[1], factor)
+        return encode_images(self.model.vae, tensor)
+
+    # -- one-call jobs ---------------------------------------------------------------------
+    def generate(
+        self,
+        prompt: str | list[str],
+        negative_prompt: str = "",
+        *,
+        width: int | None = None,
+        height: int | None = None,
+        steps: int = 30,
+        guidance_scale: float = 4.5,
+        sampler: str = "dpm++",
+        seed: int = 0,
+        num_images_per_prompt: int = 1,
+        layers="default",
+        init_image=None,
+        denoise: float = 1.0,
+        callback: StepCallback | None = None,
+        check_cancel: Callable[[], None] | None = None,
+    ) -> GenerationOutput:
+        params = SamplingParams(steps, guidance_scale, 1.0, sampler, seed, num_images_per_prompt, denoise)
+        params.validate()
+        cond = self.encode(prompt, negative_prompt=negative_prompt, layers=layers)
+        init_latents = self.encode_image(init_image) if init_image is not None else None
+        latents = self.sample(cond, width=width, height=height, params=params, init_latents=init_latents,
+                              callback=callback, check_cancel=check_cancel)
+        return self._output(latents)
+
+    def edit(
+        self,
+        prompt: str | list[str],
+        images,
+        negative_prompt: str = "",
+        *,
+        width: int | None = None,
+        height: int | None = None,
+        steps: int = 30,
+        guidance_scale: float = 4.5,
+        image_guidance_scale: float = 1.5,
+        sampler: str = "dpm++",
+        seed: int = 0,
+        num_images_per_prompt: int = 1,
+        layers="default",
+        callback: StepCallback | None = None,
+        check_cancel: Callable[[], None] | None = None,
+    ) -> GenerationOutput:
+        """Instruction editing: ``images`` is one list of input images per prompt (or one shared list)."""
+        params = SamplingParams(steps, guidance_scale, image_guidance_scale, sampler, seed, num_images_per_prompt)
+        params.validate()
+        cond = self.encode(prompt, images=images, negative_prompt=negative_prompt, layers=layers)
+        latents = self.sample(cond, width=width, height=height, params=params,
+                              callback=callback, check_cancel=check_cancel)
+        return self._output(latents)
+
+    def _output(self, latents: torch.Tensor) -> GenerationOutput:
+        tensors = self.decode(latents)
+        images = [Image.fromarray(array) for array in images_to_uint8(tensors)]
+        return GenerationOutput(images, tensors, latents)
+
+
+def _as_image_batch(images) -> torch.Tensor:
+    if isinstance(images, torch.Tensor):
+        tensor = images if images.ndim == 4 else images[None]
+        return tensor.float().clamp(0, 1)
+    if not isinstance(images, (list, tuple)):
+        images = [images]
+    tensors = [pil_to_tensor(to_pil_rgb(img)) for img in images]
+    if len({tuple(t.shape) for t in tensors}) != 1:
+        raise InvalidParameterError("Images of one batch must share one size; resize them first.")
+    return torch.stack(tensors)

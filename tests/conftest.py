@@ -1,0 +1,45 @@
+"""Shared fixtures: the tiny official-format checkpoint and golden outputs in ../shared/fixtures."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT.parent))  # the pack folder is importable as a package by its name
+sys.path.insert(0, str(ROOT))
+
+FIXTURE_ROOT = Path(os.environ.get("TBAC_FIXTURES", ROOT.parent / "shared" / "fixtures")) / "tbac-tiny"
+
+
+def pytest_configure(config):
+    import torch
+
+    torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def fixture_root() -> Path:
+    if not (FIXTURE_ROOT / "checkpoint" / "config.json").is_file():
+        pytest.fail(f"tiny fixture not found at {FIXTURE_ROOT}; set TBAC_FIXTURES to the shared/fixtures folder")
+    return FIXTURE_ROOT
+
+
+@pytest.fixture(scope="session")
+def checkpoint_dir(fixture_root) -> Path:
+    return fixture_root / "checkpoint"
+
+
+@pytest.fixture(scope="session")
+def manifest(fixture_root) -> dict:
+    return json.loads((fixture_root / "goldens" / "manifest.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def pipe(checkpoint_dir):
+    from tbac_core import TBACPipeline
+
+    return TBACPipeline.from_pretrained(checkpoint_dir, device="cpu", dtype="float32")
