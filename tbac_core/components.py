@@ -142,7 +142,7 @@ class ComponentConfigs:
         if mllm_dir is not None:
             mllm = load_json(mllm_dir / "config.json")
         else:
-            mllm = _builtin(builtin_configs.BUILTIN_MLLM, config.mllm_id, "MLLM")
+            mllm = _builtin(builtin_configs.BUILTIN_MLLM, config.mllm_id, "MLLM", checkpoint_dir, extra_dirs)
         parts = {}
         dirs = {}
         for part, component_id, file in (
@@ -155,15 +155,18 @@ class ComponentConfigs:
             if folder is not None:
                 parts[part] = load_json(folder / file)
             else:
-                parts[part] = _builtin(builtin_configs.BUILTIN_DIFFUSION, component_id, part)[part]
+                table = builtin_configs.BUILTIN_DIFFUSION
+                parts[part] = _builtin(table, component_id, part, checkpoint_dir, extra_dirs)[part]
         return cls(mllm, parts["transformer"], parts["vae"], parts["scheduler"], mllm_dir, dirs["transformer"])
 
 
-def _builtin(table: dict, component_id: str, what: str) -> dict:
+def _builtin(table: dict, component_id: str, what: str, checkpoint_dir: Path, extra_dirs) -> dict:
     if component_id in table:
         return table[component_id]
+    looked = [str(checkpoint_dir.parent), str(checkpoint_dir), *map(str, extra_dirs or [])]
     raise ComponentNotFoundError(
-        f"No local folder found for the {what} component {component_id!r} and no built-in config for it "
-        f"(built-in: {', '.join(table)}). Place the component folder next to the checkpoint folder or in "
+        f"No local folder found for the {what} component {component_id!r} (looked in {', '.join(looked)} "
+        f"and the local Hugging Face cache) and there is no built-in config for it (built-in: "
+        f"{', '.join(table)}). Place the component folder next to the checkpoint folder or in "
         f"${MODELS_DIR_ENV}."
     )
