@@ -61,6 +61,14 @@ class TBACPipeline:
     def encode(self, prompt, images=None, negative_prompt: str = "", layers="default", **kwargs) -> LadderConditioning:
         return self.model.encode(prompt, images=images, negative_prompt=negative_prompt, layers=layers, **kwargs)
 
+    def resolve_size(self, width: int | None, height: int | None) -> tuple[int, int]:
+        """Fill in the model's trained size and refuse impossible ones, before any work is done."""
+        size = self.model.config.default_image_size
+        width = size if width is None else width
+        height = size if height is None else height
+        check_size(width, height, self.model.vae_scale)
+        return width, height
+
     def latent_shape(self, batch: int, width: int, height: int) -> tuple[int, int, int, int]:
         factor = self.model.vae_scale
         check_size(width, height, factor)
@@ -81,8 +89,7 @@ class TBACPipeline:
         """Denoise from seeded noise (or from ``init_latents`` with ``params.denoise < 1``)."""
         params.validate()
         cond.check_model(self.model.identity)
-        size = self.model.config.default_image_size
-        width, height = width or size, height or size
+        width, height = self.resolve_size(width, height)
         if init_latents is not None:
             height, width = (d * self.model.vae_scale for d in init_latents.shape[-2:])
         shape = self.latent_shape(cond.batch_size * params.num_images_per_prompt, width, height)
@@ -130,6 +137,8 @@ class TBACPipeline:
     ) -> GenerationOutput:
         params = SamplingParams(steps, guidance_scale, 1.0, sampler, seed, num_images_per_prompt, denoise)
         params.validate()
+        if init_image is None:
+            self.resolve_size(width, height)
         cond = self.encode(prompt, negative_prompt=negative_prompt, layers=layers)
         init_latents = self.encode_image(init_image) if init_image is not None else None
         latents = self.sample(cond, width=width, height=height, params=params, init_latents=init_latents,
@@ -157,6 +166,7 @@ class TBACPipeline:
         """Instruction editing: ``images`` is one list of input images per prompt (or one shared list)."""
         params = SamplingParams(steps, guidance_scale, image_guidance_scale, sampler, seed, num_images_per_prompt)
         params.validate()
+        self.resolve_size(width, height)
         cond = self.encode(prompt, images=images, negative_prompt=negative_prompt, layers=layers)
         latents = self.sample(cond, width=width, height=height, params=params,
                               callback=callback, check_cancel=check_cancel)
