@@ -7,6 +7,8 @@
 """
 from __future__ import annotations
 
+import hashlib
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable
 
@@ -17,12 +19,14 @@ from PIL import Image
 from .errors import InvalidParameterError
 from .images import images_to_uint8, pil_to_tensor, to_pil_rgb
 from .ladder import LadderConditioning
-from .model import TBACModel
+from .model import TBACModel, resolve_device
+from .placement import Placement
 from .sampling import SamplingParams, StepCallback, denoise, initial_noise
 from .vae import decode_latents, encode_images
 
 MAX_SIDE = 4096
 MAX_BATCH = 64
+TILED_DECODE_ABOVE = 1024 * 1024  # pixels per image; DC-AE decodes larger images tile by tile
 
 
 @dataclass
@@ -50,16 +54,51 @@ def check_batch(count: int) -> None:
 
 
 class TBACPipeline:
-    def __init__(self, model: TBACModel):
+    """Runs a ``TBACModel``: encode, sample, decode, with a memory mode and a conditioning cache.
+
+    ``memory``: ``full`` / ``offload-mllm`` / ``sequential`` (see ``tbac_core.placement``).
+    ``cache_size``: how many recent conditionings are kept, so re-running an unchanged prompt
+    does not run the MLLM again (0 disables; bounded so long queues keep memory flat).
+    """
+
+    def __init__(self, model: TBACModel, *, memory: str = "full", device=None, cache_size: int = 8,
+                 compile_dit: bool = False):
         self.model = model
+        self.placement = Placement(model, resolve_device(device) if device else model.device, memory)
+        self.cache_size = cache_size
+        self._cache: OrderedDict[tuple, LadderConditioning] = OrderedDict()
+        if compile_dit:
+            for block in model.dit.transformer.transformer_blocks:
+                block.compile()
 
     @classmethod
-    def from_pretrained(cls, checkpoint_dir, **kwargs) -> "TBACPipeline":
-        return cls(TBACModel.from_pretrained(checkpoint_dir, **kwargs))
+    def from_pretrained(cls, checkpoint_dir, *, memory: str = "full", device=None, cache_size: int = 8,
+                        compile_dit: bool = False, **load_kwargs) -> "TBACPipeline":
+        """Load a checkpoint; outside ``full`` mode parts are read to the CPU and moved on use."""
+        device = resolve_device(device)
+        load_device = device if memory == "full" else torch.device("cpu")
+        model = TBACModel.from_pretrained(checkpoint_dir, device=load_device, **load_kwargs)
+        return cls(model, memory=memory, device=device, cache_size=cache_size, compile_dit=compile_dit)
 
     # -- building blocks -------------------------------------------------------------------
-    def encode(self, prompt, images=None, negative_prompt: str = "", layers="default", **kwargs) -> LadderConditioning:
-        return self.model.encode(prompt, images=images, negative_prompt=negative_prompt, layers=layers, **kwargs)
+    def encode(self, prompt, images=None, negative_prompt: str = "", layers="default",
+               keep_all_rungs: bool = False) -> LadderConditioning:
+        """``TBACModel.encode`` with the MLLM placed per the memory mode and recent results reused."""
+        key = (_freeze(prompt), _images_key(images), negative_prompt, _freeze(layers), keep_all_rungs)
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        with self.placement.use("mllm"):
+            cond = self.model.encode(prompt, images=images, negative_prompt=negative_prompt, layers=layers,
+                                     keep_all_rungs=keep_all_rungs)
+        if self.cache_size > 0:
+            self._cache[key] = cond
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+        return cond
+
+    def clear_cache(self) -> None:
+        self._cache.clear()
 
     def resolve_size(self, width: int | None, height: int | None) -> tuple[int, int]:
         """Fill in the model's trained size and refuse impossible ones, before any work is done."""
@@ -100,21 +139,30 @@ class TBACPipeline:
                     f"init latents have batch {init_latents.shape[0]}; expected 1 or {shape[0]}."
                 )
             init_latents = init_latents.expand(shape[0], -1, -1, -1)
-        return denoise(
-            self.model.dit, cond, noise, self.model.scheduler_config, params,
-            init_latents=init_latents, callback=callback, check_cancel=check_cancel,
-        )
+        with self.placement.use("dit") as dit:
+            return denoise(
+                dit, cond, noise, self.model.scheduler_config, params,
+                init_latents=init_latents, callback=callback, check_cancel=check_cancel,
+            )
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents -> images [B, H, W, 3] float in 0..1 on the CPU."""
-        return decode_latents(self.model.vae, latents)
+    def decode(self, latents: torch.Tensor, tiled: bool | None = None) -> torch.Tensor:
+        """Latents -> images [B, H, W, 3] float in 0..1 on the CPU.
+
+        ``tiled``: decode tile by tile (bounded memory for large images); None = above 1024x1024.
+        """
+        pixels = latents.shape[-1] * latents.shape[-2] * self.model.vae_scale**2
+        tiled = pixels > TILED_DECODE_ABOVE if tiled is None else tiled
+        with self.placement.use("vae") as vae:
+            vae.enable_tiling() if tiled else vae.disable_tiling()
+            return decode_latents(vae, latents)
 
     def encode_image(self, images) -> torch.Tensor:
         """Images (PIL, or [B, H, W, 3] tensor in 0..1) -> latents, for image-to-image."""
         tensor = _as_image_batch(images)
         factor = self.model.vae_scale
         check_size(tensor.shape[2], tensor.shape[1], factor)
-        return encode_images(self.model.vae, tensor)
+        with self.placement.use("vae") as vae:
+            return encode_images(vae, tensor)
 
     # -- one-call jobs ---------------------------------------------------------------------
     def generate(
@@ -176,6 +224,32 @@ class TBACPipeline:
         tensors = self.decode(latents)
         images = [Image.fromarray(array) for array in images_to_uint8(tensors)]
         return GenerationOutput(images, tensors, latents)
+
+
+def _freeze(value):
+    return tuple(value) if isinstance(value, (list, tuple)) else value
+
+
+def _images_key(images):
+    """A content hash of input images, so equal pixels hit the conditioning cache."""
+    if images is None:
+        return None
+    if not isinstance(images, (list, tuple)):
+        images = [images]
+    digest = hashlib.sha256()
+    for item in images:
+        for image in item if isinstance(item, (list, tuple)) else [item]:
+            digest.update(b"|")
+            if isinstance(image, torch.Tensor):
+                digest.update(str(tuple(image.shape)).encode())
+                digest.update(image.detach().cpu().contiguous().numpy().tobytes())
+            elif isinstance(image, Image.Image):
+                digest.update(f"{image.mode}{image.size}".encode())
+                digest.update(image.tobytes())
+            else:
+                digest.update(np.asarray(image).tobytes())
+        digest.update(b"/")
+    return digest.hexdigest()
 
 
 def _as_image_batch(images) -> torch.Tensor:
