@@ -96,8 +96,11 @@ class _StopForward(Exception):
 
 
 @contextmanager
-def _capture_rungs(model, rungs: list[int], positions: torch.Tensor, store: dict):
-    """Hooks that copy the hidden states at ``positions`` [B, N] for each rung in ``rungs``."""
+def _capture_rungs(model, rungs: list[int], positions: torch.Tensor, store: dict, check_cancel=None):
+    """Hooks that copy the hidden states at ``positions`` [B, N] for each rung in ``rungs``.
+
+    ``check_cancel`` runs at every rung, so a cancelled encode stops within one decoder layer.
+    """
     decoder = text_model(model)
     layers = decoder.layers
     last_rung = len(layers)
@@ -105,6 +108,8 @@ def _capture_rungs(model, rungs: list[int], positions: torch.Tensor, store: dict
     handles = []
 
     def keep(rung, hidden):
+        if check_cancel is not None:
+            check_cancel()
         if rung in rungs:
             batch = torch.arange(hidden.shape[0], device=hidden.device)[:, None]
             store[rung] = hidden[batch, positions.to(hidden.device)]
@@ -137,6 +142,7 @@ def metaquery_rung_states(
     positions: torch.Tensor,
     rungs: list[int],
     image_token_id: int,
+    check_cancel=None,
 ) -> torch.Tensor:
     """Run the MLLM and return hidden states at ``positions`` for ``rungs`` -> [len(rungs), B, N, H].
 
@@ -153,7 +159,7 @@ def metaquery_rung_states(
         pixel_values = pixel_values.to(device=device, dtype=vision_dtype(model))
     position_ids = rope_position_ids(model, input_ids, attention_mask, grid, image_token_id)
     store: dict[int, torch.Tensor] = {}
-    with _capture_rungs(model, rungs, positions, store):
+    with _capture_rungs(model, rungs, positions, store, check_cancel):
         try:
             model(
                 input_ids=input_ids,

@@ -243,13 +243,14 @@ class TBACModel:
         negative_prompt: str = "",
         layers: str | list[int] | None = "default",
         keep_all_rungs: bool = False,
+        check_cancel=None,
     ) -> LadderConditioning:
         """Encode prompts (and input images for editing) into a ``LadderConditioning``.
 
         ``images``: None (text-to-image), or per prompt a list of images (one list shared by all
         prompts may be given as a flat list). ``layers``: a layer spec (see ``layer_spec``) or a
         list with one rung per DiT block. The MLLM stops after the deepest rung needed unless
-        ``keep_all_rungs``.
+        ``keep_all_rungs``. ``check_cancel()`` runs at every decoder layer and may raise to stop.
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
@@ -259,7 +260,7 @@ class TBACModel:
         deepest = self.identity.num_rungs - 1 if keep_all_rungs else max(block_rungs)
 
         rows = self.conditioning_rows(prompts, per_prompt_images, negative_prompt)
-        states = self._rung_states(rows, deepest)  # [rungs, rows, N, H]
+        states = self._rung_states(rows, deepest, check_cancel)  # [rungs, rows, N, H]
         batch = len(prompts)
         if per_prompt_images is None:
             source = RungSource(states[:, 1:], states[:, :1], None, tuple(prompts), negative_prompt)
@@ -301,11 +302,11 @@ class TBACModel:
         return ([(negative, imgs) for imgs in black] + [(negative, imgs) for imgs in pil]
                 + [(caption, imgs) for caption, imgs in zip(captions, pil)])
 
-    def _rung_states(self, rows: list[tuple[str, list]], deepest: int) -> torch.Tensor:
+    def _rung_states(self, rows: list[tuple[str, list]], deepest: int, check_cancel=None) -> torch.Tensor:
         batch = self.prompts.build_batch(rows, self.config.system_prompt, self.metaquery_suffix())
         positions = metaquery_positions(batch["input_ids"], self.prompts.ids, self.config.num_metaqueries)
         return metaquery_rung_states(
-            self.mllm, batch, positions, list(range(deepest + 1)), self.prompts.ids.image_pad
+            self.mllm, batch, positions, list(range(deepest + 1)), self.prompts.ids.image_pad, check_cancel
         )
 
 

@@ -82,7 +82,7 @@ class TBACPipeline:
 
     # -- building blocks -------------------------------------------------------------------
     def encode(self, prompt, images=None, negative_prompt: str = "", layers="default",
-               keep_all_rungs: bool = False) -> LadderConditioning:
+               keep_all_rungs: bool = False, check_cancel: Callable[[], None] | None = None) -> LadderConditioning:
         """``TBACModel.encode`` with the MLLM placed per the memory mode and recent results reused."""
         key = (_freeze(prompt), _images_key(images), negative_prompt, _freeze(layers), keep_all_rungs)
         if key in self._cache:
@@ -90,7 +90,7 @@ class TBACPipeline:
             return self._cache[key]
         with self.placement.use("mllm"):
             cond = self.model.encode(prompt, images=images, negative_prompt=negative_prompt, layers=layers,
-                                     keep_all_rungs=keep_all_rungs)
+                                     keep_all_rungs=keep_all_rungs, check_cancel=check_cancel)
         if self.cache_size > 0:
             self._cache[key] = cond
             while len(self._cache) > self.cache_size:
@@ -187,11 +187,11 @@ class TBACPipeline:
         params.validate()
         if init_image is None:
             self.resolve_size(width, height)
-        cond = self.encode(prompt, negative_prompt=negative_prompt, layers=layers)
+        cond = self.encode(prompt, negative_prompt=negative_prompt, layers=layers, check_cancel=check_cancel)
         init_latents = self.encode_image(init_image) if init_image is not None else None
         latents = self.sample(cond, width=width, height=height, params=params, init_latents=init_latents,
                               callback=callback, check_cancel=check_cancel)
-        return self._output(latents)
+        return self._output(latents, check_cancel)
 
     def edit(
         self,
@@ -215,12 +215,15 @@ class TBACPipeline:
         params = SamplingParams(steps, guidance_scale, image_guidance_scale, sampler, seed, num_images_per_prompt)
         params.validate()
         self.resolve_size(width, height)
-        cond = self.encode(prompt, images=images, negative_prompt=negative_prompt, layers=layers)
+        cond = self.encode(prompt, images=images, negative_prompt=negative_prompt, layers=layers,
+                           check_cancel=check_cancel)
         latents = self.sample(cond, width=width, height=height, params=params,
                               callback=callback, check_cancel=check_cancel)
-        return self._output(latents)
+        return self._output(latents, check_cancel)
 
-    def _output(self, latents: torch.Tensor) -> GenerationOutput:
+    def _output(self, latents: torch.Tensor, check_cancel=None) -> GenerationOutput:
+        if check_cancel is not None:
+            check_cancel()
         tensors = self.decode(latents)
         images = [Image.fromarray(array) for array in images_to_uint8(tensors)]
         return GenerationOutput(images, tensors, latents)
