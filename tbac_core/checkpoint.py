@@ -184,6 +184,13 @@ class CheckpointFiles:
         files = sorted({path.name for path in self.key_to_file.values()})
         return f"{self.directory} ({', '.join(files)})"
 
+    def _keys_by_file(self, component: str) -> dict[Path, list[str]]:
+        """One component's keys grouped by shard, so each file is opened once."""
+        by_file: dict[Path, list[str]] = {}
+        for key in self.components[component]:
+            by_file.setdefault(self.key_to_file[key], []).append(key)
+        return by_file
+
     def load_component(
         self,
         component: str,
@@ -196,11 +203,8 @@ class CheckpointFiles:
         loaded weights rather than twice it.
         """
         prefix = COMPONENT_PREFIXES[component]
-        by_file: dict[Path, list[str]] = {}
-        for key in self.components[component]:
-            by_file.setdefault(self.key_to_file[key], []).append(key)
         state: dict[str, torch.Tensor] = {}
-        for path, keys in by_file.items():
+        for path, keys in self._keys_by_file(component).items():
             try:
                 with safe_open(str(path), framework="pt", device="cpu") as handle:
                     for key in keys:
@@ -220,11 +224,8 @@ class CheckpointFiles:
     def shapes(self, component: str) -> dict[str, tuple[int, ...]]:
         """Shapes of one component's tensors (prefix stripped), read from the headers only."""
         prefix = COMPONENT_PREFIXES[component]
-        by_file: dict[Path, list[str]] = {}
-        for key in self.components[component]:
-            by_file.setdefault(self.key_to_file[key], []).append(key)
         shapes = {}
-        for path, keys in by_file.items():
+        for path, keys in self._keys_by_file(component).items():
             with safe_open(str(path), framework="pt", device="cpu") as handle:
                 for key in keys:
                     shapes[key[len(prefix):]] = tuple(handle.get_slice(key).get_shape())
