@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -133,6 +134,49 @@ def _keys_from_index(index_path: Path) -> dict[str, Path]:
     return key_to_file
 
 
+# safetensors dtype codes -> torch dtypes (https://github.com/huggingface/safetensors, format spec)
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def iter_safetensors(path: Path, keys: list[str]):
+    """Yield ``(key, tensor)`` for ``keys`` of one file, each read into its own CPU buffer.
+
+    Why not ``safe_open(...).get_tensor``: it reads through a memory map whose pages stay resident
+    until the file is closed, so casting a shard while reading it peaks at the loaded weights plus
+    the whole shard (measured: 1.5x the weights for an 800 MB bfloat16 file loaded as float32).
+    Reading each tensor with ``readinto`` peaks at the weights plus one tensor. The file format is
+    a little-endian u64 header length, a JSON header, then the raw tensor bytes.
+    """
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        (header_len,) = struct.unpack("<Q", handle.read(8))
+        if header_len > size - 8:
+            raise CheckpointError(f"{path}: header length {header_len} exceeds the file size ({size} bytes).")
+        header = json.loads(handle.read(header_len))
+        data_start = 8 + header_len
+        for key in keys:
+            entry = header[key]
+            begin, end = entry["data_offsets"]
+            dtype = SAFETENSORS_DTYPES.get(entry["dtype"])
+            if dtype is None:
+                raise CheckpointError(f"{path}: tensor {key} has unsupported dtype {entry['dtype']}.")
+            tensor = torch.empty(entry["shape"], dtype=dtype)
+            nbytes = tensor.numel() * tensor.element_size()
+            if end - begin != nbytes or data_start + end > size:
+                raise CheckpointError(
+                    f"{path}: tensor {key} lies outside the file or has the wrong byte length; the file is "
+                    f"truncated or corrupt: download it again."
+                )
+            handle.seek(data_start + begin)
+            if nbytes and handle.readinto(memoryview(tensor.view(-1).view(torch.uint8).numpy())) != nbytes:
+                raise CheckpointError(f"{path}: could not read tensor {key}; the file is truncated.")
+            yield key, tensor
+
+
 def _safetensors_keys(path: Path) -> list[str]:
     try:
         with safe_open(str(path), framework="pt", device="cpu") as handle:
@@ -200,18 +244,16 @@ class CheckpointFiles:
         """Read one component's tensors with the prefix stripped, cast to ``dtype`` on ``device``.
 
         Each tensor is read, cast and moved on its own, so peak memory stays near the size of the
-        loaded weights rather than twice it.
+        loaded weights (see ``iter_safetensors``).
         """
         prefix = COMPONENT_PREFIXES[component]
         state: dict[str, torch.Tensor] = {}
         for path, keys in self._keys_by_file(component).items():
             try:
-                with safe_open(str(path), framework="pt", device="cpu") as handle:
-                    for key in keys:
-                        tensor = handle.get_tensor(key)
-                        if dtype is not None and tensor.is_floating_point():
-                            tensor = tensor.to(dtype=dtype)
-                        state[key[len(prefix):]] = tensor.to(device)
+                for key, tensor in iter_safetensors(path, keys):
+                    if dtype is not None and tensor.is_floating_point():
+                        tensor = tensor.to(dtype=dtype)
+                    state[key[len(prefix):]] = tensor.to(device)
             except CheckpointError:
                 raise
             except Exception as exc:
