@@ -4,8 +4,9 @@
 * ``offload-mllm``: the MLLM comes to the device for encoding and goes back to the CPU, so
   sampling needs only the DiT and the VAE (TBAC-UniImage-3B: ~3.3 GB instead of ~11.4 GB in bf16).
 * ``sequential``: each part is on the device only while it runs (least memory, slowest).
+* ``external``: nothing is moved; the caller puts each part where it must run before using it.
 
-Inside ComfyUI the nodes hand the parts to ComfyUI's own memory manager instead.
+Inside ComfyUI the nodes hand the parts to ComfyUI's own memory manager instead (mode ``external``).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import torch
 
 from .errors import InvalidParameterError
 
-MEMORY_MODES = ("full", "offload-mllm", "sequential")
+MEMORY_MODES = ("full", "offload-mllm", "sequential", "external")
 PARTS = ("mllm", "dit", "vae")
 
 
@@ -30,6 +31,8 @@ class Placement:
         self.device = torch.device(device)
         self.offload_device = torch.device(offload_device)
         self.mode = mode
+        if mode == "external":
+            return
         for part in PARTS:
             self._module(part).to(self._home(part))
 
@@ -46,6 +49,9 @@ class Placement:
     def use(self, part: str):
         """Bring ``part`` to the compute device for the duration of the block."""
         module = self._module(part)
+        if self.mode == "external":
+            yield module
+            return
         module.to(self.device)
         try:
             yield module

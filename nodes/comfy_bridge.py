@@ -1,0 +1,235 @@
+"""Everything the node pack takes from ComfyUI, in one module, with plain-torch fallbacks.
+
+This is the only module of the pack that imports ``comfy.*`` or ``folder_paths``. Inside a running
+ComfyUI both are already imported when custom nodes load, so we use them; anywhere else (tests,
+scripts) the same functions fall back to plain torch devices, folders from environment variables,
+no progress bar and no interrupt check. Importing ComfyUI ourselves is avoided on purpose: outside
+a server it initialises CUDA and reads ComfyUI's command line.
+
+Inside ComfyUI:
+* model folders ``tbac`` (checkpoints) and ``tbac_adapters`` are registered with ``folder_paths``:
+  ``models/tbac/`` and ``models/tbac_adapters/`` by default, plus any ``tbac:`` / ``tbac_adapters:``
+  entries of ``extra_model_paths.yaml`` (ComfyUI registers those keys before packs load; we append);
+* the MLLM, the ladder DiT and the DC-AE are each wrapped in a ``ModelPatcher``, and
+  ``ManagedModel.prepare(part)`` asks ``load_models_gpu`` for exactly the parts a node runs, so
+  ComfyUI offloads the others when VRAM is short and "Unload models" frees them;
+* progress goes to ``comfy.utils.ProgressBar`` and cancellation is
+  ``throw_exception_if_processing_interrupted`` (its exception is a BaseException: never caught).
+
+Outside ComfyUI: ``$TBAC_MODELS_DIR`` / ``$TBAC_ADAPTERS_DIR`` (``os.pathsep``-separated) list the
+model folders and ``$TBAC_OUTPUT_DIR`` (default ``./output``) is the output folder.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+IN_COMFYUI = "comfy.model_management" in sys.modules and "folder_paths" in sys.modules
+if IN_COMFYUI:
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.utils
+    import folder_paths
+
+from tbac_core.components import MODELS_DIR_ENV
+from tbac_core.errors import InvalidParameterError
+from tbac_core.model import TBACModel, resolve_device
+from tbac_core.pipeline import TBACPipeline
+from tbac_core.placement import PARTS
+
+logger = logging.getLogger(__name__)
+
+MODEL_FOLDER = "tbac"
+ADAPTER_FOLDER = "tbac_adapters"
+ADAPTERS_DIR_ENV = "TBAC_ADAPTERS_DIR"
+OUTPUT_DIR_ENV = "TBAC_OUTPUT_DIR"
+DEVICE_CHOICES = ("auto", "cpu", "gpu")
+
+
+# -- folders ---------------------------------------------------------------------------------
+def register_model_folders() -> None:
+    """Make ``models/tbac`` and ``models/tbac_adapters`` known to ComfyUI (idempotent)."""
+    if not IN_COMFYUI:
+        return
+    for name in (MODEL_FOLDER, ADAPTER_FOLDER):
+        default = os.path.join(folder_paths.models_dir, name)
+        folder_paths.add_model_folder_path(name, default)
+        try:  # so that a newcomer finds where to put models; a read-only install is fine too
+            os.makedirs(default, exist_ok=True)
+        except OSError:
+            pass
+
+
+def _env_dirs(variable: str) -> list[Path]:
+    return [Path(p) for p in os.environ.get(variable, "").split(os.pathsep) if p]
+
+
+def model_roots() -> list[Path]:
+    """Folders that hold TBAC-UniImage checkpoint folders (and their component folders)."""
+    if IN_COMFYUI:
+        return [Path(p) for p in folder_paths.get_folder_paths(MODEL_FOLDER)]
+    return _env_dirs(MODELS_DIR_ENV)
+
+
+def adapter_roots() -> list[Path]:
+    """Folders that hold trained ladder adapters."""
+    if IN_COMFYUI:
+        return [Path(p) for p in folder_paths.get_folder_paths(ADAPTER_FOLDER)]
+    return _env_dirs(ADAPTERS_DIR_ENV)
+
+
+def output_directory() -> Path:
+    """ComfyUI's output folder (``$TBAC_OUTPUT_DIR`` or ``./output`` outside ComfyUI)."""
+    if IN_COMFYUI:
+        return Path(folder_paths.get_output_directory())
+    return Path(os.environ.get(OUTPUT_DIR_ENV, "output"))
+
+
+def comfy_tokenizer_dir() -> Path | None:
+    """ComfyUI's bundled Qwen2.5 tokenizer files (vocab.json, merges.txt, tokenizer_config.json)."""
+    if not IN_COMFYUI:
+        return None
+    # ``comfy`` is a namespace package (no __file__); locate it through one of its modules.
+    folder = Path(comfy.model_management.__file__).parent / "text_encoders" / "qwen25_tokenizer"
+    return folder if (folder / "vocab.json").is_file() else None
+
+
+# -- devices ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Devices:
+    """Where the parts run (``compute``) and where each rests when ComfyUI offloads it."""
+
+    compute: torch.device
+    offload: dict  # part -> torch.device
+
+    @property
+    def initial(self) -> torch.device:
+        """Where the checkpoint is read to: the common resting place, else the CPU."""
+        places = set(self.offload.values())
+        return places.pop() if len(places) == 1 else torch.device("cpu")
+
+
+def devices_for(choice: str) -> Devices:
+    """Devices for the loader's ``device`` choice: auto / cpu / gpu."""
+    if choice not in DEVICE_CHOICES:
+        raise InvalidParameterError(f"Unknown device {choice!r}; choose one of {', '.join(DEVICE_CHOICES)}.")
+    cpu = torch.device("cpu")
+    if choice == "cpu":
+        return Devices(cpu, {part: cpu for part in PARTS})
+    if IN_COMFYUI:
+        mm = comfy.model_management
+        compute = mm.get_torch_device()
+        offload = {"mllm": mm.text_encoder_offload_device(), "dit": mm.unet_offload_device(),
+                   "vae": mm.vae_offload_device()}
+    else:
+        # Without a memory manager every part stays where it runs.
+        compute = resolve_device("auto")
+        offload = {part: compute for part in PARTS}
+    if choice == "gpu" and compute.type == "cpu":
+        raise InvalidParameterError(
+            "device 'gpu' was chosen but no GPU is available"
+            + (" to ComfyUI (was it started with --cpu?)" if IN_COMFYUI else "")
+            + "; choose 'auto' or 'cpu'."
+        )
+    return Devices(compute, offload)
+
+
+def intermediate_device() -> torch.device:
+    """Where IMAGE / LATENT / conditioning tensors live between nodes (ComfyUI: usually the CPU)."""
+    if IN_COMFYUI:
+        return comfy.model_management.intermediate_device()
+    return torch.device("cpu")
+
+
+# -- memory management -----------------------------------------------------------------------
+class TBACPart(torch.nn.Module):
+    """A plain module around one part, for ``ModelPatcher``.
+
+    ModelPatcher records the current device by assigning ``module.device``; transformers and
+    diffusers models (and LadderDiT) expose ``device`` as a read-only property, so the patcher
+    manages this holder instead. Moving the holder moves the part in place.
+    """
+
+    def __init__(self, part: torch.nn.Module):
+        super().__init__()
+        self.part = part
+
+
+class ManagedModel:
+    """The ``TBAC_MODEL`` value: a loaded ``TBACModel`` and how ComfyUI manages its parts.
+
+    ``model`` is the ``TBACModel``; ``pipeline`` runs it without moving anything (memory mode
+    ``external``); call ``prepare("mllm")`` / ``prepare("dit")`` / ``prepare("vae")`` right before
+    running a part. Outside ComfyUI every part already sits on the compute device and ``prepare``
+    does nothing.
+    """
+
+    def __init__(self, model: TBACModel, devices: Devices, name: str):
+        self.model = model
+        self.name = name
+        self.devices = devices
+        # No conditioning cache here: ComfyUI's output cache already reuses unchanged encodes.
+        self.pipeline = TBACPipeline(model, memory="external", cache_size=0)
+        self._patchers = {}
+        if IN_COMFYUI:
+            self._patchers = {
+                part: comfy.model_patcher.ModelPatcher(
+                    TBACPart(getattr(model, part)), load_device=devices.compute, offload_device=devices.offload[part]
+                )
+                for part in PARTS
+            }
+
+    @property
+    def identity(self):
+        return self.model.identity
+
+    def prepare(self, *parts: str) -> None:
+        """Have ComfyUI put ``parts`` on the compute device (offloading other models if needed).
+
+        Parts are loaded fully: they are plain torch modules, which cannot run partly offloaded
+        the way ComfyUI's own models (with cast-on-the-fly layers) can.
+        """
+        unknown = [part for part in parts if part not in PARTS]
+        if unknown:
+            raise ValueError(f"Unknown model parts {unknown}; parts are {PARTS}.")
+        if self._patchers:
+            comfy.model_management.load_models_gpu([self._patchers[part] for part in parts], force_full_load=True)
+
+    def __repr__(self) -> str:
+        return f"ManagedModel({self.name!r}, compute={self.devices.compute})"
+
+
+# -- progress and cancellation ----------------------------------------------------------------
+class Progress:
+    """The progress bar of one node run (ComfyUI's bar inside ComfyUI, nothing elsewhere)."""
+
+    def __init__(self, total: int):
+        self._bar = comfy.utils.ProgressBar(total) if IN_COMFYUI else None
+
+    def update(self, done: int, total: int) -> None:
+        if self._bar is not None:
+            self._bar.update_absolute(done, total)
+
+    def sampler_callback(self, info) -> None:
+        """``callback`` for ``TBACPipeline.sample``: one tick per denoising step."""
+        self.update(info.index + 1, info.total)
+
+    def token_callback(self, done_tokens: int, max_tokens: int) -> None:
+        """``callback`` for understanding: one tick per generated token."""
+        self.update(done_tokens, max_tokens)
+
+
+def cancel_check() -> Callable[[], None] | None:
+    """The ``check_cancel`` to hand to the core: raises ComfyUI's interrupt when Cancel was pressed."""
+    if IN_COMFYUI:
+        return comfy.model_management.throw_exception_if_processing_interrupted
+    return None
+
+
+register_model_folders()
