@@ -158,7 +158,8 @@ class TBACModel:
         )
         tokenizer = load_tokenizer(tokenizer_path)
         processor_settings = image_processor_settings([tokenizer_path, components.mllm_dir, checkpoint_dir])
-        prompts = PromptBuilder(tokenizer, make_image_processor(processor_settings), config.max_input_text_tokens)
+        prompts = PromptBuilder(tokenizer, make_image_processor(processor_settings), config.max_input_text_tokens,
+                                processor_settings)
 
         mllm, base_vocab, fingerprint = cls._load_mllm(files, components.mllm, config, dtype, device)
         dit = cls._load_dit(files, components.transformer, mllm, dtype, device)

@@ -89,10 +89,13 @@ class EncodedRow:
 class PromptBuilder:
     """Renders TBAC/Qwen2.5-VL conversations to token ids and images to pixel patches."""
 
-    def __init__(self, tokenizer, image_processor, max_text_tokens: int | None = None):
+    def __init__(self, tokenizer, image_processor, max_text_tokens: int | None = None,
+                 processor_settings: dict | None = None):
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.max_text_tokens = max_text_tokens
+        # The saved preprocessor_config.json (its min/max_pixels are used by image understanding).
+        self.processor_settings = dict(processor_settings or {})
         self.ids = SpecialIds.from_tokenizer(tokenizer)
         self.merge_size = int(getattr(image_processor, "merge_size", 2))
         self.patch_size = int(getattr(image_processor, "patch_size", 14))
