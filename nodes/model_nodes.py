@@ -8,7 +8,6 @@ multiplied by the VAE's scaling factor (f = 32 for TBAC-UniImage-3B, C = 32).
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from tbac_core.checkpoint import read_checkpoint_config
@@ -30,7 +29,6 @@ NO_ADAPTER = "none"
 DTYPE_CHOICES = ("auto", "bf16", "fp16", "fp32")
 TILING_CHOICES = ("auto", "on", "off")
 SIZE_STEP = 32  # TBAC-UniImage-3B's latent factor; every model's factor divides it
-ADAPTER_MAX_DEPTH = 3
 
 MODEL_TOOLTIP = "The TBAC-UniImage model from the 'TBAC-UniImage Loader' node."
 
@@ -48,8 +46,8 @@ def checkpoint_choices() -> list[str]:
 def demo_checkpoint() -> Path:
     try:
         from tbac_core.demo import DEMO_CHECKPOINT
-    except ModuleNotFoundError as exc:
-        if exc.name not in ("tbac_core.demo",):
+    except ImportError as exc:  # no demo package, or one without its checkpoint constant
+        if exc.name != "tbac_core.demo":
             raise
         raise CheckpointError(
             "The built-in demo model is not part of this installation (tbac_core/demo is missing). "
@@ -68,31 +66,26 @@ def checkpoint_dir(name: str) -> Path:
     return resolve_checkpoint(name, roots)
 
 
-def list_adapters(roots: list[Path]) -> dict[str, Path]:
-    """Adapter folders (holding ``.safetensors`` files) under ``roots``, by name relative to their root."""
+def adapter_choices() -> dict[str, Path]:
+    """Trained adapter folders under the ``tbac_adapters`` model folders, by relative name (first root wins)."""
+    from tbac_core.adapters import list_adapters
+
     found: dict[str, Path] = {}
-    for root in roots:
-        if not root.is_dir():
-            continue
-        for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-            folder = Path(dirpath)
-            depth = len(folder.relative_to(root).parts)
-            if depth > 0 and any(name.endswith(".safetensors") for name in filenames):
-                found.setdefault(folder.relative_to(root).as_posix(), folder)
-                dirnames.clear()
-            elif depth >= ADAPTER_MAX_DEPTH:
-                dirnames.clear()
-            dirnames.sort()
-    return dict(sorted(found.items()))
+    for root in bridge.adapter_roots():
+        for name in list_adapters(root):
+            found.setdefault(name, root / name)
+    return found
 
 
 def adapter_dir(name: str) -> Path:
-    roots = bridge.adapter_roots()
-    available = list_adapters(roots)
+    """The folder of an adapter choice; like checkpoints, names are only looked up among listed ones."""
+    available = adapter_choices()
     if name not in available:
         raise CheckpointError(
-            f"Adapter {name!r} is not among the adapters in {', '.join(map(str, roots)) or '(no adapter folder)'}. "
-            f"Available: {', '.join(available) or '(none found)'}. Put trained adapter folders in models/tbac_adapters."
+            f"Adapter {name!r} is not among the adapters in "
+            f"{', '.join(map(str, bridge.adapter_roots())) or '(no adapter folder)'}. Available: "
+            f"{', '.join(available) or '(none found)'}. Put trained adapter folders (adapter_config.json + "
+            f"adapter_model.safetensors) in models/tbac_adapters."
         )
     return available[name]
 
@@ -123,7 +116,7 @@ class TBACModelLoader:
 
     @classmethod
     def INPUT_TYPES(cls):
-        adapters = [NO_ADAPTER] + list(list_adapters(bridge.adapter_roots()))
+        adapters = [NO_ADAPTER] + list(adapter_choices())
         return {
             "required": {
                 "checkpoint": (checkpoint_choices(), {
@@ -150,6 +143,7 @@ class TBACModelLoader:
 
     def load(self, checkpoint: str, dtype: str, device: str, adapter: str):
         path = checkpoint_dir(checkpoint)
+        adapter_path = None if adapter == NO_ADAPTER else adapter_dir(adapter)  # refuse bad names before loading
         devices = bridge.devices_for(device)
         roots = bridge.model_roots()
         fallback = bridge.comfy_tokenizer_dir()
@@ -163,10 +157,10 @@ class TBACModelLoader:
             name=checkpoint,
         )
         name = checkpoint
-        if adapter != NO_ADAPTER:
+        if adapter_path is not None:
             from tbac_core.adapters import apply_adapter
 
-            apply_adapter(model, adapter_dir(adapter))
+            apply_adapter(model, adapter_path)
             name = f"{checkpoint} + {adapter}"
         return (bridge.ManagedModel(model, devices, name),)
 

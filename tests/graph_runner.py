@@ -148,7 +148,8 @@ def make_core_doubles(input_dir: Path, recorder: Recorder) -> dict:
     class PreviewImage(_ImageOutput):
         @classmethod
         def INPUT_TYPES(cls):
-            return {"required": {"images": ("IMAGE", {})}, "hidden": {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"}}
+            return {"required": {"images": ("IMAGE", {})},
+                    "hidden": {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"}}
 
     class PreviewAny:
         @classmethod
@@ -231,7 +232,9 @@ class GraphRunner:
                                 f"which has {len(types)} outputs.")
         expected = "STRING" if spec.type == "COMBO" else spec.type
         if not types_match(types[index], expected):
-            raise WorkflowError(f"Node {node_id}: input {spec.name!r} ({spec.type}) is linked to a {types[index]} output.")
+            raise WorkflowError(
+                f"Node {node_id}: input {spec.name!r} ({spec.type}) is linked to a {types[index]} output."
+            )
 
     def run(self, workflow: dict) -> RunResult:
         self.validate(workflow)
@@ -274,7 +277,9 @@ class GraphRunner:
                 returned = returned.get("result", ())
             outputs = tuple(returned)
             if len(outputs) != len(cls.RETURN_TYPES):
-                raise WorkflowError(f"Node {node_id} returned {len(outputs)} values for {len(cls.RETURN_TYPES)} outputs.")
+                raise WorkflowError(
+                    f"Node {node_id} returned {len(outputs)} values for {len(cls.RETURN_TYPES)} outputs."
+                )
             if not is_output:
                 self.cache[key] = outputs
         result.outputs[node_id] = outputs
@@ -334,7 +339,8 @@ def ui_to_api(graph: dict, node_classes: dict) -> dict:
         cls = node_classes[node["type"]]
         values = list(node.get("widgets_values") or [])
         names = widget_names(cls)
-        linked = {entry["name"]: links[entry["link"]] for entry in node.get("inputs", []) if entry.get("link") is not None}
+        linked = {entry["name"]: links[entry["link"]]
+                  for entry in node.get("inputs", []) if entry.get("link") is not None}
         inputs = {}
         by_name = dict(zip(names, values))
         for spec in input_specs(cls):

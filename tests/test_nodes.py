@@ -6,7 +6,6 @@ import inspect
 import shutil
 import sys
 import tomllib
-import types
 from pathlib import Path
 
 import numpy as np
@@ -88,7 +87,8 @@ def test_every_input_has_a_tooltip_and_a_valid_default(name, cls, models_root):
             assert spec.choices, f"{name}.{spec.name}: empty choice list"
             assert spec.options.get("default", spec.choices[0]) in spec.choices
         elif spec.type in ("INT", "FLOAT") and "default" in spec.options:
-            assert spec.options.get("min", -float("inf")) <= spec.options["default"] <= spec.options.get("max", float("inf"))
+            low, high = spec.options.get("min", -float("inf")), spec.options.get("max", float("inf"))
+            assert low <= spec.options["default"] <= high, f"{name}.{spec.name}: default out of range"
 
 
 def test_custom_types_are_produced_by_some_node(models_root):
@@ -200,22 +200,32 @@ def test_tokenizer_fallback_is_used_only_when_the_core_finds_none(tmp_path, fixt
 
 
 def test_adapters_are_listed_and_applied_by_name(tmp_path, model, models_root, monkeypatch):
+    from tbac_core.adapters import AdapterError, base_record, write_adapter
+
+    base = model.model
+    generator = torch.Generator().manual_seed(3)
+    rows = torch.randn(base.config.num_metaqueries, base.identity.hidden_size, generator=generator)
     adapters = tmp_path / "tbac_adapters"
-    (adapters / "shapes" / "step100").mkdir(parents=True)
-    (adapters / "shapes" / "step100" / "adapter.safetensors").write_bytes(b"")
+    write_adapter(adapters / "shapes" / "final", {"metaqueries.rows": rows},
+                  {"base": base_record(base), "parts": {"dit": "frozen"}})
+    other = dict(base_record(base), fingerprint="0" * 64)
+    write_adapter(adapters / "other-base", {"metaqueries.rows": rows}, {"base": other, "parts": {"dit": "frozen"}})
     (adapters / "empty").mkdir()
     monkeypatch.setenv(bridge.ADAPTERS_DIR_ENV, str(adapters))
     choices = model_nodes.TBACModelLoader.INPUT_TYPES()["required"]["adapter"][0]
-    assert choices == ["none", "shapes/step100"]
-    calls = []
-    fake = types.ModuleType("tbac_core.adapters")
-    fake.apply_adapter = lambda tbac_model, folder: calls.append((tbac_model, folder))
-    monkeypatch.setitem(sys.modules, "tbac_core.adapters", fake)
-    (loaded,) = model_nodes.TBACModelLoader().load("tbac-tiny", "fp32", "cpu", "shapes/step100")
-    assert calls == [(loaded.model, adapters / "shapes" / "step100")]
-    assert loaded.name == "tbac-tiny + shapes/step100"
-    with pytest.raises(CheckpointError, match="Available: shapes/step100"):
-        model_nodes.TBACModelLoader().load("tbac-tiny", "fp32", "cpu", "../shapes")
+    assert choices == ["none", "other-base", "shapes/final"]
+
+    (tuned,) = model_nodes.TBACModelLoader().load("tbac-tiny", "fp32", "cpu", "shapes/final")
+    assert tuned.name == "tbac-tiny + shapes/final"
+    embedding = tuned.model.mllm.get_input_embeddings().weight
+    start = tuned.model.base_vocab
+    torch.testing.assert_close(embedding[start:start + len(rows)], rows, atol=0, rtol=0)
+    assert tuned.identity.fingerprint != model.identity.fingerprint  # old conditionings are refused
+    with pytest.raises(AdapterError, match="trained on base model"):
+        model_nodes.TBACModelLoader().load("tbac-tiny", "fp32", "cpu", "other-base")
+    for name in ("empty", "../tbac_adapters/shapes/final", str(adapters / "shapes" / "final")):
+        with pytest.raises(CheckpointError, match="Available: other-base, shapes/final"):
+            model_nodes.TBACModelLoader().load("tbac-tiny", "fp32", "cpu", name)
 
 
 # -- encode ------------------------------------------------------------------------------------
