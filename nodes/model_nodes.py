@@ -54,7 +54,10 @@ def demo_checkpoint() -> Path:
             "Choose a checkpoint folder from models/tbac, or reinstall the pack."
         ) from exc
     if not (Path(DEMO_CHECKPOINT) / "config.json").is_file():
-        raise CheckpointError(f"The built-in demo model is incomplete: no config.json in {DEMO_CHECKPOINT}.")
+        raise CheckpointError(
+            f"The built-in demo model is not built: no config.json in {DEMO_CHECKPOINT}. Build it with "
+            f"'python -m tbac_core.demo.build', or choose a checkpoint folder from models/tbac."
+        )
     return Path(DEMO_CHECKPOINT)
 
 

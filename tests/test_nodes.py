@@ -6,6 +6,7 @@ import inspect
 import shutil
 import sys
 import tomllib
+import types
 from pathlib import Path
 
 import numpy as np
@@ -160,10 +161,28 @@ def test_checkpoint_choices_and_names_that_escape(models_root):
             model_nodes.checkpoint_dir(name)
 
 
-def test_demo_choice_explains_when_the_demo_model_is_missing(models_root, monkeypatch):
+def test_demo_choice_explains_when_the_demo_model_is_missing(models_root, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "tbac_core.demo", None)
     with pytest.raises(CheckpointError, match="demo model is not part of this installation"):
         model_nodes.TBACModelLoader().load("demo", "fp32", "cpu", "none")
+    monkeypatch.setitem(sys.modules, "tbac_core.demo", types.SimpleNamespace(DEMO_CHECKPOINT=tmp_path / "none"))
+    with pytest.raises(CheckpointError, match="demo model is not built"):
+        model_nodes.TBACModelLoader().load("demo", "fp32", "cpu", "none")
+
+
+def test_demo_choice_loads_the_built_in_checkpoint(models_root, fixture_root, tmp_path, monkeypatch):
+    """'demo' loads tbac_core.demo.DEMO_CHECKPOINT, whose component folders sit inside it."""
+    demo = tmp_path / "demo" / "checkpoint"
+    demo.mkdir(parents=True)
+    for path in [*(fixture_root / "checkpoint").iterdir(), fixture_root / "tiny-Qwen2.5-VL-Instruct",
+                 fixture_root / "tiny-Sana_diffusers"]:
+        (demo / path.name).symlink_to(path)
+    monkeypatch.setenv(bridge.MODELS_DIR_ENV, str(tmp_path / "empty"))  # nothing else to find it from
+    monkeypatch.setitem(sys.modules, "tbac_core.demo", types.SimpleNamespace(DEMO_CHECKPOINT=demo))
+    assert model_nodes.TBACModelLoader.INPUT_TYPES()["required"]["checkpoint"][0] == ["demo"]
+    (loaded,) = model_nodes.TBACModelLoader().load("demo", "fp32", "cpu", "none")
+    assert loaded.model.checkpoint_dir == demo and loaded.name == "demo"
+    assert _encode(loaded, "a red circle on a blue background").batch_size == 1
 
 
 def test_loader_output_is_a_fresh_model_each_call(model, models_root):
