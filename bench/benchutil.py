@@ -1,0 +1,165 @@
+"""Helpers shared by the benchmark scripts: machine facts, memory readings, timing summaries, tables."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import resource
+import statistics
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+PROC_STATUS = Path("/proc/self/status")
+PROC_CLEAR_REFS = Path("/proc/self/clear_refs")
+
+
+# -- memory of this process -----------------------------------------------------------------------
+def _status_kib(field: str) -> int | None:
+    try:
+        match = re.search(rf"^{field}:\s+(\d+) kB", PROC_STATUS.read_text(), re.MULTILINE)
+    except OSError:
+        return None
+    return int(match.group(1)) if match else None
+
+
+def rss_bytes() -> int:
+    """Resident set size now."""
+    kib = _status_kib("VmRSS")
+    if kib is None:
+        import psutil
+
+        return psutil.Process().memory_info().rss
+    return kib * 1024
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size since the process started or since ``reset_peak_rss``."""
+    kib = _status_kib("VmHWM")
+    if kib is None:  # not Linux: ru_maxrss is KiB on Linux, bytes on macOS, and cannot be reset
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak if sys.platform == "darwin" else peak * 1024
+    return kib * 1024
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS counter (Linux: write 5 to clear_refs); False where impossible."""
+    try:
+        PROC_CLEAR_REFS.write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def tensor_bytes(*modules: torch.nn.Module) -> int:
+    """Bytes of the parameters and buffers of ``modules``, each storage counted once (tied heads)."""
+    seen: dict[tuple, int] = {}
+    for module in modules:
+        for tensor in [*module.parameters(), *module.buffers()]:
+            storage = tensor.untyped_storage()
+            seen[(tensor.device.type, storage.data_ptr())] = storage.nbytes()
+    return sum(seen.values())
+
+
+# -- time -------------------------------------------------------------------------------------------
+def synchronize(device) -> None:
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@contextmanager
+def timed(store: list, device="cpu"):
+    """Append the seconds the block took (after the device finished its queued work) to ``store``."""
+    synchronize(device)
+    start = time.perf_counter()
+    yield
+    synchronize(device)
+    store.append(time.perf_counter() - start)
+
+
+def summary(values: list[float]) -> dict:
+    return {
+        "median": statistics.median(values),
+        "min": min(values),
+        "max": max(values),
+        "runs": len(values),
+        "values": [round(v, 6) for v in values],
+    }
+
+
+# -- facts ------------------------------------------------------------------------------------------
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _version(module: str) -> str | None:
+    try:
+        from importlib.metadata import version
+
+        return version(module)
+    except Exception:
+        return None
+
+
+def machine_facts() -> dict:
+    facts = {
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "memory_total_bytes": _meminfo_total(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": _version("transformers"),
+        "diffusers": _version("diffusers"),
+        "accelerate": _version("accelerate"),
+        "safetensors": _version("safetensors"),
+        "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
+    }
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        facts.update(gpu=props.name, gpu_memory_bytes=props.total_memory, cuda=torch.version.cuda,
+                     gpu_multiprocessors=props.multi_processor_count)
+    return facts
+
+
+def _meminfo_total() -> int | None:
+    try:
+        match = re.search(r"MemTotal:\s+(\d+) kB", Path("/proc/meminfo").read_text())
+        return int(match.group(1)) * 1024 if match else None
+    except OSError:
+        return None
+
+
+# -- output -----------------------------------------------------------------------------------------
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def gib(nbytes: float | None) -> str:
+    return "n/a" if nbytes is None else f"{nbytes / 1024**3:.2f} GiB"
+
+
+def mib(nbytes: float | None) -> str:
+    return "n/a" if nbytes is None else f"{nbytes / 1024**2:.0f} MiB"
+
+
+def write_json(path: Path, data: dict) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    return path

@@ -1,0 +1,349 @@
+#!/usr/bin/env python3
+"""GPU benchmark: TBAC-UniImage-3B architecture with random bf16 weights, plus a bf16-vs-fp32 parity check.
+
+On a CUDA machine (no download: the published architecture is built on the meta device and given
+random weights drawn straight on the GPU, see ``make_random_checkpoint.build_random_model``):
+
+* 512x512, 30 steps, guidance 4.5 (DPM++), batch 1 / 4 / 16 distinct prompts, memory modes ``full``
+  and ``offload-mllm``: seconds per image, MLLM encode time (in ``offload-mllm`` it includes moving
+  the MLLM to the GPU and back), per-step time, VAE decode time, peak VRAM
+  (``torch.cuda.max_memory_allocated``) and VRAM at rest;
+* parity on the tiny fixture: the golden text-to-image case run in bf16 (and in fp32) on the device
+  against fp32 on the CPU; max abs difference of the final latents and of the decoded images,
+  checked against the tolerances stated below.
+
+``--smoke`` runs the same code on the CPU with the tiny architecture, 2 steps and batches 1/2 (a few
+seconds), so CI proves the script works before a GPU is lent. ``--load-checkpoint DIR`` also times
+``TBACModel.from_pretrained`` of a checkpoint folder (e.g. the real release) onto the device.
+
+Writes ``bench/results/gpu-<gpu name>-<date>.json`` (``--out`` to choose) and prints a table.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+for path in (str(REPO), str(BENCH)):
+    if path not in sys.path:
+        sys.path.insert(0, path)
+
+import torch  # noqa: E402
+
+import benchutil as bu  # noqa: E402
+import make_random_checkpoint as mrc  # noqa: E402
+
+# Parity tolerances: max abs difference against fp32 on the CPU (tiny fixture, golden t2i case,
+# 8 steps, latents std ~1.7, images in 0..1). bf16 keeps 8 mantissa bits (relative step 2^-8);
+# bf16 on the CPU differs from fp32 on the CPU by 0.049 (latents) and 0.033 (images), so the bf16
+# bounds are ~3x that: room for other kernels' rounding, far below what a wrong dtype, device or
+# guidance path gives (differences of order 1). fp32 on another device differs only by summation
+# order (TF32 is switched off for the check).
+TOLERANCE = {
+    "bf16": {"latents": 0.15, "images": 0.1},
+    "fp32": {"latents": 1e-3, "images": 1e-3},
+}
+GOLDEN_CASE = {  # shared/fixtures/tbac-tiny/goldens: case "t2i"
+    "prompts": ["a red cat sitting on a blue chair", "a small green house next to the river"],
+    "seed": 42, "steps": 8, "guidance_scale": 4.5,
+}
+GOLDEN_TOLERANCE = 1e-4  # fp32 CPU vs the official implementation's final latents (fixture README)
+SUBJECTS = ["a red cat on a blue chair", "a lighthouse at dusk", "a bowl of ramen", "a snowy mountain village",
+            "an astronaut riding a horse", "a watercolor of a fox", "a vintage car in the rain",
+            "a bonsai tree on a desk"]
+NEGATIVE = ""
+
+
+def prompts_for(batch: int) -> list[str]:
+    return [f"{SUBJECTS[i % len(SUBJECTS)]}, photo {i}" for i in range(batch)]
+
+
+def peak_memory_reset(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        bu.reset_peak_rss()
+
+
+def peak_memory(device: torch.device) -> dict:
+    if device.type == "cuda":
+        return {"kind": "cuda_max_memory_allocated", "bytes": torch.cuda.max_memory_allocated(device),
+                "reserved_bytes": torch.cuda.max_memory_reserved(device)}
+    return {"kind": "peak_rss", "bytes": bu.peak_rss_bytes()}
+
+
+def resting_memory(device: torch.device) -> int:
+    return torch.cuda.memory_allocated(device) if device.type == "cuda" else bu.rss_bytes()
+
+
+def release(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# -- speed -------------------------------------------------------------------------------------------
+def run_generation(pipe, batch: int, size: int, steps: int, guidance: float, seed: int, device) -> dict:
+    """encode -> sample -> decode as ``pipe.generate`` does, each part timed (device synchronised)."""
+    from tbac_core.sampling import SamplingParams
+
+    encode, sample, decode = [], [], []
+    stamps: list[float] = []
+
+    def on_step(info):
+        bu.synchronize(device)
+        stamps.append(time.perf_counter())
+
+    prompts = prompts_for(batch)
+    peak_memory_reset(device)
+    with bu.timed(encode, device):
+        cond = pipe.encode(prompts, negative_prompt=NEGATIVE)
+    peak_encode = peak_memory(device)
+    # Sampling + decode peak on its own: with offload-mllm the MLLM has left the device by now.
+    peak_memory_reset(device)
+    params = SamplingParams(steps=steps, guidance_scale=guidance, seed=seed)
+    with bu.timed(sample, device):
+        latents = pipe.sample(cond, width=size, height=size, params=params, callback=on_step)
+    with bu.timed(decode, device):
+        images = pipe.decode(latents)
+    peak_sampling = peak_memory(device)
+    if not torch.isfinite(images).all():
+        raise RuntimeError(f"non-finite images at batch {batch}: the benchmark would time garbage")
+    return {"encode": encode[0], "sample": sample[0], "decode": decode[0],
+            "steps": [b - a for a, b in zip(stamps, stamps[1:])], "images": images.shape[0],
+            "peak_encode": peak_encode, "peak_sampling": peak_sampling}
+
+
+def bench_mode(model, mode: str, device, batches: list[int], size: int, steps: int, guidance: float,
+               repeats: int, warmup_steps: int) -> dict:
+    from tbac_core import TBACPipeline
+
+    pipe = TBACPipeline(model, memory=mode, device=device, cache_size=0)
+    release(device)
+    rest = resting_memory(device)
+    if warmup_steps > 0:  # first-call costs (kernel selection, allocator growth, lazy inits) are not timed
+        run_generation(pipe, 1, size, warmup_steps, guidance, 0, device)
+    results = {"memory_at_rest_bytes": rest, "batches": {}}
+    for batch in batches:
+        runs = [run_generation(pipe, batch, size, steps, guidance, repeat, device) for repeat in range(repeats)]
+        peak_encode = max((r["peak_encode"] for r in runs), key=lambda p: p["bytes"])
+        peak_sampling = max((r["peak_sampling"] for r in runs), key=lambda p: p["bytes"])
+        totals = [r["encode"] + r["sample"] + r["decode"] for r in runs]
+        results["batches"][str(batch)] = {
+            "seconds_per_image": bu.summary([t / batch for t in totals]),
+            "generation_seconds": bu.summary(totals),
+            "encode_seconds": bu.summary([r["encode"] for r in runs]),
+            "sample_seconds": bu.summary([r["sample"] for r in runs]),
+            "step_seconds": bu.summary([s for r in runs for s in r["steps"]]),
+            "decode_seconds": bu.summary([r["decode"] for r in runs]),
+            "peak_memory": max(peak_encode, peak_sampling, key=lambda p: p["bytes"]),
+            "peak_memory_encode": peak_encode,
+            "peak_memory_sampling_decode": peak_sampling,
+        }
+        release(device)
+    del pipe
+    return results
+
+
+# -- parity ------------------------------------------------------------------------------------------
+def parity(fixtures: Path, device, dtypes: list[str]) -> dict:
+    """Golden t2i case: fp32 CPU (reference) vs each dtype on ``device``; plus fp32 CPU vs the goldens."""
+    from safetensors.torch import load_file
+
+    from tbac_core import TBACPipeline
+
+    checkpoint = fixtures / "tbac-tiny" / "checkpoint"
+    golden = load_file(str(fixtures / "tbac-tiny" / "goldens" / "t2i.safetensors"))["final_latents"]
+    case = dict(GOLDEN_CASE)
+    prompts = case.pop("prompts")
+
+    def run(target_device, dtype):
+        pipe = TBACPipeline.from_pretrained(checkpoint, device=target_device, dtype=dtype, cache_size=0)
+        output = pipe.generate(prompts, **case)
+        return output.latents.float().cpu(), output.tensors.float().cpu()
+
+    tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        ref_latents, ref_images = run("cpu", "fp32")
+        report = {
+            "case": "t2i (shared/fixtures/tbac-tiny/goldens)", "reference": "fp32 on cpu",
+            "reference_vs_golden_latents_max_abs": (ref_latents - golden).abs().max().item(),
+            "golden_tolerance": GOLDEN_TOLERANCE, "compared": {},
+        }
+        for dtype in dtypes:
+            latents, images = run(device, dtype)
+            diff = {"latents_max_abs": (latents - ref_latents).abs().max().item(),
+                    "images_max_abs": (images - ref_images).abs().max().item(),
+                    "images_mean_abs": (images - ref_images).abs().mean().item(),
+                    "tolerance": TOLERANCE[dtype]}
+            diff["within_tolerance"] = (diff["latents_max_abs"] <= TOLERANCE[dtype]["latents"]
+                                        and diff["images_max_abs"] <= TOLERANCE[dtype]["images"])
+            report["compared"][f"{dtype} on {torch.device(device).type}"] = diff
+        report["golden_ok"] = report["reference_vs_golden_latents_max_abs"] <= GOLDEN_TOLERANCE
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+    return report
+
+
+def time_load(checkpoint: Path, device, dtype: str) -> dict:
+    from tbac_core.model import TBACModel
+
+    release(device)
+    peak_memory_reset(device)
+    bu.reset_peak_rss()
+    rss_before = bu.rss_bytes()
+    start = time.perf_counter()
+    model = TBACModel.from_pretrained(checkpoint, device=device, dtype=dtype)
+    bu.synchronize(device)
+    seconds = time.perf_counter() - start
+    result = {"checkpoint": str(checkpoint), "seconds": seconds, "weights_bytes":
+              bu.tensor_bytes(model.mllm, model.dit, model.vae), "rss_before": rss_before,
+              "peak_rss": bu.peak_rss_bytes(), "peak_device_memory": peak_memory(device)}
+    del model
+    release(device)
+    return result
+
+
+# -- report ------------------------------------------------------------------------------------------
+def table(result: dict) -> str:
+    rows = []
+    for mode, data in result["speed"].items():
+        for batch, stats in data["batches"].items():
+            rows.append([
+                mode, batch,
+                f"{stats['seconds_per_image']['median']:.3f}",
+                f"{stats['encode_seconds']['median']:.3f}",
+                f"{stats['step_seconds']['median'] * 1000:.1f}",
+                f"{stats['decode_seconds']['median']:.3f}",
+                bu.gib(stats["peak_memory_encode"]["bytes"]),
+                bu.gib(stats["peak_memory_sampling_decode"]["bytes"]),
+                bu.gib(data["memory_at_rest_bytes"]),
+            ])
+    s = result["settings"]
+    memory = "VRAM" if result["device"].startswith("cuda") else "RSS"
+    lines = [f"{s['size']}x{s['size']}, {s['steps']} steps, guidance {s['guidance_scale']}, {s['dtype']}, "
+             f"medians of {s['repeats']} runs",
+             bu.markdown_table(["memory mode", "batch", "s/image", "encode s", "step ms", "decode s",
+                                f"peak {memory} encode", f"peak {memory} sample+decode", f"{memory} at rest"], rows)]
+    if result.get("parity"):
+        p = result["parity"]
+        lines += ["", f"parity ({p['case']}), reference {p['reference']}: vs golden latents max abs "
+                      f"{p['reference_vs_golden_latents_max_abs']:.2e} (tolerance {p['golden_tolerance']:.0e})"]
+        prow = [[name, f"{d['latents_max_abs']:.3e}", f"{d['images_max_abs']:.3e}",
+                 f"{d['tolerance']['latents']:g} / {d['tolerance']['images']:g}",
+                 "yes" if d["within_tolerance"] else "NO"] for name, d in p["compared"].items()]
+        lines.append(bu.markdown_table(["run", "latents max abs", "images max abs", "tolerance (lat / img)",
+                                        "within"], prow))
+    if result.get("load"):
+        load = result["load"]
+        lines += ["", f"load {load['checkpoint']}: {load['seconds']:.2f} s, weights {bu.gib(load['weights_bytes'])}, "
+                      f"peak RSS {bu.gib(load['peak_rss'])}, peak device memory "
+                      f"{bu.gib(load['peak_device_memory']['bytes'])}"]
+    return "\n".join(lines)
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="tiny architecture on the CPU, a few seconds (CI)")
+    parser.add_argument("--device", default=None, help="default cuda (cpu with --smoke)")
+    parser.add_argument("--size", default=None, choices=mrc.SPEC_NAMES, help="architecture (default real; tiny with --smoke)")
+    parser.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
+    parser.add_argument("--batches", default=None, help="comma list (default 1,4,16; 1,2 with --smoke)")
+    parser.add_argument("--steps", type=int, default=None, help="default 30 (2 with --smoke)")
+    parser.add_argument("--guidance", type=float, default=4.5)
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="square image side in pixels (default: the architecture's trained size)")
+    parser.add_argument("--warmup-steps", type=int, default=2, help="untimed warm-up generation per mode (0: none)")
+    parser.add_argument("--repeats", type=int, default=None, help="runs per batch (default 2; 1 with --smoke)")
+    parser.add_argument("--modes", default="full,offload-mllm")
+    parser.add_argument("--compile", action="store_true", help="also pass compile_dit (torch.compile of DiT blocks)")
+    parser.add_argument("--fixtures", type=Path, default=mrc.DEFAULT_FIXTURES)
+    parser.add_argument("--skip-parity", action="store_true")
+    parser.add_argument("--load-checkpoint", type=Path, default=None, help="also time loading this checkpoint")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--out", type=Path, default=None, help="JSON file, or a folder for the default name")
+    args = parser.parse_args(argv)
+
+    smoke = args.smoke
+    device = torch.device(args.device or ("cpu" if smoke else "cuda"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("CUDA is not available here; use --smoke (CPU) or --device cpu.")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    size_name = args.size or ("tiny" if smoke else "real")
+    batches = [int(b) for b in (args.batches or ("1,2" if smoke else "1,4,16")).split(",")]
+    steps = args.steps or (2 if smoke else 30)
+    repeats = args.repeats or (1 if smoke else 2)
+    modes = [m for m in args.modes.split(",") if m]
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    started = time.perf_counter()
+
+    spec = mrc.make_spec(size_name, args.fixtures)
+    image_size = args.image_size or spec.image_size
+    build = []
+    with bu.timed(build, device):
+        model = mrc.build_random_model(spec, device=device, dtype=dtype, fixtures=args.fixtures)
+    if args.compile:
+        from tbac_core import TBACPipeline
+
+        TBACPipeline(model, memory="external", compile_dit=True)  # compiles the blocks in place
+    weights = bu.tensor_bytes(model.mllm, model.dit, model.vae)
+    result = {
+        "date": datetime.date.today().isoformat(),
+        "smoke": smoke,
+        "device": str(device),
+        "machine": bu.machine_facts(),
+        "model": {"architecture": size_name, "parameters": mrc.parameter_counts(spec), "weights_bytes": weights,
+                  "dtype": args.dtype, "build_seconds": build[0], "mllm_bytes": bu.tensor_bytes(model.mllm),
+                  "dit_bytes": bu.tensor_bytes(model.dit), "vae_bytes": bu.tensor_bytes(model.vae)},
+        "settings": {"size": image_size, "steps": steps, "guidance_scale": args.guidance, "sampler": "dpm++",
+                     "dtype": args.dtype, "batches": batches, "repeats": repeats, "modes": modes,
+                     "compile_dit": args.compile, "prompts": "distinct prompts, one image each",
+                     "mllm_tokens_per_row": _tokens_per_row(model)},
+        "speed": {},
+    }
+    for mode in modes:
+        result["speed"][mode] = bench_mode(model, mode, device, batches, image_size, steps, args.guidance,
+                                           repeats, args.warmup_steps)
+    del model
+    release(device)
+    if args.load_checkpoint:
+        result["load"] = time_load(args.load_checkpoint, device, args.dtype)
+    if not args.skip_parity:
+        result["parity"] = parity(args.fixtures, device, [args.dtype] + (["fp32"] if args.dtype != "fp32" else []))
+    result["total_seconds"] = time.perf_counter() - started
+    result["table"] = table(result)
+
+    name = "smoke-cpu" if smoke else f"gpu-{slug(result['machine'].get('gpu') or device.type)}"
+    out = args.out or BENCH / "results" / f"{name}-{result['date']}.json"
+    if out.is_dir():
+        out = out / f"{name}-{result['date']}.json"
+    print(result["table"])
+    print(f"\ntotal {result['total_seconds']:.1f} s; written: {bu.write_json(out, result)}")
+    parity_ok = all(d["within_tolerance"] for d in result.get("parity", {}).get("compared", {}).values())
+    if result.get("parity") and not (parity_ok and result["parity"]["golden_ok"]):
+        print("PARITY OUTSIDE TOLERANCE", file=sys.stderr)
+        sys.exit(1)
+    return result
+
+
+def _tokens_per_row(model) -> int:
+    rows = model.conditioning_rows(prompts_for(1), None, NEGATIVE)
+    batch = model.prompts.build_batch(rows, model.config.system_prompt, model.metaquery_suffix())
+    return int(batch["input_ids"].shape[1])
+
+
+if __name__ == "__main__":
+    main()

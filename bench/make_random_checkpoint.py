@@ -1,0 +1,405 @@
+#!/usr/bin/env python3
+"""Random-weight TBAC-UniImage models of a given size, in the official checkpoint format or in memory.
+
+Speed and memory do not depend on what the weights are, so benchmarks use random weights in the
+published layout instead of a 11.4 GB download. Three sizes:
+
+* ``tiny``: the architecture of the shared test fixture (``shared/fixtures/tbac-tiny``), 64x64 images.
+* ``medium``: large enough that compute dominates on a CPU (Qwen2.5-VL text 768 x 10 layers, SANA
+  DiT 8 blocks x 640, a 6-stage DC-AE), 256x256 images, 138 M parameters, a 0.44 GB file.
+* ``real``: the published TBAC-UniImage-3B architecture (``tbac_core.builtin_configs``), 512x512
+  images, 5.68 B parameters. Only for GPU machines (``gpu_bench.py`` builds it straight on the GPU).
+
+A checkpoint folder is what ``TencentBAC/TBAC-UniImage-3B`` ships: ``config.json`` (model_type
+``tbacuniimage``) and ``model.safetensors`` (or shards + index) with keys
+``model.mllm_backbone.model.*`` / ``model.mllm_backbone.visual.*`` (transformers <=4.51 layout, as
+released), ``model.connector.{0,2,3}.*``, ``model.transformer.*``, ``vae.*``; the MLLM embedding has
+vocab + num_metaqueries + 2 rows and there is no ``lm_head`` key. The component folders (MLLM config
+with the fixture's small tokenizer, SANA transformer/vae/scheduler configs) are written beside it,
+where the core's resolver looks:
+
+    bench/models/<size>/checkpoint/                      config.json, model*.safetensors
+    bench/models/<size>/bench-<size>-Qwen2.5-VL-Instruct/ config.json, tokenizer files
+    bench/models/<size>/bench-<size>-Sana_diffusers/      transformer/ vae/ scheduler/ configs
+
+The tokenizer is the fixture's byte-level BPE (342 tokens): prompts come out ~3-4x more tokens than
+with Qwen's real tokenizer, which makes MLLM encoding look slightly slower than it would be.
+
+Usage: python bench/make_random_checkpoint.py {tiny,medium,real} [--out bench/models] [--seed 0]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a script from anywhere: tbac_core lives in the repo root
+    sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+from tbac_core import builtin_configs  # noqa: E402
+
+DEFAULT_FIXTURES = Path(os.environ.get("TBAC_FIXTURES", REPO.parent / "shared" / "fixtures"))
+DEFAULT_OUT = REPO / "bench" / "models"
+TINY_QWEN = "tiny-Qwen2.5-VL-Instruct"
+TINY_SANA = "tiny-Sana_diffusers"
+# Small files of the fixture's MLLM folder that make a tokenizer + image processor (no weights).
+TOKENIZER_FILES = ("added_tokens.json", "chat_template.json", "generation_config.json", "merges.txt",
+                   "preprocessor_config.json", "special_tokens_map.json", "tokenizer.json",
+                   "tokenizer_config.json", "vocab.json")
+# Token ids the MLLM config must agree on with the tokenizer (image placement, M-RoPE).
+TOKEN_ID_FIELDS = ("bos_token_id", "eos_token_id", "vision_start_token_id", "vision_end_token_id",
+                   "vision_token_id", "image_token_id", "video_token_id")
+MAX_SHARD_BYTES = 5 * 1024**3  # as transformers' save_pretrained (the release is sharded this way)
+EMBED_STD = 0.02  # Qwen's initializer_range, for the embedding rows
+
+
+@dataclass(frozen=True)
+class RandomSpec:
+    """Architecture of one random model: component configs + TBAC config fields + stored dtypes."""
+
+    name: str
+    mllm: dict  # Qwen2.5-VL config.json (released, flat layout)
+    transformer: dict  # SanaTransformer2DModel config
+    vae: dict  # AutoencoderDC config
+    scheduler: dict
+    num_metaqueries: int
+    input_size: int  # latent side: images are input_size * vae_downsample_f pixels square
+    # dtype each component is stored in (the official save_pretrained keeps the DiT in bfloat16)
+    storage: dict = field(default_factory=lambda: {"mllm": "float32", "connector": "float32",
+                                                   "dit": "bfloat16", "vae": "float32"})
+
+    @property
+    def vae_downsample_f(self) -> int:
+        return 2 ** (len(self.vae["encoder_block_out_channels"]) - 1)
+
+    @property
+    def image_size(self) -> int:
+        return self.input_size * self.vae_downsample_f
+
+    @property
+    def embedding_rows(self) -> int:
+        return self.mllm["vocab_size"] + self.num_metaqueries + 2
+
+    @property
+    def qwen_folder(self) -> str:
+        return f"bench-{self.name}-Qwen2.5-VL-Instruct"
+
+    @property
+    def sana_folder(self) -> str:
+        return f"bench-{self.name}-Sana_diffusers"
+
+    def tbac_config(self, max_input_text_tokens: int = 256) -> dict:
+        """The checkpoint's config.json, shaped like the released one (ids relative to the folder)."""
+        return {
+            "architectures": ["TBACUniImage"],
+            "model_type": "tbacuniimage",
+            "mllm_id": self.qwen_folder,
+            "diffusion_model_id": self.sana_folder,
+            "vae_id": self.sana_folder,
+            "scheduler_id": self.sana_folder,
+            "noise_scheduler_id": self.sana_folder,
+            "num_metaqueries": self.num_metaqueries,
+            "input_size": self.input_size,
+            "in_channels": self.transformer["in_channels"],
+            "vae_downsample_f": self.vae_downsample_f,
+            "max_input_text_tokens": max_input_text_tokens,
+            "loss_type": "flow",
+            "system_prompt": ("You will be given an image or its caption. Please describe the content of the "
+                              "image in detail in your own words."),
+            "modules_to_freeze": ["vae", "model.mllm_backbone"],
+            "modules_to_unfreeze": ["model.mllm_backbone.model.embed_tokens"],
+            "torch_dtype": self.storage["mllm"],
+        }
+
+
+def _load_json(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _with_fixture_token_ids(mllm: dict, fixture_qwen: dict, vocab_size: int) -> dict:
+    config = json.loads(json.dumps(mllm))
+    config.update({name: fixture_qwen[name] for name in TOKEN_ID_FIELDS})
+    config["vocab_size"] = vocab_size
+    return config
+
+
+def make_spec(name: str, fixtures: Path = DEFAULT_FIXTURES) -> RandomSpec:
+    """The spec of ``tiny``, ``medium`` or ``real`` (the fixture supplies the tokenizer's token ids)."""
+    root = Path(fixtures) / "tbac-tiny"
+    fixture_qwen = _load_json(root / TINY_QWEN / "config.json")
+    sana = root / TINY_SANA
+    if name == "tiny":
+        return RandomSpec(
+            name="tiny",
+            mllm=fixture_qwen,
+            transformer=_load_json(sana / "transformer" / "config.json"),
+            vae=_load_json(sana / "vae" / "config.json"),
+            scheduler=_load_json(sana / "scheduler" / "scheduler_config.json"),
+            num_metaqueries=8,
+            input_size=8,
+        )
+    if name == "medium":
+        mllm = _with_fixture_token_ids(builtin_configs.QWEN25_VL_3B_CONFIG, fixture_qwen, fixture_qwen["vocab_size"])
+        mllm.update(hidden_size=768, intermediate_size=1536, num_hidden_layers=10, num_attention_heads=12,
+                    num_key_value_heads=2, max_position_embeddings=4096, torch_dtype="float32",
+                    rope_scaling={"type": "mrope", "mrope_section": [8, 12, 12]})  # head dim 64
+        mllm["vision_config"].update(depth=4, hidden_size=256, intermediate_size=684, num_heads=4,
+                                     out_hidden_size=768, fullatt_block_indexes=[1, 3])
+        transformer = dict(builtin_configs.SANA_1600M_512_TRANSFORMER_CONFIG)
+        transformer.update(num_layers=8, num_attention_heads=20, attention_head_dim=32,  # 640 wide
+                           num_cross_attention_heads=10, cross_attention_head_dim=64, cross_attention_dim=640,
+                           caption_channels=1024, sample_size=8)
+        vae = json.loads(json.dumps(builtin_configs.DCAE_F32C32_CONFIG))
+        channels = [32, 64, 128, 256, 256, 512]
+        vae.update(encoder_block_out_channels=channels, decoder_block_out_channels=channels,
+                   encoder_layers_per_block=[1, 1, 1, 1, 1, 1], decoder_layers_per_block=[1, 2, 2, 2, 2, 2],
+                   attention_head_dim=32)
+        return RandomSpec("medium", mllm, transformer, vae, dict(builtin_configs.SANA_FLOW_DPM_SCHEDULER_CONFIG),
+                          num_metaqueries=64, input_size=8)
+    if name == "real":
+        mllm = _with_fixture_token_ids(builtin_configs.QWEN25_VL_3B_CONFIG, fixture_qwen,
+                                       builtin_configs.QWEN25_VL_3B_CONFIG["vocab_size"])
+        return RandomSpec(
+            name="real",
+            mllm=mllm,
+            transformer=dict(builtin_configs.SANA_1600M_512_TRANSFORMER_CONFIG),
+            vae=json.loads(json.dumps(builtin_configs.DCAE_F32C32_CONFIG)),
+            scheduler=dict(builtin_configs.SANA_FLOW_DPM_SCHEDULER_CONFIG),
+            num_metaqueries=64,
+            input_size=16,
+            storage={"mllm": "bfloat16", "connector": "bfloat16", "dit": "bfloat16", "vae": "bfloat16"},
+        )
+    raise ValueError(f"Unknown size {name!r}; choose tiny, medium or real.")
+
+
+SPEC_NAMES = ("tiny", "medium", "real")
+
+
+# -- modules on the meta device ------------------------------------------------------------------
+def meta_modules(spec: RandomSpec) -> dict[str, torch.nn.Module]:
+    """The four components built on the meta device, as the loader builds them (no memory used)."""
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderDC, SanaTransformer2DModel
+
+    from tbac_core.dit import Connector
+    from tbac_core.mllm import build_mllm, text_model
+
+    mllm, base_vocab = build_mllm(spec.mllm, spec.embedding_rows)
+    assert base_vocab == spec.mllm["vocab_size"]
+    with init_empty_weights():
+        transformer = SanaTransformer2DModel.from_config(spec.transformer)
+        connector = Connector(text_model(mllm).norm.weight.shape[0], transformer.config.caption_channels)
+        vae = AutoencoderDC.from_config(spec.vae)
+    return {"mllm": mllm, "connector": connector, "dit": transformer, "vae": vae}
+
+
+def random_tensor(key: str, shape: tuple[int, ...], dtype: torch.dtype, device, generator) -> torch.Tensor:
+    """A tensor whose scale keeps activations finite and O(1) through a deep random network.
+
+    Norm weights 1, biases 0, weights N(0, 1/fan_in) (variance preserving), embeddings N(0, 0.02),
+    SANA's scale-shift tables N(0, 1/width) as diffusers initialises them.
+    """
+    from tbac_core.dit import CONNECTOR_NORM_INIT
+
+    leaf = key.rsplit(".", 1)[-1]
+    if leaf == "bias":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    if len(shape) == 1 and leaf == "weight":
+        value = CONNECTOR_NORM_INIT if key == "connector.3.weight" else 1.0
+        return torch.full(shape, value, dtype=dtype, device=device)
+    if "scale_shift_table" in key:
+        std = 1.0 / math.sqrt(shape[-1])
+    elif "embed_tokens" in key:
+        std = EMBED_STD
+    elif len(shape) >= 2:
+        std = 1.0 / math.sqrt(math.prod(shape[1:]))
+    else:
+        std = 1.0
+    return torch.empty(shape, dtype=dtype, device=device).normal_(0.0, std, generator=generator)
+
+
+def checkpoint_key(component: str, key: str) -> str:
+    """A module key -> its key in the released checkpoint (Qwen keys in the <=4.51 layout)."""
+    from tbac_core.checkpoint import COMPONENT_PREFIXES
+    from tbac_core.mllm import canonical_key
+
+    if component == "mllm":
+        key = canonical_key(key)
+        if key.startswith("model.language_model."):
+            key = "model." + key[len("model.language_model."):]
+        elif key.startswith("model.visual."):
+            key = "visual." + key[len("model.visual."):]
+    return COMPONENT_PREFIXES[component] + key
+
+
+def tensor_plan(spec: RandomSpec) -> list[tuple[str, str, str, tuple[int, ...]]]:
+    """``(component, module key, checkpoint key, shape)`` for every stored tensor, in file order."""
+    plan = []
+    for component, module in meta_modules(spec).items():
+        for key, value in module.state_dict().items():
+            plan.append((component, key, checkpoint_key(component, key), tuple(value.shape)))
+    return plan
+
+
+def _plan_component_key(component: str, key: str) -> str:
+    # The connector norm is "3.weight" inside the Connector; the init rule needs the component name.
+    return f"connector.{key}" if component == "connector" else key
+
+
+# -- a checkpoint folder on disk ----------------------------------------------------------------
+def write_checkpoint(spec: RandomSpec, out_root: Path = DEFAULT_OUT, seed: int = 0,
+                     fixtures: Path = DEFAULT_FIXTURES, max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
+    """Write ``out_root/<spec.name>/`` (checkpoint + component folders); return the checkpoint folder.
+
+    Tensors are drawn on the CPU from one seeded generator in file order (so a rebuild gives the
+    same bytes) and written one shard at a time, so memory stays below one shard.
+    """
+    from safetensors.torch import save_file
+
+    root = Path(out_root) / spec.name
+    checkpoint = root / "checkpoint"
+    if root.exists():
+        shutil.rmtree(root)
+    checkpoint.mkdir(parents=True)
+    _write_components(spec, root, Path(fixtures))
+
+    plan = tensor_plan(spec)
+    dtypes = {c: getattr(torch, spec.storage[c]) for c in spec.storage}
+    shards: list[list[tuple]] = [[]]
+    size = 0
+    for entry in plan:
+        nbytes = math.prod(entry[3]) * dtypes[entry[0]].itemsize
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(entry)
+        size += nbytes
+    names = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    generator = torch.Generator("cpu").manual_seed(seed)
+    weight_map, total = {}, 0
+    for name, shard in zip(names, shards):
+        tensors = {}
+        for component, key, ckpt_key, shape in shard:
+            tensor = random_tensor(_plan_component_key(component, key), shape, torch.float32, "cpu", generator)
+            tensors[ckpt_key] = tensor.to(dtypes[component])
+            weight_map[ckpt_key] = name
+            total += tensors[ckpt_key].numel() * tensors[ckpt_key].element_size()
+        save_file(tensors, str(checkpoint / name), metadata={"format": "pt"})
+        del tensors
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (checkpoint / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    (checkpoint / "config.json").write_text(json.dumps(spec.tbac_config(), indent=2) + "\n")
+    return checkpoint
+
+
+def _write_components(spec: RandomSpec, root: Path, fixtures: Path) -> None:
+    qwen = root / spec.qwen_folder
+    qwen.mkdir(parents=True)
+    source = fixtures / "tbac-tiny" / TINY_QWEN
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            shutil.copyfile(source / name, qwen / name)
+    (qwen / "config.json").write_text(json.dumps(spec.mllm, indent=2) + "\n")
+    sana = root / spec.sana_folder
+    for part, file, config in (("transformer", "config.json", spec.transformer), ("vae", "config.json", spec.vae),
+                               ("scheduler", "scheduler_config.json", spec.scheduler)):
+        (sana / part).mkdir(parents=True)
+        (sana / part / file).write_text(json.dumps(config, indent=2) + "\n")
+
+
+# -- a model straight in memory (no file) -------------------------------------------------------
+def build_random_model(spec: RandomSpec, device="cpu", dtype: torch.dtype = torch.float32,
+                       vae_dtype: torch.dtype | None = None, seed: int = 0, fixtures: Path = DEFAULT_FIXTURES):
+    """A ``TBACModel`` with random weights drawn directly on ``device`` in ``dtype``.
+
+    Assembled as ``TBACModel.from_pretrained`` assembles a checkpoint (same builders, same strict
+    assignment), minus the file: for the 3B architecture on a GPU this skips writing and reading
+    11.4 GB. The tokenizer and image processor come from the fixture's MLLM folder.
+    """
+    from tbac_core.components import TBACConfig
+    from tbac_core.dit import LadderDiT
+    from tbac_core.ladder import ModelIdentity, fingerprint_tensor
+    from tbac_core.mllm import attach_lm_head, num_rungs
+    from tbac_core.model import TBACModel, image_processor_settings, load_strict, load_tokenizer
+    from tbac_core.prompting import PromptBuilder, make_image_processor
+
+    device = torch.device(device)
+    if vae_dtype is None:
+        vae_dtype = torch.float32 if dtype == torch.float16 else dtype  # as the loader: DC-AE overflows in fp16
+    generator = torch.Generator(device).manual_seed(seed)
+    modules = meta_modules(spec)
+    for component, module in modules.items():
+        target = vae_dtype if component == "vae" else dtype
+        state = {key: random_tensor(_plan_component_key(component, key), tuple(value.shape), target, device,
+                                    generator)
+                 for key, value in module.state_dict().items()}
+        load_strict(module, state, f"random {spec.name} weights")
+        del state
+    mllm = modules["mllm"]
+    attach_lm_head(mllm, spec.mllm["vocab_size"])
+    mllm.to(device)  # non-persistent buffers (rotary frequencies) were built on the CPU
+    dit = LadderDiT(modules["dit"], modules["connector"]).to(device).eval().requires_grad_(False)
+    vae = modules["vae"].to(device).eval().requires_grad_(False)
+
+    config = TBACConfig.from_dict(spec.tbac_config(), f"random {spec.name} spec")
+    tokenizer_dir = Path(fixtures) / "tbac-tiny" / TINY_QWEN
+    settings = image_processor_settings([tokenizer_dir])
+    prompts = PromptBuilder(load_tokenizer(tokenizer_dir), make_image_processor(settings),
+                            config.max_input_text_tokens, settings)
+    embedding = mllm.get_input_embeddings().weight
+    base_vocab = spec.mllm["vocab_size"]
+    identity = ModelIdentity(
+        name=f"random-{spec.name}",
+        fingerprint=fingerprint_tensor(embedding[base_vocab: base_vocab + spec.num_metaqueries]),
+        hidden_size=embedding.shape[1],
+        num_rungs=num_rungs(mllm),
+        num_metaqueries=spec.num_metaqueries,
+        num_dit_blocks=dit.num_blocks,
+    )
+    return TBACModel(config, Path(f"random-{spec.name}"), mllm, base_vocab, prompts, dit, vae,
+                     dict(spec.scheduler), identity)
+
+
+def parameter_counts(spec: RandomSpec) -> dict[str, int]:
+    return {component: sum(math.prod(shape) for c, _, _, shape in tensor_plan(spec) if c == component)
+            for component in ("mllm", "connector", "dit", "vae")}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("size", choices=SPEC_NAMES)
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder that receives <size>/ (default %(default)s)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--fixtures", type=Path, default=DEFAULT_FIXTURES,
+                        help="shared/fixtures folder (tokenizer + tiny configs); default $TBAC_FIXTURES or ../shared/fixtures")
+    parser.add_argument("--max-shard-gb", type=float, default=MAX_SHARD_BYTES / 1024**3)
+    args = parser.parse_args(argv)
+    spec = make_spec(args.size, args.fixtures)
+    start = time.perf_counter()
+    checkpoint = write_checkpoint(spec, args.out, args.seed, args.fixtures, int(args.max_shard_gb * 1024**3))
+    files = sorted(checkpoint.glob("*.safetensors"))
+    counts = parameter_counts(spec)
+    print(json.dumps({
+        "checkpoint": str(checkpoint),
+        "image_size": spec.image_size,
+        "parameters": counts,
+        "total_parameters": sum(counts.values()),
+        "file_bytes": sum(f.stat().st_size for f in files),
+        "files": [f.name for f in files],
+        "seconds": round(time.perf_counter() - start, 2),
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    main()
