@@ -78,14 +78,6 @@ def make_image_processor(settings: dict, pixels: int = TBAC_IMAGE_PIXELS):
     )
 
 
-@dataclass
-class EncodedRow:
-    """Token ids of one conversation and the images it shows."""
-
-    input_ids: list[int]
-    images: list[Image.Image]
-
-
 class PromptBuilder:
     """Renders TBAC/Qwen2.5-VL conversations to token ids and images to pixel patches."""
 
