@@ -1,0 +1,463 @@
+"""Ladder-side diffusion tuning: the training loop.
+
+    from tbac_core import TBACModel
+    from tbac_core.training import TrainConfig, Trainer
+    model = TBACModel.from_pretrained("models/tbac/TBAC-UniImage-3B", dtype="fp32")
+    Trainer(model, TrainConfig(data=["my_images"], output_dir="runs/cats", max_steps=2000)).train()
+
+One step: a batch of captions (and input images, for edit triples) goes through the SAME
+conditioning path as inference -- ``PromptBuilder.build_batch`` with the metaquery suffix, the
+frozen MLLM read at every rung (``metaquery_rung_states``, here with gradients flowing back to
+the metaquery rows), a ``LadderConditioning`` mapping rungs onto DiT blocks, the connector and
+caption projection per block -- and the ladder DiT predicts the flow velocity of noised target
+latents (``flow.FlowMatchingObjective``).
+
+Everything random (batch order, caption dropout, timesteps, noise) derives from (seed, step), so
+a resumed run continues exactly as if it had not stopped.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from ..adapters import read_adapter_config, read_adapter_tensors, write_adapter
+from ..dit import mask_to_bias
+from ..errors import InvalidParameterError, TBACError
+from ..ladder import LadderConditioning, RungSource
+from ..layer_spec import parse_layer_spec
+from ..mllm import metaquery_rung_states
+from ..model import metaquery_positions
+from ..vae import encode_images
+from .data import Batch, TrainingData
+from .flow import FlowMatchingObjective
+from .parts import DEFAULT_LORA_TARGETS, TrainableParts, enable_gradient_checkpointing, eval_mode
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_PATTERN = re.compile(r"checkpoint-(\d{6,})$")
+TRAINER_STATE = "trainer_state.json"
+OPTIMIZER_STATE = "optimizer.safetensors"
+FINAL_NAME = "final"
+
+
+class TrainingDivergedError(TBACError):
+    """The loss or the gradient norm became NaN or infinite."""
+
+
+@dataclass
+class TrainConfig:
+    """Settings of one training run (defaults follow the official recipe where it has one)."""
+
+    data: list[str]  # folders of image/caption pairs and/or edit triples (see ``training.data``)
+    output_dir: str
+    # what is trained
+    dit_mode: str = "full"  # full | lora | frozen
+    train_metaqueries: bool = True
+    train_connector: bool = True
+    lora_rank: int = 16
+    lora_alpha: float | None = None  # None: = rank
+    lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS
+    layers: str = "default"  # which rung feeds which DiT block (a layer spec); "final" = single-layer
+    # optimisation
+    max_steps: int = 1000
+    batch_size: int = 16
+    learning_rate: float = 1e-4
+    min_lr_ratio: float = 0.1  # cosine decays to learning_rate * min_lr_ratio (official: 1e-4 -> 1e-5)
+    warmup_steps: int = 100
+    weight_decay: float = 0.0
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = 1.0
+    # data
+    resolution: int | None = None  # None: the model's trained size
+    caption_dropout: float = 0.1  # text-to-image (official 0.1); edit triples use the official 0.2/0.2
+    timestep_shift: float | None = None  # None: the scheduler config's flow_shift
+    cache_latents: bool = True  # encode every target once (the VAE is frozen)
+    # machinery
+    mixed_precision: str = "auto"  # auto (bf16 on CUDA) | bf16 | no
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    save_every: int = 500
+    keep_checkpoints: int = 2
+    sample_every: int = 500
+    sample_prompts: tuple[str, ...] = ()  # empty: the first 4 distinct captions of the data
+    sample_steps: int = 20
+    sample_guidance: float = 4.5
+    sample_seed: int = 0
+    resume: str | None = None  # "latest" (in output_dir) or a checkpoint folder
+    progress: bool = True  # tqdm bar
+    log_every: int = 0  # also log a line every N steps (for logs without a terminal; 0 = never)
+
+    def validate(self) -> None:
+        checks = [
+            (self.max_steps >= 1, "max_steps must be >= 1"),
+            (self.batch_size >= 1, "batch_size must be >= 1"),
+            (self.learning_rate > 0 and math.isfinite(self.learning_rate), "learning_rate must be a positive number"),
+            (0.0 <= self.min_lr_ratio <= 1.0, "min_lr_ratio must be in 0..1"),
+            (self.warmup_steps >= 0, "warmup_steps must be >= 0"),
+            (self.grad_clip >= 0, "grad_clip must be >= 0 (0 disables clipping)"),
+            (0.0 <= self.caption_dropout < 1.0, "caption_dropout must be in [0, 1)"),
+            (self.dit_mode in ("full", "lora", "frozen"), "dit_mode must be full, lora or frozen"),
+            (self.mixed_precision in ("auto", "bf16", "no"), "mixed_precision must be auto, bf16 or no"),
+            (self.lora_rank >= 1, "lora_rank must be >= 1"),
+            (self.save_every >= 0 and self.sample_every >= 0, "save_every / sample_every must be >= 0 (0 = never)"),
+        ]
+        problems = [message for ok, message in checks if not ok]
+        if problems:
+            raise InvalidParameterError("Invalid training settings: " + "; ".join(problems) + ".")
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    losses: list[float]  # one per step run by this call
+    final_dir: Path
+    seconds: float
+    history: list[dict] = field(default_factory=list)
+
+
+def _step_generator(seed: int, step: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + step + 1)
+
+
+class Trainer:
+    """Trains ``model`` (a ``TBACModel``, best loaded in float32 on the CPU) in place.
+
+    ``train()`` runs to ``max_steps`` and writes ``output_dir/final`` (the trained parts). While
+    training, the metaquery rows live in a separate parameter substituted by a hook; ``finish()``
+    writes them into the embedding and removes the hook (then export or keep using the model).
+    """
+
+    def __init__(self, model, config: TrainConfig, data: TrainingData | None = None):
+        config.validate()
+        self.model = model
+        self.config = config
+        self.device = model.device
+        self.output_dir = Path(config.output_dir)
+        identity = model.identity
+        self.block_rungs = parse_layer_spec(config.layers, identity.num_rungs, identity.num_dit_blocks)
+        self.resolution = config.resolution or model.config.default_image_size
+        if self.resolution % model.vae_scale:
+            raise InvalidParameterError(
+                f"resolution {self.resolution} is not a multiple of the VAE factor {model.vae_scale}."
+            )
+        self.data = data if data is not None else TrainingData.from_folders(config.data, self.resolution)
+        self.objective = FlowMatchingObjective(model.scheduler_config, config.timestep_shift)
+        self.parts = TrainableParts(
+            model, dit_mode=config.dit_mode, train_metaqueries=config.train_metaqueries,
+            train_connector=config.train_connector, lora_rank=config.lora_rank, lora_alpha=config.lora_alpha,
+            lora_targets=tuple(config.lora_targets),
+        )
+        if config.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
+        self.autocast_dtype = self._autocast_dtype()
+        groups = [{"params": params, "name": name} for name, params in self.parts.named_groups().items()]
+        self.optimizer = torch.optim.AdamW(groups, lr=config.learning_rate, betas=tuple(config.adam_betas),
+                                           weight_decay=config.weight_decay)
+        from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
+
+        self.lr_schedule = get_cosine_with_min_lr_schedule_with_warmup(
+            self.optimizer, config.warmup_steps, config.max_steps, min_lr_rate=config.min_lr_ratio
+        )
+        self.step = 0
+        self.history: list[dict] = []
+        self.sample_prompts = list(config.sample_prompts) or self._default_sample_prompts()
+
+    # -- setup helpers -----------------------------------------------------------------------
+    def _autocast_dtype(self) -> torch.dtype | None:
+        choice = self.config.mixed_precision
+        if choice == "no" or (choice == "auto" and self.device.type != "cuda"):
+            return None
+        if self.device.type != "cuda":
+            raise InvalidParameterError("mixed_precision bf16 needs a CUDA device; use 'no' on the CPU.")
+        if not torch.cuda.is_bf16_supported():
+            if choice == "bf16":
+                raise InvalidParameterError("This GPU does not support bfloat16; use mixed_precision 'no'.")
+            return None
+        return torch.bfloat16
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def _default_sample_prompts(self) -> list[str]:
+        prompts: list[str] = []
+        for example in self.data.examples:
+            if not example.is_edit and example.text not in prompts:
+                prompts.append(example.text)
+            if len(prompts) == 4:
+                break
+        return prompts
+
+    # -- one step ----------------------------------------------------------------------------
+    def block_conditions(self, texts: list[str], sources: list[list[Image.Image]]) -> list[torch.Tensor]:
+        """Per-block DiT conditions [B, N, D] for a batch, with gradients to the trained parts."""
+        model = self.model
+        builder = model.prompts
+        rows = [(builder.truncate_caption(text), [builder.prepare_image(img) for img in imgs])
+                for text, imgs in zip(texts, sources)]
+        inputs = builder.build_batch(rows, model.config.system_prompt, model.metaquery_suffix())
+        positions = metaquery_positions(inputs["input_ids"], builder.ids, model.config.num_metaqueries)
+        rungs = list(range(max(self.block_rungs) + 1))
+        states = metaquery_rung_states(model.mllm, inputs, positions, rungs, builder.ids.image_pad,
+                                       grad_enabled=True)  # [rungs, B, N, H]
+        # Training has one branch; the unconditional one is learnt through caption dropout.
+        source = RungSource(positive=states, negative=states, image_negative=None, prompts=tuple(texts),
+                            negative_prompt="")
+        cond = LadderConditioning.from_source(source, self.block_rungs, model.identity)
+        return cond.block_conditions("positive", model.dit.embed_condition)
+
+    def apply_dropout(self, batch: Batch, generator: torch.Generator) -> tuple[list[str], list[list[Image.Image]]]:
+        """Unconditional examples for classifier-free guidance, as the official data pipeline.
+
+        Text-to-image: the caption becomes "" with probability ``caption_dropout``. Edits: one draw
+        u per example; caption "" if u < 0.2, input images black if 0.1 <= u < 0.3.
+        """
+        draws = torch.rand(len(batch.texts), generator=generator).tolist()
+        texts, sources = [], []
+        for text, imgs, u in zip(batch.texts, batch.sources, draws):
+            if imgs:
+                texts.append("" if u < 0.2 else text)
+                sources.append([Image.new("RGB", img.size) for img in imgs] if 0.1 <= u < 0.3 else imgs)
+            else:
+                texts.append("" if u < self.config.caption_dropout else text)
+                sources.append(imgs)
+        return texts, sources
+
+    def target_latents(self, batch: Batch) -> torch.Tensor:
+        if batch.latents is not None:
+            return batch.latents.to(self.device)
+        with torch.no_grad():
+            return encode_images(self.model.vae, batch.targets).to(self.device)
+
+    def loss_for(self, batch: Batch, generator: torch.Generator) -> torch.Tensor:
+        texts, sources = self.apply_dropout(batch, generator)
+        noised = self.objective.noise(self.target_latents(batch), generator)
+        dit = self.model.dit
+        with self._autocast():
+            conditions = self.block_conditions(texts, sources)
+            mask = torch.ones(len(texts), self.model.config.num_metaqueries, dtype=torch.long, device=self.device)
+            prediction = dit(noised.noisy, noised.timesteps, conditions, mask_to_bias(mask, dit.dtype))
+        return self.objective.loss(prediction, noised.target)
+
+    def train_step(self) -> dict:
+        config = self.config
+        generator = _step_generator(config.seed, self.step)
+        batch = self.data.batch(self.data.batch_indices(self.step, config.batch_size, config.seed))
+        loss = self.loss_for(batch, generator)
+        if not torch.isfinite(loss):
+            self._diverged("loss", loss.item())
+        loss.backward()
+        params = self.parts.parameters()
+        max_norm = config.grad_clip if config.grad_clip > 0 else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        if not math.isfinite(grad_norm):
+            self._diverged("gradient norm", grad_norm)
+        self.optimizer.step()
+        self.lr_schedule.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        record = {"step": self.step, "loss": loss.item(), "grad_norm": grad_norm,
+                  "lr": self.optimizer.param_groups[0]["lr"]}
+        self.history.append(record)
+        return record
+
+    def _diverged(self, what: str, value: float) -> None:
+        saved = self.latest_checkpoint()
+        where = f" The last checkpoint is {saved}; resume from it with a lower learning rate." if saved else ""
+        raise TrainingDivergedError(
+            f"Training stopped at step {self.step + 1}: the {what} is {value}. Lower the learning rate (now "
+            f"{self.config.learning_rate}), keep gradient clipping on (grad_clip {self.config.grad_clip}), train in "
+            f"float32 or bfloat16 rather than float16, and check the data for broken images.{where}"
+        )
+
+    # -- the loop ----------------------------------------------------------------------------
+    def train(self) -> TrainResult:
+        config = self.config
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        if config.cache_latents and self.data.latents is None:
+            logger.info("Encoding %d target images once (the VAE is frozen)...", len(self.data))
+            self.data.cache_latents(lambda images: encode_images(self.model.vae, images))
+        if config.resume:
+            self.resume(config.resume)
+        self.model.dit.train()
+        started = time.perf_counter()
+        losses: list[float] = []
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=config.max_steps, initial=self.step, unit="step", disable=not config.progress,
+                   desc="train", dynamic_ncols=True)
+        try:
+            while self.step < config.max_steps:
+                record = self.train_step()
+                losses.append(record["loss"])
+                bar.update(1)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", grad=f"{record['grad_norm']:.2f}",
+                                lr=f"{record['lr']:.2e}", refresh=False)
+                if config.log_every and self.step % config.log_every == 0:
+                    recent = losses[-config.log_every:]
+                    logger.info("step %d/%d: loss %.4f (mean of last %d), grad norm %.3f, lr %.2e", self.step,
+                                config.max_steps, sum(recent) / len(recent), len(recent), record["grad_norm"],
+                                record["lr"])
+                if config.save_every and self.step % config.save_every == 0 and self.step < config.max_steps:
+                    self.save_checkpoint()
+                if config.sample_every and self.step % config.sample_every == 0:
+                    self.save_samples()
+        finally:
+            bar.close()
+        final_dir = self.save_adapter(self.output_dir / FINAL_NAME)
+        self._write_json(final_dir / TRAINER_STATE, self._trainer_state())
+        if config.sample_every and self.step % config.sample_every:
+            self.save_samples()
+        return TrainResult(self.step, losses, final_dir, time.perf_counter() - started, list(self.history))
+
+    def finish(self) -> None:
+        """Leave the in-memory model trained and hook-free (metaquery rows written back)."""
+        self.parts.finish()
+        self.model.dit.eval()
+
+    # -- saving ------------------------------------------------------------------------------
+    def save_adapter(self, folder: Path) -> Path:
+        config = self.parts.adapter_config()
+        config["layers"] = self.config.layers
+        config["training"] = {"step": self.step, "max_steps": self.config.max_steps,
+                              "resolution": self.resolution, "data": [str(d) for d in self.config.data]}
+        write_adapter(folder, self.parts.state_dict(), config)
+        return folder
+
+    def _trainer_state(self) -> dict:
+        config = asdict(self.config)
+        return {"step": self.step, "config": config, "lr_schedule": self.lr_schedule.state_dict(),
+                "history_tail": self.history[-100:]}
+
+    def save_checkpoint(self) -> Path:
+        """``output_dir/checkpoint-NNNNNN``: the adapter files + optimizer state + trainer state."""
+        folder = self.output_dir / f"checkpoint-{self.step:06d}"
+        self.save_adapter(folder)
+        tensors, meta = _optimizer_to_tensors(self.optimizer)
+        save_file(tensors, str(folder / OPTIMIZER_STATE), metadata={"meta": json.dumps(meta)})
+        self._write_json(folder / TRAINER_STATE, self._trainer_state())  # written last: marks it complete
+        self._prune_checkpoints()
+        return folder
+
+    def _checkpoints(self) -> list[Path]:
+        if not self.output_dir.is_dir():
+            return []
+        found = [p for p in self.output_dir.iterdir()
+                 if CHECKPOINT_PATTERN.match(p.name) and (p / TRAINER_STATE).is_file()]
+        return sorted(found, key=lambda p: int(CHECKPOINT_PATTERN.match(p.name).group(1)))
+
+    def latest_checkpoint(self) -> Path | None:
+        found = self._checkpoints()
+        return found[-1] if found else None
+
+    def _prune_checkpoints(self) -> None:
+        if self.config.keep_checkpoints <= 0:
+            return
+        for old in self._checkpoints()[: -self.config.keep_checkpoints]:
+            shutil.rmtree(old)
+
+    def resume(self, where: str) -> None:
+        folder = self.latest_checkpoint() if where == "latest" else Path(where)
+        if folder is None:
+            logger.info("No checkpoint in %s yet; starting from step 0.", self.output_dir)
+            return
+        state_path = folder / TRAINER_STATE
+        if not state_path.is_file() or not (folder / OPTIMIZER_STATE).is_file():
+            raise InvalidParameterError(
+                f"{folder} is not a complete training checkpoint (needs {TRAINER_STATE} and {OPTIMIZER_STATE}); "
+                f"resume from an output_dir/checkpoint-NNNNNN folder."
+            )
+        state = json.loads(state_path.read_text(encoding="utf-8"))
+        saved = state.get("config", {})
+        for key in ("batch_size", "seed", "layers", "max_steps"):
+            if key in saved and saved[key] != getattr(self.config, key):
+                logger.warning("Resuming with %s=%r (checkpoint used %r): batches/schedule will differ.",
+                               key, getattr(self.config, key), saved[key])
+        self.parts.load_state_dict(read_adapter_tensors(folder), read_adapter_config(folder), str(folder))
+        tensors = load_file(str(folder / OPTIMIZER_STATE))
+        from safetensors import safe_open
+
+        with safe_open(str(folder / OPTIMIZER_STATE), framework="pt") as handle:
+            meta = json.loads(handle.metadata()["meta"])
+        self.optimizer.load_state_dict(_optimizer_from_tensors(tensors, meta, self.optimizer))
+        self.lr_schedule.load_state_dict(state["lr_schedule"])
+        self.step = int(state["step"])
+        self.history = list(state.get("history_tail", []))
+        logger.info("Resumed from %s at step %d.", folder, self.step)
+
+    # -- samples -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample_images(self, prompts: list[str]) -> list[Image.Image]:
+        from ..pipeline import TBACPipeline
+
+        pipe = TBACPipeline(self.model, cache_size=0)
+        with eval_mode(self.model.dit), self._autocast():
+            output = pipe.generate(prompts, width=self.resolution, height=self.resolution,
+                                   steps=self.config.sample_steps, guidance_scale=self.config.sample_guidance,
+                                   seed=self.config.sample_seed, layers=self.config.layers)
+        return output.images
+
+    def save_samples(self) -> Path | None:
+        if not self.sample_prompts:
+            return None
+        images = self.sample_images(self.sample_prompts)
+        path = self.output_dir / "samples" / f"step-{self.step:06d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        image_grid(images).save(path)
+        (path.with_suffix(".txt")).write_text("\n".join(self.sample_prompts) + "\n", encoding="utf-8")
+        return path
+
+    @staticmethod
+    def _write_json(path: Path, data: dict) -> None:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
+        tmp.replace(path)
+
+
+def image_grid(images: list[Image.Image], columns: int | None = None) -> Image.Image:
+    columns = columns or min(len(images), 4)
+    rows = math.ceil(len(images) / columns)
+    width, height = images[0].size
+    grid = Image.new("RGB", (columns * width, rows * height), (255, 255, 255))
+    for index, image in enumerate(images):
+        grid.paste(image, ((index % columns) * width, (index // columns) * height))
+    return grid
+
+
+def _optimizer_to_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """Optimizer state as flat tensors + JSON metadata (safetensors holds no nested objects)."""
+    state = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict] = {}
+    for index, entry in state["state"].items():
+        for name, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{index}.{name}"] = value.detach().to("cpu").contiguous()
+            else:
+                scalars.setdefault(str(index), {})[name] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _optimizer_from_tensors(tensors: dict[str, torch.Tensor], meta: dict, optimizer) -> dict:
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    for index, values in meta.get("scalars", {}).items():
+        state.setdefault(int(index), {}).update(values)
+    groups = meta["param_groups"]
+    if [len(g["params"]) for g in groups] != [len(g["params"]) for g in optimizer.param_groups]:
+        raise InvalidParameterError("The checkpoint's optimizer state does not fit this run's trained parameters.")
+    return {"state": state, "param_groups": groups}
