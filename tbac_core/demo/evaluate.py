@@ -16,6 +16,9 @@ from . import DEMO_CHECKPOINT, demo_defaults
 from .scenes import Scene, load_split, measure_scene, measure_shape
 
 
+BATCH = 32  # prompts per generate call (the pipeline takes at most 64 images)
+
+
 @dataclass
 class Score:
     rows: list[dict] = field(default_factory=list)  # prompt, seed, measured background/shape, ok
@@ -45,21 +48,23 @@ class Score:
 
 def score_scenes(pipe, scenes: list[Scene], *, seeds=(0,), layers: str | None = None, steps: int | None = None,
                  guidance_scale: float | None = None, checkpoint_dir=None) -> Score:
-    """Generate each scene's caption once per seed (one batch per seed) and measure the colours."""
+    """Generate each scene's caption once per seed (batches of ``BATCH``) and measure the colours."""
     defaults = demo_defaults(checkpoint_dir or pipe.model.checkpoint_dir)
     score = Score()
-    prompts = [scene.caption() for scene in scenes]
     for seed in seeds:
-        output = pipe.generate(prompts, steps=steps or defaults["steps"],
-                               guidance_scale=guidance_scale if guidance_scale is not None else defaults["guidance_scale"],
-                               sampler=defaults["sampler"], seed=seed, layers=layers or defaults.get("layers", "default"))
-        for scene, image in zip(scenes, output.images):
-            background, shape = measure_scene(image)
-            form = measure_shape(image, scene.colour)
-            score.rows.append({"prompt": scene.caption(), "seed": seed, "background": background,
-                               "shape_colour": shape, "shape": form,
-                               "ok": (background, shape) == (scene.background, scene.colour),
-                               "shape_ok": form == scene.shape})
+        for start in range(0, len(scenes), BATCH):
+            chunk = scenes[start: start + BATCH]
+            output = pipe.generate(
+                [scene.caption() for scene in chunk], steps=steps or defaults["steps"],
+                guidance_scale=guidance_scale if guidance_scale is not None else defaults["guidance_scale"],
+                sampler=defaults["sampler"], seed=seed + start, layers=layers or defaults.get("layers", "default"))
+            for scene, image in zip(chunk, output.images):
+                background, shape = measure_scene(image)
+                form = measure_shape(image, scene.colour)
+                score.rows.append({"prompt": scene.caption(), "seed": seed + start, "background": background,
+                                   "shape_colour": shape, "shape": form,
+                                   "ok": (background, shape) == (scene.background, scene.colour),
+                                   "shape_ok": form == scene.shape})
     return score
 
 
