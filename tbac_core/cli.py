@@ -471,6 +471,23 @@ def add_job_options(parser: argparse.ArgumentParser, names: Sequence[str], defau
         group.add_argument(*spec.flags, **kwargs)
 
 
+# The checkpoint key of sampling settings a model was tuned with (the demo model stores its own).
+CHECKPOINT_DEFAULTS_KEY = "demo_defaults"
+# Sizes are left out: the model's trained size is already the default, and image-to-image keeps the
+# start image's size.
+_DEFAULTS_TO_FIELDS = {"steps": "steps", "guidance_scale": "guidance", "sampler": "sampler", "layers": "layers"}
+
+
+def checkpoint_job_defaults(pipe) -> dict[str, Any]:
+    """Job defaults stored in the loaded checkpoint's config.json, if any (flags and rows override them)."""
+    try:
+        config = json.loads((Path(pipe.model.checkpoint_dir) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, AttributeError):
+        return {}
+    stored = config.get(CHECKPOINT_DEFAULTS_KEY) or {}
+    return {field: stored[key] for key, field in _DEFAULTS_TO_FIELDS.items() if key in stored}
+
+
 def job_values_from_args(args: argparse.Namespace, names: Sequence[str]) -> dict[str, Any]:
     return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
 
@@ -532,7 +549,7 @@ def run_generate(ctx: CommandContext) -> int:
         raise UsageError("edit needs at least one input image: --image PATH (repeatable).")
     if "denoise" in given and not values.get("init_image"):
         raise UsageError("--denoise only applies to image-to-image; give --init-image PATH as well.")
-    job = make_job(values)
+    job = make_job({**checkpoint_job_defaults(ctx.pipeline()), **values})
     pipe = ctx.pipeline()
     problems = check_job(job, pipe.model)
     if problems:
@@ -919,7 +936,7 @@ def run_batch_command(ctx: CommandContext) -> int:
     rows = read_rows(args.rows)
     if not rows:
         raise UsageError(f"{args.rows} holds no rows.")
-    defaults = job_values_from_args(args, tuple(FIELDS))
+    defaults = {**checkpoint_job_defaults(ctx.pipeline()), **job_values_from_args(args, tuple(FIELDS))}
     summary = run_batch(ctx.pipeline(), rows, defaults, Path(args.out), force=args.force, log=ctx.log)
     ctx.log(summary.format())
     ctx.log(f"Manifest: {Path(args.out) / MANIFEST_NAME}")
@@ -929,7 +946,14 @@ def run_batch_command(ctx: CommandContext) -> int:
 # ---------------------------------------------------------------------------------------------
 # Entry point
 
-COMMANDS: tuple[Callable, ...] = (add_generate_parser, add_edit_parser, add_understand_parser, add_batch_parser)
+def add_train_parser(subparsers) -> None:
+    from .training.cli import add_parser
+
+    add_parser(subparsers)
+
+
+COMMANDS: tuple[Callable, ...] = (add_generate_parser, add_edit_parser, add_understand_parser, add_batch_parser,
+                                  add_train_parser)
 
 
 def build_parser() -> argparse.ArgumentParser:

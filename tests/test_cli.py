@@ -392,3 +392,21 @@ def test_pngmeta_round_trip_and_refusals(tmp_path):
     image.save(tmp_path / "b.jpg")
     with pytest.raises(PNGMetadataError, match="JPEG file, not a PNG"):
         read_parameters(tmp_path / "b.jpg")
+
+
+def test_checkpoint_sampling_defaults_apply_under_flags(tmp_path):
+    """The demo checkpoint stores the settings it was tuned with; flags still win."""
+    from tbac_core.cli import checkpoint_job_defaults
+    from tbac_core.demo import DEMO_CHECKPOINT
+    from tbac_core.pipeline import TBACPipeline
+
+    pipe = TBACPipeline.from_pretrained(DEMO_CHECKPOINT, device="cpu", dtype="fp32")
+    assert checkpoint_job_defaults(pipe) == {"steps": 20, "guidance": 3.0, "sampler": "dpm++", "layers": "default"}
+    assert cli.main(["generate", "--prompt", "a red circle on a blue background", "--out", str(tmp_path)],
+                pipeline=pipe) == 0
+    from tbac_core.pngmeta import read_parameters
+
+    stored = read_parameters(next(tmp_path.glob("*.png")))
+    assert (stored["steps"], stored["guidance"]) == (20, 3.0)
+    assert cli.main(["generate", "--prompt", "x", "--steps", "3", "--out", str(tmp_path / "b")], pipeline=pipe) == 0
+    assert read_parameters(next((tmp_path / "b").glob("*.png")))["steps"] == 3
