@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from .. import builtin_configs
 from ..mllm import build_mllm, canonical_key
 
 # Qwen2 pre-tokenisation regex (as in Qwen2/Qwen2.5 tokenizer.json).
@@ -362,27 +363,7 @@ def vae_config(spec: DemoSpec, scaling_factor: float = 1.0) -> dict:
 
 def scheduler_config(spec: DemoSpec) -> dict:
     """SANA's flow DPM-Solver++ settings (what the official pipeline samples with)."""
-    return {
-        "_class_name": "DPMSolverMultistepScheduler",
-        "algorithm_type": "dpmsolver++",
-        "beta_end": 0.02,
-        "beta_schedule": "linear",
-        "beta_start": 0.0001,
-        "dynamic_thresholding_ratio": 0.995,
-        "euler_at_final": False,
-        "final_sigmas_type": "zero",
-        "flow_shift": spec.flow_shift,
-        "lower_order_final": True,
-        "num_train_timesteps": 1000,
-        "prediction_type": "flow_prediction",
-        "sample_max_value": 1.0,
-        "solver_order": 2,
-        "solver_type": "midpoint",
-        "steps_offset": 0,
-        "thresholding": False,
-        "timestep_spacing": "linspace",
-        "use_flow_sigmas": True,
-    }
+    return {**builtin_configs.SANA_FLOW_DPM_SCHEDULER_CONFIG, "flow_shift": spec.flow_shift}
 
 
 def build_transformer(spec: DemoSpec):
