@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from tbac_core.checkpoint import INDEX_NAME
@@ -219,3 +220,18 @@ def test_builtin_architecture_is_the_published_one(tmp_path, fixture_root):
     with pytest.raises(CheckpointError, match="embedding .* has 382 rows, but vocab_size 151936"):
         TBACModel.from_pretrained(ckpt, device="cpu",
                                   tokenizer_dir=fixture_root / "tiny-Qwen2.5-VL-Instruct")
+
+
+def test_plain_tokenizer_folder_and_builtin_image_processor(tmp_path, fixture_root, pipe):
+    """vocab.json + merges.txt + tokenizer_config.json alone (as ComfyUI bundles), no preprocessor config."""
+    ckpt = make_checkpoint(tmp_path, fixture_root)
+    qwen = tmp_path / "tiny-Qwen2.5-VL-Instruct"
+    for name in ("tokenizer.json", "preprocessor_config.json", "chat_template.json", "special_tokens_map.json",
+                 "added_tokens.json"):
+        (qwen / name).unlink()
+    model = TBACModel.from_pretrained(ckpt, device="cpu", dtype="fp32")
+    image = Image.open(fixture_root / "goldens" / "edit_input_0.png").convert("RGB")
+    ours = model.encode("Replace the red square with a blue circle", images=[image])
+    reference = pipe.model.encode("Replace the red square with a blue circle", images=[image])
+    for branch in ("positive", "negative", "image_negative"):
+        assert torch.equal(getattr(ours.sources[0], branch), getattr(reference.sources[0], branch))
