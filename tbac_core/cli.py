@@ -433,6 +433,7 @@ def load_pipeline(args: argparse.Namespace):
     pipe = TBACPipeline.from_pretrained(
         folder, memory=args.memory, device=args.device, dtype=args.dtype,
         tokenizer_dir=args.tokenizer, models_dirs=args.models_dir or None,
+        compile_dit=getattr(args, "compile", False),
     )
     CommandContext.log(f"Loaded {pipe.model.identity.name!r} in {time.perf_counter() - started:.1f}s.")
     return pipe
@@ -456,6 +457,8 @@ def model_options() -> argparse.ArgumentParser:
     group.add_argument("--memory", choices=MEMORY_CHOICES, default="full",
                        help="full: everything stays on the device (fastest); offload-mllm: the MLLM goes back to "
                             "the CPU after encoding; sequential: each part is on the device only while it runs.")
+    group.add_argument("--compile", action="store_true",
+                       help="Compile the DiT blocks with torch.compile (slow first image, faster after; GPU).")
     return parser
 
 

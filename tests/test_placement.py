@@ -48,3 +48,11 @@ def test_conditioning_cache_reuses_and_is_bounded(pipe, monkeypatch):
     uncached.encode("a cat")
     uncached.encode("a cat")
     assert len(calls) == 6 and len(uncached._cache) == 0
+
+
+def test_compile_switch_compiles_the_dit_blocks(checkpoint_dir):
+    from tbac_core.model import TBACModel
+
+    model = TBACModel.from_pretrained(checkpoint_dir, device="cpu", dtype="fp32")
+    TBACPipeline(model, compile_dit=True, device="cpu")
+    assert all(block._compiled_call_impl is not None for block in model.dit.transformer.transformer_blocks)
