@@ -46,7 +46,7 @@ RESULT_TAG = "CPU-BENCH-RESULT "  # a subprocess prints its JSON result on a lin
 def phase_load(checkpoint: Path) -> dict:
     """One load: seconds, RSS before/after, peak RSS, and the bytes of the loaded weights."""
     from tbac_core import TBACPipeline  # noqa: F401  (imports torch/transformers/diffusers first)
-    import tbac_core.model  # noqa: F401
+    import tbac_core.modeling.model  # noqa: F401
 
     gc.collect()
     before = bu.rss_bytes()

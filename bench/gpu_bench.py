@@ -92,7 +92,7 @@ def release(device: torch.device) -> None:
 # -- speed -------------------------------------------------------------------------------------------
 def run_generation(pipe, batch: int, size: int, steps: int, guidance: float, seed: int, device) -> dict:
     """encode -> sample -> decode as ``pipe.generate`` does, each part timed (device synchronised)."""
-    from tbac_core.sampling import SamplingParams
+    from tbac_core.pipeline.sampling import SamplingParams
 
     encode, sample, decode = [], [], []
     stamps: list[float] = []
@@ -194,7 +194,7 @@ def parity(fixtures: Path, device, dtypes: list[str]) -> dict:
 
 
 def time_load(checkpoint: Path, device, dtype: str) -> dict:
-    from tbac_core.model import TBACModel
+    from tbac_core.modeling.model import TBACModel
 
     release(device)
     peak_memory_reset(device)

@@ -7,7 +7,7 @@ published layout instead of a 11.4 GB download. Three sizes:
 * ``tiny``: the architecture of the shared test fixture (``shared/fixtures/tbac-tiny``), 64x64 images.
 * ``medium``: large enough that compute dominates on a CPU (Qwen2.5-VL text 768 x 10 layers, SANA
   DiT 8 blocks x 640, a 6-stage DC-AE), 256x256 images, 138 M parameters, a 0.44 GB file.
-* ``real``: the published TBAC-UniImage-3B architecture (``tbac_core.builtin_configs``), 512x512
+* ``real``: the published TBAC-UniImage-3B architecture (``tbac_core.loading.builtin_configs``), 512x512
   images, 5.68 B parameters. Only for GPU machines (``gpu_bench.py`` builds it straight on the GPU).
 
 A checkpoint folder is what ``TencentBAC/TBAC-UniImage-3B`` ships: ``config.json`` (model_type
@@ -190,8 +190,8 @@ def meta_modules(spec: RandomSpec) -> dict[str, torch.nn.Module]:
     from accelerate import init_empty_weights
     from diffusers import AutoencoderDC, SanaTransformer2DModel
 
-    from tbac_core.dit import Connector
-    from tbac_core.mllm import build_mllm, text_model
+    from tbac_core.modeling.dit import Connector
+    from tbac_core.modeling.mllm import build_mllm, text_model
 
     mllm, base_vocab = build_mllm(spec.mllm, spec.embedding_rows)
     assert base_vocab == spec.mllm["vocab_size"]
@@ -208,7 +208,7 @@ def random_tensor(key: str, shape: tuple[int, ...], dtype: torch.dtype, device, 
     Norm weights 1, biases 0, weights N(0, 1/fan_in) (variance preserving), embeddings N(0, 0.02),
     SANA's scale-shift tables N(0, 1/width) as diffusers initialises them.
     """
-    from tbac_core.dit import CONNECTOR_NORM_INIT
+    from tbac_core.modeling.dit import CONNECTOR_NORM_INIT
 
     leaf = key.rsplit(".", 1)[-1]
     if leaf == "bias":
@@ -229,8 +229,8 @@ def random_tensor(key: str, shape: tuple[int, ...], dtype: torch.dtype, device, 
 
 def checkpoint_key(component: str, key: str) -> str:
     """A module key -> its key in the released checkpoint (Qwen keys in the <=4.51 layout)."""
-    from tbac_core.checkpoint import COMPONENT_PREFIXES
-    from tbac_core.mllm import canonical_key
+    from tbac_core.loading.checkpoint import COMPONENT_PREFIXES
+    from tbac_core.modeling.mllm import canonical_key
 
     if component == "mllm":
         key = canonical_key(key)
@@ -327,12 +327,12 @@ def build_random_model(spec: RandomSpec, device="cpu", dtype: torch.dtype = torc
     assignment), minus the file: for the 3B architecture on a GPU this skips writing and reading
     11.4 GB. The tokenizer and image processor come from the fixture's MLLM folder.
     """
-    from tbac_core.components import TBACConfig
-    from tbac_core.dit import LadderDiT
-    from tbac_core.ladder import ModelIdentity, fingerprint_tensor
-    from tbac_core.mllm import attach_lm_head, num_rungs
-    from tbac_core.model import TBACModel, image_processor_settings, load_strict, load_tokenizer
-    from tbac_core.prompting import PromptBuilder, make_image_processor
+    from tbac_core.loading.components import TBACConfig
+    from tbac_core.modeling.dit import LadderDiT
+    from tbac_core.ladder.conditioning import ModelIdentity, fingerprint_tensor
+    from tbac_core.modeling.mllm import attach_lm_head, num_rungs
+    from tbac_core.modeling.model import TBACModel, image_processor_settings, load_strict, load_tokenizer
+    from tbac_core.processing.prompting import PromptBuilder, make_image_processor
 
     device = torch.device(device)
     if vae_dtype is None:

@@ -37,11 +37,11 @@ if IN_COMFYUI:
     import comfy.utils
     import folder_paths
 
-from tbac_core.components import MODELS_DIR_ENV
+from tbac_core.loading.components import MODELS_DIR_ENV
 from tbac_core.errors import InvalidParameterError
-from tbac_core.model import TBACModel, resolve_device
-from tbac_core.pipeline import TBACPipeline
-from tbac_core.placement import PARTS
+from tbac_core.modeling.model import TBACModel, resolve_device
+from tbac_core.pipeline.tbac_pipeline import TBACPipeline
+from tbac_core.pipeline.placement import PARTS
 
 logger = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """ComfyUI nodes for the ladder controls: select layers, weight, mix, inspect, save and load.
 
-Each node is one ``tbac_core.ladder_ops`` call on a ``LADDER_CONDITIONING`` (a
-``tbac_core.ladder.LadderConditioning``); none of them runs the MLLM. Saved conditionings live in
+Each node is one ``tbac_core.ladder.ops`` call on a ``LADDER_CONDITIONING`` (a
+``tbac_core.ladder.conditioning.LadderConditioning``); none of them runs the MLLM. Saved conditionings live in
 ``<ComfyUI output>/tbac_ladder/`` as ``.safetensors`` files.
 """
 from __future__ import annotations
@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tbac_core import ladder_ops
+from tbac_core.ladder import ops as ladder_ops
 from tbac_core.errors import InvalidParameterError
-from tbac_core.layer_spec import LAYER_SPEC_SYNTAX, WEIGHT_SPEC_SYNTAX
+from tbac_core.ladder.layer_spec import LAYER_SPEC_SYNTAX, WEIGHT_SPEC_SYNTAX
 
 from . import comfy_bridge as bridge
 

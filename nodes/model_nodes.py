@@ -2,7 +2,7 @@
 
 Each node translates ComfyUI types to one ``tbac_core`` call and back; the work is in the core.
 Custom types: ``TBAC_MODEL`` (a ``comfy_bridge.ManagedModel``) and ``LADDER_CONDITIONING`` (a
-``tbac_core.ladder.LadderConditioning``). IMAGE is ``[B, H, W, C]`` float32 in 0..1 on the CPU;
+``tbac_core.ladder.conditioning.LadderConditioning``). IMAGE is ``[B, H, W, C]`` float32 in 0..1 on the CPU;
 LATENT is ``{"samples": [B, C, H/f, W/f]}`` holding the DiT's latents, i.e. DC-AE latents already
 multiplied by the VAE's scaling factor (f = 32 for TBAC-UniImage-3B, C = 32).
 """
@@ -10,16 +10,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tbac_core.checkpoint import read_checkpoint_config
-from tbac_core.components import TBACConfig, resolve_component_dir, search_dirs
+from tbac_core.loading.checkpoint import read_checkpoint_config
+from tbac_core.loading.components import TBACConfig, resolve_component_dir, search_dirs
 from tbac_core.errors import CheckpointError, ComponentNotFoundError, InvalidParameterError
-from tbac_core.images import to_pil_rgb
-from tbac_core.layer_spec import LAYER_SPEC_SYNTAX, parse_layer_spec
-from tbac_core.model import TBACModel, find_tokenizer_dir, resolve_dtype
-from tbac_core.paths import list_checkpoints, resolve_checkpoint
-from tbac_core.pipeline import MAX_BATCH, MAX_SIDE
-from tbac_core.sampling import MAX_SEED, MAX_STEPS, SAMPLERS, SamplingParams
-from tbac_core import ui_inputs
+from tbac_core.processing.images import to_pil_rgb
+from tbac_core.ladder.layer_spec import LAYER_SPEC_SYNTAX, parse_layer_spec
+from tbac_core.modeling.model import TBACModel, find_tokenizer_dir, resolve_dtype
+from tbac_core.loading.folders import list_checkpoints, resolve_checkpoint
+from tbac_core.pipeline.tbac_pipeline import MAX_BATCH, MAX_SIDE
+from tbac_core.pipeline.sampling import MAX_SEED, MAX_STEPS, SAMPLERS, SamplingParams
+from tbac_core.processing import ui_inputs
 
 from . import comfy_bridge as bridge
 
@@ -71,7 +71,7 @@ def checkpoint_dir(name: str) -> Path:
 
 def adapter_choices() -> dict[str, Path]:
     """Trained adapter folders under the ``tbac_adapters`` model folders, by relative name (first root wins)."""
-    from tbac_core.adapters import list_adapters
+    from tbac_core.loading.adapters import list_adapters
 
     found: dict[str, Path] = {}
     for root in bridge.adapter_roots():
@@ -161,7 +161,7 @@ class TBACModelLoader:
         )
         name = checkpoint
         if adapter_path is not None:
-            from tbac_core.adapters import apply_adapter
+            from tbac_core.loading.adapters import apply_adapter
 
             apply_adapter(model, adapter_path)
             name = f"{checkpoint} + {adapter}"

@@ -7,11 +7,11 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "TBACModel": ".model",
-    "TBACPipeline": ".pipeline",
-    "GenerationOutput": ".pipeline",
-    "LadderConditioning": ".ladder",
-    "SamplingParams": ".sampling",
+    "TBACModel": ".modeling.model",
+    "TBACPipeline": ".pipeline.tbac_pipeline",
+    "GenerationOutput": ".pipeline.tbac_pipeline",
+    "LadderConditioning": ".ladder.conditioning",
+    "SamplingParams": ".pipeline.sampling",
     "TBACError": ".errors",
 }
 

@@ -1,6 +1,6 @@
-"""``python -m tbac_core``: the command line (see ``tbac_core.cli``)."""
+"""``python -m tbac_core``: the command line (see ``tbac_core.cli.main``)."""
 import sys
 
-from .cli import main
+from .cli.main import main
 
 sys.exit(main())

@@ -11,6 +11,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT.parent))  # the pack folder is importable as a package by its name
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests" / "support"))  # test doubles and helpers shared by the suites
 
 FIXTURE_ROOT = Path(os.environ.get("TBAC_FIXTURES", ROOT.parent / "shared" / "fixtures")) / "tbac-tiny"
 

@@ -83,9 +83,9 @@ def latent_scale(vae, images: torch.Tensor) -> float:
 def build(out: Path, work: Path, *, spec: DemoSpec, steps: int, batch_size: int, learning_rate: float,
           vae_steps: int, layers: str, evaluate_after: bool, images_per_scene: int = IMAGES_PER_SCENE,
           log=print) -> dict:
-    from ..dit import Connector
-    from ..images import pil_to_tensor
-    from ..model import TBACModel
+    from ..modeling.dit import Connector
+    from ..processing.images import pil_to_tensor
+    from ..modeling.model import TBACModel
     from ..training import TrainConfig, Trainer
     from ..training.export import checkpoint_tensors, write_checkpoint
 

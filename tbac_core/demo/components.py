@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from .. import builtin_configs
-from ..mllm import build_mllm, canonical_key
+from ..loading import builtin_configs
+from ..modeling.mllm import build_mllm, canonical_key
 
 # Qwen2 pre-tokenisation regex (as in Qwen2/Qwen2.5 tokenizer.json).
 PRETOKENIZE_REGEX = (

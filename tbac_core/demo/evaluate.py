@@ -70,7 +70,7 @@ def score_scenes(pipe, scenes: list[Scene], *, seeds=(0,), layers: str | None = 
 
 def score_held_out(checkpoint_dir=DEMO_CHECKPOINT, *, pipe=None, seeds=(0,), layers: str | None = None,
                    steps: int | None = None, guidance_scale: float | None = None) -> Score:
-    from ..pipeline import TBACPipeline
+    from ..pipeline.tbac_pipeline import TBACPipeline
 
     checkpoint_dir = Path(checkpoint_dir)
     _, held_out = load_split(checkpoint_dir / "split.json")

@@ -2,7 +2,7 @@
 
 The MLLM stays frozen; the metaquery embedding rows, the connector and the DiT (fully, or LoRA
 adapters on it) are trained with the flow-matching objective, and saved as a trained-parts folder
-that ``tbac_core.adapters.apply_adapter`` loads on top of the base checkpoint.
+that ``tbac_core.loading.adapters.apply_adapter`` loads on top of the base checkpoint.
 """
 from .data import Example, TrainingData, scan_folder
 from .flow import FlowMatchingObjective

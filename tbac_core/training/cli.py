@@ -8,7 +8,7 @@
 ``--data`` folders hold images with same-named .txt captions, and/or edit triples
 (``NAME_source.png`` + ``NAME.txt`` instruction + ``NAME_target.png``). The run folder gets
 ``checkpoint-NNNNNN/`` (resumable), ``final/`` (the trained parts: apply it on the base model with
-``tbac_core.adapters.apply_adapter`` or the loader) and ``samples/step-NNNNNN.png`` grids.
+``tbac_core.loading.adapters.apply_adapter`` or the loader) and ``samples/step-NNNNNN.png`` grids.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from pathlib import Path
 
 
 def add_parser(subparsers) -> None:
-    from ..cli import model_options
+    from ..cli.main import model_options
 
     parser = subparsers.add_parser(
         "train", parents=[model_options()], help="Ladder-side tuning: train metaqueries, connector and DiT on "
@@ -95,7 +95,7 @@ def train_config_from_args(args: argparse.Namespace):
 
 
 def load_model(args: argparse.Namespace, folder: Path):
-    from ..model import TBACModel
+    from ..modeling.model import TBACModel
 
     return TBACModel.from_pretrained(folder, dtype=args.dtype, device=args.device, tokenizer_dir=args.tokenizer,
                                      models_dirs=args.models_dir or None)
@@ -104,8 +104,8 @@ def load_model(args: argparse.Namespace, folder: Path):
 def run_train(ctx) -> int:
     import torch
 
-    from ..adapters import apply_adapter
-    from ..cli import resolve_model_dir
+    from ..loading.adapters import apply_adapter
+    from ..cli.main import resolve_model_dir
     from .export import export_checkpoint
     from .trainer import Trainer
 

@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 
 from ..errors import InvalidParameterError
-from ..images import pil_to_tensor, to_pil_rgb
+from ..processing.images import pil_to_tensor, to_pil_rgb
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 SOURCE_TAG = "_source"

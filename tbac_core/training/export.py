@@ -15,10 +15,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from ..checkpoint import (CONFIG_NAME, CONNECTOR_PREFIX, DIT_PREFIX, MLLM_PREFIX, MODEL_TYPE, SINGLE_FILE_NAME,
+from ..loading.checkpoint import (CONFIG_NAME, CONNECTOR_PREFIX, DIT_PREFIX, MLLM_PREFIX, MODEL_TYPE, SINGLE_FILE_NAME,
                           VAE_PREFIX)
 from ..errors import InvalidParameterError
-from ..mllm import canonical_key
+from ..modeling.mllm import canonical_key
 
 
 def legacy_mllm_key(key: str) -> str:
@@ -68,7 +68,7 @@ def export_checkpoint(model, folder: str | os.PathLike, *, config_updates: dict 
     if injected:
         raise InvalidParameterError(
             "The model still holds training-time LoRA layers; apply the trained adapter to a freshly loaded base "
-            "(tbac_core.adapters.apply_adapter) and export that."
+            "(tbac_core.loading.adapters.apply_adapter) and export that."
         )
     base_dir = Path(model.checkpoint_dir)
     base_config = json.loads((base_dir / CONFIG_NAME).read_text(encoding="utf-8"))

@@ -18,10 +18,10 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..adapters import (CONNECTOR_PREFIX, DIT_PREFIX, LORA_PREFIX, METAQUERY_KEY, AdapterError, base_record,
+from ..loading.adapters import (CONNECTOR_PREFIX, DIT_PREFIX, LORA_PREFIX, METAQUERY_KEY, AdapterError, base_record,
                         check_base_record, split_parts)
 from ..errors import InvalidParameterError
-from ..mllm import text_model
+from ..modeling.mllm import text_model
 
 DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
@@ -142,7 +142,7 @@ class TrainableParts:
 
     # -- saving / loading --------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """The trained tensors in the adapter layout of ``tbac_core.adapters``."""
+        """The trained tensors in the adapter layout of ``tbac_core.loading.adapters``."""
         state: dict[str, torch.Tensor] = {}
         if self.metaqueries is not None:
             state[METAQUERY_KEY] = self.metaqueries.weight.detach().clone()
@@ -202,7 +202,7 @@ def enable_gradient_checkpointing(model) -> None:
     """Recompute MLLM decoder layers and DiT blocks in the backward pass instead of storing them.
 
     Each layer's ``forward`` is wrapped (not ``__call__``), so the rung-capturing hooks of
-    ``tbac_core.mllm`` run once, outside the recomputed region.
+    ``tbac_core.modeling.mllm`` run once, outside the recomputed region.
     """
     layers = list(text_model(model.mllm).layers) + list(model.dit.transformer.transformer_blocks)
     for layer in layers:

@@ -31,14 +31,14 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from ..adapters import read_adapter_config, read_adapter_tensors, write_adapter
-from ..dit import mask_to_bias
+from ..loading.adapters import read_adapter_config, read_adapter_tensors, write_adapter
+from ..modeling.dit import mask_to_bias
 from ..errors import InvalidParameterError, TBACError
-from ..ladder import LadderConditioning, RungSource
-from ..layer_spec import parse_layer_spec
-from ..mllm import metaquery_rung_states
-from ..model import metaquery_positions
-from ..vae import encode_images
+from ..ladder.conditioning import LadderConditioning, RungSource
+from ..ladder.layer_spec import parse_layer_spec
+from ..modeling.mllm import metaquery_rung_states
+from ..modeling.model import metaquery_positions
+from ..modeling.vae import encode_images
 from .data import Batch, TrainingData
 from .flow import FlowMatchingObjective
 from .parts import DEFAULT_LORA_TARGETS, TrainableParts, enable_gradient_checkpointing, eval_mode
@@ -400,7 +400,7 @@ class Trainer:
     # -- samples -----------------------------------------------------------------------------
     @torch.no_grad()
     def sample_images(self, prompts: list[str]) -> list[Image.Image]:
-        from ..pipeline import TBACPipeline
+        from ..pipeline.tbac_pipeline import TBACPipeline
 
         pipe = TBACPipeline(self.model, cache_size=0)
         with eval_mode(self.model.dit), self._autocast():

@@ -1,0 +1,274 @@
+"""Reading the official TBAC-UniImage checkpoint format from a local folder.
+
+A checkpoint folder holds ``config.json`` (``model_type`` ``tbacuniimage``) and either
+``model.safetensors`` or ``model-0000k-of-0000n.safetensors`` shards listed by
+``model.safetensors.index.json``. Keys are grouped by prefix:
+
+* ``model.mllm_backbone.*``  Qwen2.5-VL (either transformers' <=4.51 or >=4.52 module names)
+* ``model.connector.{0,2,3}.*``  Linear -> GELU -> Linear -> RMSNorm
+* ``model.transformer.*``  SANA DiT (stored bfloat16)
+* ``vae.*``  DC-AE
+
+Only safetensors are ever read (no pickle): a folder holding ``.bin``/``.pt``/``.ckpt`` weights
+is refused with a message that says so.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from ..errors import CheckpointError
+
+CONFIG_NAME = "config.json"
+SINGLE_FILE_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+MODEL_TYPE = "tbacuniimage"
+
+MLLM_PREFIX = "model.mllm_backbone."
+CONNECTOR_PREFIX = "model.connector."
+DIT_PREFIX = "model.transformer."
+VAE_PREFIX = "vae."
+COMPONENT_PREFIXES = {
+    "mllm": MLLM_PREFIX,
+    "connector": CONNECTOR_PREFIX,
+    "dit": DIT_PREFIX,
+    "vae": VAE_PREFIX,
+}
+
+
+def read_checkpoint_config(checkpoint_dir: str | os.PathLike) -> dict:
+    """Read and check ``config.json`` of a checkpoint folder (parsed as data, never executed)."""
+    checkpoint_dir = Path(checkpoint_dir)
+    if not checkpoint_dir.is_dir():
+        raise CheckpointError(
+            f"Checkpoint folder not found: {checkpoint_dir}. Expected a folder holding config.json and "
+            f"{SINGLE_FILE_NAME} (or sharded model-0000k-of-0000n.safetensors with {INDEX_NAME})."
+        )
+    config_path = checkpoint_dir / CONFIG_NAME
+    if not config_path.is_file():
+        raise CheckpointError(
+            f"No {CONFIG_NAME} in {checkpoint_dir}. A TBAC-UniImage checkpoint folder holds config.json "
+            f"(model_type '{MODEL_TYPE}') next to its safetensors weights."
+        )
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{config_path} is not valid JSON: {exc}") from exc
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{config_path} must hold a JSON object, found {type(config).__name__}.")
+    model_type = config.get("model_type")
+    if model_type != MODEL_TYPE:
+        raise CheckpointError(
+            f"{config_path} has model_type {model_type!r}; this loader reads TBAC-UniImage checkpoints "
+            f"(model_type '{MODEL_TYPE}', e.g. TencentBAC/TBAC-UniImage-3B)."
+        )
+    return config
+
+
+def find_weight_files(checkpoint_dir: str | os.PathLike) -> dict[str, Path]:
+    """Map every tensor key of the checkpoint to the safetensors file that holds it."""
+    checkpoint_dir = Path(checkpoint_dir)
+    index_path = checkpoint_dir / INDEX_NAME
+    single_path = checkpoint_dir / SINGLE_FILE_NAME
+    if index_path.is_file():
+        return _keys_from_index(index_path)
+    if single_path.is_file():
+        return {key: single_path for key in _safetensors_keys(single_path)}
+    pickles = sorted(p.name for p in checkpoint_dir.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
+    if pickles:
+        raise CheckpointError(
+            f"{checkpoint_dir} holds only pickle-based weights ({', '.join(pickles)}). They can run code "
+            f"when loaded and are refused; use the safetensors release ({SINGLE_FILE_NAME} or shards "
+            f"with {INDEX_NAME})."
+        )
+    shards = sorted(p.name for p in checkpoint_dir.glob("model-*-of-*.safetensors"))
+    if shards:
+        raise CheckpointError(
+            f"{checkpoint_dir} has shard files ({', '.join(shards)}) but no {INDEX_NAME}; copy the "
+            f"index file from the release next to them."
+        )
+    raise CheckpointError(
+        f"No weights in {checkpoint_dir}: expected {SINGLE_FILE_NAME} or {INDEX_NAME} with its shards."
+    )
+
+
+def _keys_from_index(index_path: Path) -> dict[str, Path]:
+    try:
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+        weight_map = index["weight_map"]
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{index_path} is not a valid safetensors index ({exc}).") from exc
+    shard_names = sorted(set(weight_map.values()))
+    for name in shard_names:
+        if Path(name).name != name or not name.endswith(".safetensors"):
+            raise CheckpointError(
+                f"{index_path} names shard {name!r}; shards must be .safetensors files in the same folder."
+            )
+    missing = [name for name in shard_names if not (index_path.parent / name).is_file()]
+    if missing:
+        raise CheckpointError(
+            f"Missing shard file(s) in {index_path.parent}: {', '.join(missing)} "
+            f"(listed by {INDEX_NAME}; {len(shard_names) - len(missing)} of {len(shard_names)} present). "
+            f"The download is incomplete: fetch the missing files."
+        )
+    key_to_file: dict[str, Path] = {}
+    for name in shard_names:
+        path = index_path.parent / name
+        listed = {key for key, shard in weight_map.items() if shard == name}
+        present = set(_safetensors_keys(path))
+        absent = sorted(listed - present)
+        if absent:
+            raise CheckpointError(
+                f"{path} lacks {len(absent)} tensor(s) that {INDEX_NAME} puts there, e.g. "
+                f"{', '.join(absent[:5])}. The shard is incomplete or from another release."
+            )
+        for key in listed:
+            key_to_file[key] = path
+    return key_to_file
+
+
+# safetensors dtype codes -> torch dtypes (https://github.com/huggingface/safetensors, format spec)
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def iter_safetensors(path: Path, keys: list[str]):
+    """Yield ``(key, tensor)`` for ``keys`` of one file, each read into its own CPU buffer.
+
+    Why not ``safe_open(...).get_tensor``: it reads through a memory map whose pages stay resident
+    until the file is closed, so casting a shard while reading it peaks at the loaded weights plus
+    the whole shard (measured: 1.5x the weights for an 800 MB bfloat16 file loaded as float32).
+    Reading each tensor with ``readinto`` peaks at the weights plus one tensor. The file format is
+    a little-endian u64 header length, a JSON header, then the raw tensor bytes.
+    """
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        (header_len,) = struct.unpack("<Q", handle.read(8))
+        if header_len > size - 8:
+            raise CheckpointError(f"{path}: header length {header_len} exceeds the file size ({size} bytes).")
+        header = json.loads(handle.read(header_len))
+        data_start = 8 + header_len
+        for key in keys:
+            entry = header[key]
+            begin, end = entry["data_offsets"]
+            dtype = SAFETENSORS_DTYPES.get(entry["dtype"])
+            if dtype is None:
+                raise CheckpointError(f"{path}: tensor {key} has unsupported dtype {entry['dtype']}.")
+            tensor = torch.empty(entry["shape"], dtype=dtype)
+            nbytes = tensor.numel() * tensor.element_size()
+            if end - begin != nbytes or data_start + end > size:
+                raise CheckpointError(
+                    f"{path}: tensor {key} lies outside the file or has the wrong byte length; the file is "
+                    f"truncated or corrupt: download it again."
+                )
+            handle.seek(data_start + begin)
+            if nbytes and handle.readinto(memoryview(tensor.view(-1).view(torch.uint8).numpy())) != nbytes:
+                raise CheckpointError(f"{path}: could not read tensor {key}; the file is truncated.")
+            yield key, tensor
+
+
+def _safetensors_keys(path: Path) -> list[str]:
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            return list(handle.keys())
+    except Exception as exc:  # safetensors raises its own error types for corrupt headers
+        raise CheckpointError(
+            f"Cannot read {path} as safetensors ({type(exc).__name__}: {exc}). The file is truncated or "
+            f"corrupt: download it again."
+        ) from exc
+
+
+@dataclass
+class CheckpointFiles:
+    """The weight files of one checkpoint folder and which component each key belongs to."""
+
+    directory: Path
+    key_to_file: dict[str, Path]
+    components: dict[str, list[str]] = field(default_factory=dict)
+
+    @classmethod
+    def open(cls, checkpoint_dir: str | os.PathLike) -> "CheckpointFiles":
+        directory = Path(checkpoint_dir)
+        key_to_file = find_weight_files(directory)
+        components: dict[str, list[str]] = {name: [] for name in COMPONENT_PREFIXES}
+        unexpected = []
+        for key in key_to_file:
+            for name, prefix in COMPONENT_PREFIXES.items():
+                if key.startswith(prefix):
+                    components[name].append(key)
+                    break
+            else:
+                unexpected.append(key)
+        if unexpected:
+            raise CheckpointError(
+                f"Unexpected tensor(s) in {directory}: {', '.join(sorted(unexpected)[:8])}"
+                f"{' ...' if len(unexpected) > 8 else ''}. A TBAC-UniImage checkpoint only holds keys under "
+                f"{', '.join(COMPONENT_PREFIXES.values())}."
+            )
+        empty = [name for name, keys in components.items() if not keys]
+        if empty:
+            raise CheckpointError(
+                f"{directory} has no weights for: {', '.join(empty)} (no keys under "
+                f"{', '.join(COMPONENT_PREFIXES[name] for name in empty)}). This is not a complete "
+                f"TBAC-UniImage checkpoint."
+            )
+        return cls(directory, key_to_file, components)
+
+    def describe(self) -> str:
+        files = sorted({path.name for path in self.key_to_file.values()})
+        return f"{self.directory} ({', '.join(files)})"
+
+    def _keys_by_file(self, component: str) -> dict[Path, list[str]]:
+        """One component's keys grouped by shard, so each file is opened once."""
+        by_file: dict[Path, list[str]] = {}
+        for key in self.components[component]:
+            by_file.setdefault(self.key_to_file[key], []).append(key)
+        return by_file
+
+    def load_component(
+        self,
+        component: str,
+        dtype: torch.dtype | None,
+        device: torch.device | str = "cpu",
+    ) -> dict[str, torch.Tensor]:
+        """Read one component's tensors with the prefix stripped, cast to ``dtype`` on ``device``.
+
+        Each tensor is read, cast and moved on its own, so peak memory stays near the size of the
+        loaded weights (see ``iter_safetensors``).
+        """
+        prefix = COMPONENT_PREFIXES[component]
+        state: dict[str, torch.Tensor] = {}
+        for path, keys in self._keys_by_file(component).items():
+            try:
+                for key, tensor in iter_safetensors(path, keys):
+                    if dtype is not None and tensor.is_floating_point():
+                        tensor = tensor.to(dtype=dtype)
+                    state[key[len(prefix):]] = tensor.to(device)
+            except CheckpointError:
+                raise
+            except Exception as exc:
+                raise CheckpointError(
+                    f"Cannot read tensors from {path} ({type(exc).__name__}: {exc}). The file is "
+                    f"truncated or corrupt: download it again."
+                ) from exc
+        return state
+
+    def shapes(self, component: str) -> dict[str, tuple[int, ...]]:
+        """Shapes of one component's tensors (prefix stripped), read from the headers only."""
+        prefix = COMPONENT_PREFIXES[component]
+        shapes = {}
+        for path, keys in self._keys_by_file(component).items():
+            with safe_open(str(path), framework="pt", device="cpu") as handle:
+                for key in keys:
+                    shapes[key[len(prefix):]] = tuple(handle.get_slice(key).get_shape())
+        return shapes
