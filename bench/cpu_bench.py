@@ -34,9 +34,8 @@ for path in (str(REPO), str(BENCH)):
     if path not in sys.path:
         sys.path.insert(0, path)
 
-import torch  # noqa: E402
-
 import benchutil as bu  # noqa: E402
+import torch  # noqa: E402
 
 PROMPT = "a red cat sitting on a blue chair next to a small green house by the river"
 RESULT_TAG = "CPU-BENCH-RESULT "  # a subprocess prints its JSON result on a line starting with this
@@ -45,8 +44,8 @@ RESULT_TAG = "CPU-BENCH-RESULT "  # a subprocess prints its JSON result on a lin
 # -- phases (each runs in a fresh subprocess) -------------------------------------------------------
 def phase_load(checkpoint: Path) -> dict:
     """One load: seconds, RSS before/after, peak RSS, and the bytes of the loaded weights."""
-    from tbac_core import TBACPipeline  # noqa: F401  (imports torch/transformers/diffusers first)
     import tbac_core.modeling.model  # noqa: F401
+    from tbac_core import TBACPipeline  # noqa: F401  (imports torch/transformers/diffusers first)
 
     gc.collect()
     before = bu.rss_bytes()

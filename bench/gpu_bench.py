@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
-import json
 import re
 import sys
 import time
@@ -35,10 +34,9 @@ for path in (str(REPO), str(BENCH)):
     if path not in sys.path:
         sys.path.insert(0, path)
 
-import torch  # noqa: E402
-
 import benchutil as bu  # noqa: E402
 import make_random_checkpoint as mrc  # noqa: E402
+import torch  # noqa: E402
 
 # Parity tolerances: max abs difference against fp32 on the CPU (tiny fixture, golden t2i case,
 # 8 steps, latents std ~1.7, images in 0..1). bf16 keeps 8 mantissa bits (relative step 2^-8);
@@ -92,7 +90,7 @@ def release(device: torch.device) -> None:
 # -- speed -------------------------------------------------------------------------------------------
 def run_generation(pipe, batch: int, size: int, steps: int, guidance: float, seed: int, device) -> dict:
     """encode -> sample -> decode as ``pipe.generate`` does, each part timed (device synchronised)."""
-    from tbac_core.pipeline.sampling import SamplingParams
+    from tbac_core.params import SamplingParams
 
     encode, sample, decode = [], [], []
     stamps: list[float] = []
@@ -298,7 +296,7 @@ def main(argv=None) -> dict:
     if args.compile:
         from tbac_core import TBACPipeline
 
-        TBACPipeline(model, memory="external", compile_dit=True)  # compiles the blocks in place
+        TBACPipeline(model, memory="full", device=device, compile_dit=True)  # compiles the blocks in place
     weights = bu.tensor_bytes(model.mllm, model.dit, model.vae)
     result = {
         "date": datetime.date.today().isoformat(),

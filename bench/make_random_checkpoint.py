@@ -45,7 +45,7 @@ if str(REPO) not in sys.path:  # run as a script from anywhere: tbac_core lives 
 
 import torch  # noqa: E402
 
-from tbac_core import builtin_configs  # noqa: E402
+from tbac_core.loading import builtin_configs  # noqa: E402
 
 DEFAULT_FIXTURES = Path(os.environ.get("TBAC_FIXTURES", REPO.parent / "shared" / "fixtures"))
 DEFAULT_OUT = REPO / "bench" / "models"
@@ -327,11 +327,16 @@ def build_random_model(spec: RandomSpec, device="cpu", dtype: torch.dtype = torc
     assignment), minus the file: for the 3B architecture on a GPU this skips writing and reading
     11.4 GB. The tokenizer and image processor come from the fixture's MLLM folder.
     """
+    from tbac_core.ladder.conditioning import ModelIdentity, fingerprint_tensor
     from tbac_core.loading.components import TBACConfig
     from tbac_core.modeling.dit import LadderDiT
-    from tbac_core.ladder.conditioning import ModelIdentity, fingerprint_tensor
     from tbac_core.modeling.mllm import attach_lm_head, num_rungs
-    from tbac_core.modeling.model import TBACModel, image_processor_settings, load_strict, load_tokenizer
+    from tbac_core.modeling.model import (
+        TBACModel,
+        image_processor_settings,
+        load_strict,
+        load_tokenizer,
+    )
     from tbac_core.processing.prompting import PromptBuilder, make_image_processor
 
     device = torch.device(device)

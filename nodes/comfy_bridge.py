@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -37,11 +38,12 @@ if IN_COMFYUI:
     import comfy.utils
     import folder_paths
 
-from tbac_core.loading.components import MODELS_DIR_ENV
+from tbac_core.devices import resolve_device
 from tbac_core.errors import InvalidParameterError
-from tbac_core.modeling.model import TBACModel, resolve_device
-from tbac_core.pipeline.tbac_pipeline import TBACPipeline
+from tbac_core.loading.components import MODELS_DIR_ENV
+from tbac_core.modeling.model import TBACModel
 from tbac_core.pipeline.placement import PARTS
+from tbac_core.pipeline.tbac_pipeline import TBACPipeline
 
 logger = logging.getLogger(__name__)
 
@@ -175,7 +177,7 @@ class ManagedModel:
         self.name = name
         self.devices = devices
         # No conditioning cache here: ComfyUI's output cache already reuses unchanged encodes.
-        self.pipeline = TBACPipeline(model, memory="external", cache_size=0)
+        self.pipeline = TBACPipeline(model, placement=self, cache_size=0)
         self._patchers = {}
         if IN_COMFYUI:
             self._patchers = {
@@ -200,6 +202,12 @@ class ManagedModel:
             raise ValueError(f"Unknown model parts {unknown}; parts are {PARTS}.")
         if self._patchers:
             comfy.model_management.load_models_gpu([self._patchers[part] for part in parts], force_full_load=True)
+
+    @contextmanager
+    def use(self, part: str):
+        """The pipeline's placement: ComfyUI loads ``part`` (offloading others if needed) before it runs."""
+        self.prepare(part)
+        yield getattr(self.model, part)
 
     def __repr__(self) -> str:
         return f"ManagedModel({self.name!r}, compute={self.devices.compute})"

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tbac_core.ladder import ops as ladder_ops
 from tbac_core.errors import InvalidParameterError
+from tbac_core.ladder import ops as ladder_ops
 from tbac_core.ladder.layer_spec import LAYER_SPEC_SYNTAX, WEIGHT_SPEC_SYNTAX
 
 from . import comfy_bridge as bridge

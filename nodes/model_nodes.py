@@ -10,16 +10,27 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tbac_core.devices import resolve_dtype
+from tbac_core.errors import (
+    CheckpointError,
+    ComponentNotFoundError,
+    InvalidParameterError,
+)
+from tbac_core.ladder.layer_spec import LAYER_SPEC_SYNTAX, parse_layer_spec
 from tbac_core.loading.checkpoint import read_checkpoint_config
 from tbac_core.loading.components import TBACConfig, resolve_component_dir, search_dirs
-from tbac_core.errors import CheckpointError, ComponentNotFoundError, InvalidParameterError
-from tbac_core.processing.images import to_pil_rgb
-from tbac_core.ladder.layer_spec import LAYER_SPEC_SYNTAX, parse_layer_spec
-from tbac_core.modeling.model import TBACModel, find_tokenizer_dir, resolve_dtype
 from tbac_core.loading.folders import list_checkpoints, resolve_checkpoint
-from tbac_core.pipeline.tbac_pipeline import MAX_BATCH, MAX_SIDE
-from tbac_core.pipeline.sampling import MAX_SEED, MAX_STEPS, SAMPLERS, SamplingParams
+from tbac_core.modeling.model import TBACModel, find_tokenizer_dir
+from tbac_core.params import (
+    MAX_BATCH,
+    MAX_SEED,
+    MAX_SIDE,
+    MAX_STEPS,
+    SAMPLERS,
+    SamplingParams,
+)
 from tbac_core.processing import ui_inputs
+from tbac_core.processing.images import to_pil_rgb
 
 from . import comfy_bridge as bridge
 

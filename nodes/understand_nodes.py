@@ -5,9 +5,9 @@ prompt of 'TBAC Ladder Encode' (understand-then-generate / understand-then-edit 
 """
 from __future__ import annotations
 
+from tbac_core.params import MAX_NEW_TOKENS, MAX_SEED, GenerationSettings
+from tbac_core.pipeline.understanding import PRESETS, answer, resolve_question
 from tbac_core.processing.images import to_pil_rgb
-from tbac_core.pipeline.sampling import MAX_SEED
-from tbac_core.pipeline.understanding import MAX_NEW_TOKENS, PRESETS, GenerationSettings, answer, resolve_question
 
 from . import comfy_bridge as bridge
 from .model_nodes import MODEL_TOOLTIP, ROOT_CATEGORY

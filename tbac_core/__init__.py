@@ -1,8 +1,13 @@
 """tbac_core: TBAC-UniImage (arXiv 2508.08098) inference, understanding and training, without ComfyUI.
 
 The import is light: torch, transformers and diffusers load when a model is first used.
+
+    from tbac_core import TBACPipeline
+    pipe = TBACPipeline.from_pretrained("models/tbac/TBAC-UniImage-3B")
 """
 from __future__ import annotations
+
+from ._exports import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -11,17 +16,9 @@ _EXPORTS = {
     "TBACPipeline": ".pipeline.tbac_pipeline",
     "GenerationOutput": ".pipeline.tbac_pipeline",
     "LadderConditioning": ".ladder.conditioning",
-    "SamplingParams": ".pipeline.sampling",
+    "SamplingParams": ".params",
+    "GenerationSettings": ".params",
     "TBACError": ".errors",
 }
-
-
-def __getattr__(name):
-    if name in _EXPORTS:
-        import importlib
-
-        return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
-    raise AttributeError(f"module 'tbac_core' has no attribute {name!r}")
-
-
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 __all__ = sorted(_EXPORTS)

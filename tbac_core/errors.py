@@ -26,9 +26,33 @@ class InvalidParameterError(TBACError, ValueError):
     """A generation parameter (size, steps, guidance, batch, seed, ...) is out of range."""
 
 
-class GenerationInterrupted(TBACError):
-    """Raised by the default cancellation check when a run was cancelled."""
-
-
 class NonFiniteOutputError(TBACError):
     """Sampling produced NaN/inf values; saving the image would give a black or garbage picture."""
+
+
+class AdapterError(CheckpointError):
+    """An adapter folder is unreadable, incomplete, or made for another base model."""
+
+
+class ConditioningFileError(TBACError, ValueError):
+    """A saved conditioning file is missing, malformed, corrupt or of another format."""
+
+
+class LayerSpecError(TBACError, ValueError):
+    """A layer spec or block-weight spec is malformed or does not fit the model.
+
+    The message always says what was wrong, what is allowed (the valid range or the syntax)
+    and echoes the offending spec, because ComfyUI shows it to the user verbatim.
+    """
+
+
+class PNGMetadataError(TBACError):
+    """A PNG has no (or unreadable) TBAC generation parameters."""
+
+
+class UsageError(TBACError):
+    """Arguments, files or rows that cannot be used; reported without a traceback (exit 2)."""
+
+
+class TrainingDivergedError(TBACError):
+    """The loss or the gradient norm became NaN or infinite."""

@@ -40,9 +40,9 @@ from typing import Any, Callable, Sequence
 from PIL import Image
 
 from .. import __version__
-from ..errors import InvalidParameterError, TBACError
-from ..ladder.layer_spec import LAYER_SPEC_SYNTAX, LayerSpecError, parse_layer_spec
+from ..errors import InvalidParameterError, TBACError, UsageError
 from ..io.pngmeta import encode_png, read_parameters
+from ..ladder.layer_spec import LAYER_SPEC_SYNTAX, LayerSpecError, parse_layer_spec
 
 MODEL_ENV = "TBAC_MODEL"
 DEMO_NAME = "demo"
@@ -53,10 +53,6 @@ MEMORY_CHOICES = ("full", "offload-mllm", "sequential")
 DTYPE_CHOICES = ("auto", "fp32", "bf16", "fp16")
 DEFAULT_IMG2IMG_DENOISE = 0.6  # with an init image, denoise 1.0 would ignore it entirely
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
-
-
-class UsageError(TBACError):
-    """Arguments, files or rows that cannot be used; reported without a traceback (exit 2)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -208,8 +204,7 @@ def check_job(job: Job, model) -> list[tuple[str, str]]:
 
     Checked before anything runs, so a batch reports all bad rows at once, up front.
     """
-    from ..pipeline.tbac_pipeline import MAX_BATCH, MAX_SIDE
-    from ..pipeline.sampling import MAX_SEED, MAX_STEPS, SAMPLERS
+    from ..params import MAX_BATCH, MAX_SEED, MAX_SIDE, MAX_STEPS, SAMPLERS
 
     problems = []
     factor = model.vae_scale
@@ -411,7 +406,7 @@ def demo_checkpoint() -> Path:
     try:
         from ..demo import DEMO_CHECKPOINT
     except ModuleNotFoundError as exc:
-        if exc.name != f"{__package__}.demo":
+        if exc.name != f"{__package__.rpartition('.')[0]}.demo":  # tbac_core.demo
             raise
         raise UsageError(
             f"No model given and the built-in demo model is not part of this installation "
@@ -631,7 +626,8 @@ UNDERSTAND_SETTINGS = ("max_new_tokens", "do_sample", "temperature", "top_p", "t
 
 
 def run_understand(ctx: CommandContext) -> int:
-    from ..pipeline.understanding import PRESETS, GenerationSettings, answer, resolve_question
+    from ..params import GenerationSettings
+    from ..pipeline.understanding import PRESETS, answer, resolve_question
 
     args = ctx.args
     preset = args.preset or ("custom" if args.question.strip() else next(iter(PRESETS)))

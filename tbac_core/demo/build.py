@@ -35,9 +35,27 @@ from pathlib import Path
 import torch
 
 from . import DEMO_CHECKPOINT, DEMO_DEFAULTS
-from .components import (DemoSpec, TBAC_SYSTEM_PROMPT, build_transformer, build_vae, init_mllm_state, mllm_config,
-                         scheduler_config, transformer_config, vae_config, write_json, write_tokenizer)
-from .scenes import Layout, render_scene, save_split, split_scenes, vocabulary, write_caption_folder
+from .components import (
+    TBAC_SYSTEM_PROMPT,
+    DemoSpec,
+    build_transformer,
+    build_vae,
+    init_mllm_state,
+    mllm_config,
+    scheduler_config,
+    transformer_config,
+    vae_config,
+    write_json,
+    write_tokenizer,
+)
+from .scenes import (
+    Layout,
+    render_scene,
+    save_split,
+    split_scenes,
+    vocabulary,
+    write_caption_folder,
+)
 
 MLLM_ID = "demo-Qwen2.5-VL"  # the official code dispatches on "Qwen2.5-VL" and "Sana" in these ids
 SANA_ID = "demo-Sana_diffusers"
@@ -84,8 +102,8 @@ def build(out: Path, work: Path, *, spec: DemoSpec, steps: int, batch_size: int,
           vae_steps: int, layers: str, evaluate_after: bool, images_per_scene: int = IMAGES_PER_SCENE,
           log=print) -> dict:
     from ..modeling.dit import Connector
-    from ..processing.images import pil_to_tensor
     from ..modeling.model import TBACModel
+    from ..processing.images import pil_to_tensor
     from ..training import TrainConfig, Trainer
     from ..training.export import checkpoint_tensors, write_checkpoint
 

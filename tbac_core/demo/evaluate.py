@@ -15,7 +15,6 @@ from pathlib import Path
 from . import DEMO_CHECKPOINT, demo_defaults
 from .scenes import Scene, load_split, measure_scene, measure_shape
 
-
 BATCH = 32  # prompts per generate call (the pipeline takes at most 64 images)
 
 

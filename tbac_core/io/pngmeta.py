@@ -19,7 +19,7 @@ import os
 
 from PIL import Image, PngImagePlugin
 
-from ..errors import TBACError
+from ..errors import PNGMetadataError
 
 PARAMETERS_KEY = "tbac_parameters"
 INFOTEXT_KEY = "parameters"
@@ -41,10 +41,6 @@ _INFOTEXT_FIELDS = (
     ("Batch pos", "image_index"),
     ("Version", None),
 )
-
-
-class PNGMetadataError(TBACError):
-    """A PNG has no (or unreadable) TBAC generation parameters."""
 
 
 def format_infotext(parameters: dict) -> str:

@@ -89,7 +89,7 @@ from __future__ import annotations
 import math
 import re
 
-from ..errors import TBACError
+from ..errors import LayerSpecError
 
 __all__ = [
     "LAYER_SPEC_SYNTAX",
@@ -130,14 +130,6 @@ _RAMP_WORD_RE = re.compile(r"ramp\b\s*(.*)")
 _RAMP_ARROW_RE = re.compile(r"(.*?)\s*->\s*(.*)")
 
 _ECHO_LIMIT = 200  # a pasted novel should not flood the ComfyUI error popup
-
-
-class LayerSpecError(TBACError, ValueError):
-    """A layer spec or block-weight spec is malformed or does not fit the model.
-
-    The message always says what was wrong, what is allowed (the valid range or the syntax)
-    and echoes the offending spec, because ComfyUI shows it to the user verbatim.
-    """
 
 
 # --------------------------------------------------------------------------- shared helpers

@@ -78,9 +78,20 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..errors import IncompatibleConditioningError, TBACError
-from .conditioning import BRANCHES, BlockTerm, LadderConditioning, ModelIdentity, RungSource
-from .layer_spec import LayerSpecError, describe_mapping, parse_block_weights, parse_layer_spec
+from ..errors import ConditioningFileError, IncompatibleConditioningError
+from .conditioning import (
+    BRANCHES,
+    BlockTerm,
+    LadderConditioning,
+    ModelIdentity,
+    RungSource,
+)
+from .layer_spec import (
+    LayerSpecError,
+    describe_mapping,
+    parse_block_weights,
+    parse_layer_spec,
+)
 
 __all__ = [
     "FILE_EXTENSION",
@@ -112,10 +123,6 @@ FORMAT_NAME = "tbac-ladder-conditioning"
 FORMAT_VERSION = 1
 FILE_EXTENSION = ".safetensors"
 MAX_SOURCES_PLOTTED = 4
-
-
-class ConditioningFileError(TBACError, ValueError):
-    """A saved conditioning file is missing, malformed, corrupt or of another format."""
 
 
 # --------------------------------------------------------------------------- select and weight

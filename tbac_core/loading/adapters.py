@@ -30,7 +30,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..errors import CheckpointError
+from ..errors import AdapterError
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -43,10 +43,6 @@ CONNECTOR_PREFIX = "connector."
 DIT_PREFIX = "dit."
 LORA_PREFIX = "dit_lora."
 DIT_MODES = ("full", "lora", "frozen")
-
-
-class AdapterError(CheckpointError):
-    """An adapter folder is unreadable, incomplete, or made for another base model."""
 
 
 # -- identity of the base ---------------------------------------------------------------------

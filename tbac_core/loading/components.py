@@ -14,8 +14,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from . import builtin_configs
 from ..errors import CheckpointError, ComponentNotFoundError
+from . import builtin_configs
 
 logger = logging.getLogger(__name__)
 

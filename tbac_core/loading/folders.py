@@ -11,8 +11,8 @@ import json
 import os
 from pathlib import Path
 
-from .checkpoint import CONFIG_NAME, MODEL_TYPE
 from ..errors import CheckpointError
+from .checkpoint import CONFIG_NAME, MODEL_TYPE
 
 MAX_DEPTH = 3  # how deep under a root checkpoint folders are looked for
 

@@ -13,46 +13,38 @@ from pathlib import Path
 
 import torch
 from accelerate import init_empty_weights
-from PIL import Image
 from diffusers import AutoencoderDC, SanaTransformer2DModel
+from PIL import Image
 from safetensors import safe_open
 from transformers import AutoTokenizer
 
+from ..devices import resolve_device, resolve_dtype
+from ..errors import CheckpointError, ComponentNotFoundError, InvalidParameterError
+from ..ladder.conditioning import (
+    LadderConditioning,
+    ModelIdentity,
+    RungSource,
+    fingerprint_tensor,
+)
+from ..ladder.layer_spec import default_rungs, parse_layer_spec
 from ..loading import builtin_configs
 from ..loading.checkpoint import CheckpointFiles, read_checkpoint_config
 from ..loading.components import ComponentConfigs, TBACConfig, load_json, search_dirs
-from .dit import Connector, LadderDiT
-from ..errors import CheckpointError, ComponentNotFoundError, InvalidParameterError
-from ..ladder.conditioning import LadderConditioning, ModelIdentity, RungSource, fingerprint_tensor
-from ..ladder.layer_spec import default_rungs, parse_layer_spec
-from .mllm import attach_lm_head, build_mllm, canonical_key, metaquery_rung_states, num_rungs, text_model
 from ..processing.prompting import PromptBuilder, make_image_processor
+from .dit import Connector, LadderDiT
+from .mllm import (
+    attach_lm_head,
+    build_mllm,
+    canonical_key,
+    metaquery_rung_states,
+    num_rungs,
+    text_model,
+)
 
 logger = logging.getLogger(__name__)
 
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
 EMBED_KEY = "model.language_model.embed_tokens.weight"  # canonical layout
-
-
-def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """``auto``: float32 on CPU, bfloat16 on GPUs that support it, else float16."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    names = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
-             "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
-    if dtype in (None, "auto"):
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
-    if dtype not in names:
-        raise InvalidParameterError(f"Unknown dtype {dtype!r}; choose auto, {', '.join(sorted(names))}.")
-    return names[dtype]
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def load_strict(module: torch.nn.Module, state: dict, source: str, rename=None) -> None:

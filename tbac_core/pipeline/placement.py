@@ -1,26 +1,35 @@
-"""Where each part of the model lives while it is not running: the library's memory modes.
+"""Where each part of the model lives while it is not running.
 
-* ``full``: MLLM, DiT and VAE stay on the compute device (fastest, most memory).
-* ``offload-mllm``: the MLLM comes to the device for encoding and goes back to the CPU, so
-  sampling needs only the DiT and the VAE (TBAC-UniImage-3B: ~3.3 GB instead of ~11.4 GB in bf16).
-* ``sequential``: each part is on the device only while it runs (least memory, slowest).
-* ``external``: nothing is moved; the caller puts each part where it must run before using it.
+The pipeline runs a part only inside ``placement.use(part)``, which yields the module ready on its
+compute device. Any object with that method is a placement (the ``Placement`` protocol):
 
-Inside ComfyUI the nodes hand the parts to ComfyUI's own memory manager instead (mode ``external``).
+* ``MemoryModePlacement`` is the library's own, with three modes:
+  ``full`` (MLLM, DiT and VAE stay on the compute device: fastest, most memory),
+  ``offload-mllm`` (the MLLM comes to the device for encoding and goes back to the CPU, so sampling
+  needs only the DiT and the VAE: TBAC-UniImage-3B ~3.3 GB instead of ~11.4 GB in bf16) and
+  ``sequential`` (each part is on the device only while it runs: least memory, slowest).
+* Inside ComfyUI, ``nodes.comfy_bridge`` supplies one backed by ComfyUI's ``ModelPatcher``s, so
+  ComfyUI's memory manager decides what stays loaded.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
+from typing import Protocol
 
 import torch
 
 from ..errors import InvalidParameterError
+from ..params import MEMORY_MODES
 
-MEMORY_MODES = ("full", "offload-mllm", "sequential", "external")
 PARTS = ("mllm", "dit", "vae")
 
 
-class Placement:
+class Placement(Protocol):
+    def use(self, part: str) -> AbstractContextManager[torch.nn.Module]:
+        """Bring ``part`` (one of ``PARTS``) to its compute device for the duration of the block."""
+
+
+class MemoryModePlacement:
     """Moves the parts of a ``TBACModel`` between the compute and the offload device."""
 
     def __init__(self, model, device: torch.device | str, mode: str = "full",
@@ -31,12 +40,12 @@ class Placement:
         self.device = torch.device(device)
         self.offload_device = torch.device(offload_device)
         self.mode = mode
-        if mode == "external":
-            return
         for part in PARTS:
             self._module(part).to(self._home(part))
 
     def _module(self, part: str) -> torch.nn.Module:
+        if part not in PARTS:
+            raise InvalidParameterError(f"Unknown model part {part!r}; parts are {', '.join(PARTS)}.")
         return getattr(self.model, part)
 
     def _home(self, part: str) -> torch.device:
@@ -47,11 +56,7 @@ class Placement:
 
     @contextmanager
     def use(self, part: str):
-        """Bring ``part`` to the compute device for the duration of the block."""
         module = self._module(part)
-        if self.mode == "external":
-            yield module
-            return
         module.to(self.device)
         try:
             yield module

@@ -6,21 +6,16 @@ alternative is flow-matching Euler (``FlowMatchEulerDiscreteScheduler``, same sh
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
 
-from ..modeling.dit import LadderDiT, mask_to_bias
 from ..errors import InvalidParameterError, NonFiniteOutputError
 from ..ladder.conditioning import LadderConditioning
-
-SAMPLERS = ("dpm++", "euler")
-MAX_STEPS = 1000
-MAX_SEED = 2**64 - 1
-
+from ..modeling.dit import LadderDiT, mask_to_bias
+from ..params import SAMPLERS, SamplingParams
 
 
 @dataclass(frozen=True)
@@ -51,35 +46,6 @@ def make_scheduler(sampler: str, scheduler_config: dict):
             shift=scheduler_config.get("flow_shift", 3.0),
         )
     raise InvalidParameterError(f"Unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}.")
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    steps: int = 30
-    guidance_scale: float = 4.5
-    image_guidance_scale: float = 1.5
-    sampler: str = "dpm++"
-    seed: int = 0
-    num_images_per_prompt: int = 1
-    denoise: float = 1.0  # < 1 with init latents: image-to-image
-
-    def validate(self) -> None:
-        if not isinstance(self.steps, int) or not 1 <= self.steps <= MAX_STEPS:
-            raise InvalidParameterError(f"steps must be an integer in 1..{MAX_STEPS}, got {self.steps!r}.")
-        for name in ("guidance_scale", "image_guidance_scale", "denoise"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise InvalidParameterError(f"{name} must be a finite number, got {value!r}.")
-        if not 0.0 < self.denoise <= 1.0:
-            raise InvalidParameterError(f"denoise must be in (0, 1], got {self.denoise}.")
-        if self.sampler not in SAMPLERS:
-            raise InvalidParameterError(f"Unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}.")
-        if not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
-            raise InvalidParameterError(f"seed must be an integer in 0..{MAX_SEED}, got {self.seed!r}.")
-        if not isinstance(self.num_images_per_prompt, int) or self.num_images_per_prompt < 1:
-            raise InvalidParameterError(
-                f"num_images_per_prompt must be a positive integer, got {self.num_images_per_prompt!r}."
-            )
 
 
 def initial_noise(seed: int, shape: tuple[int, ...]) -> torch.Tensor:

@@ -16,16 +16,16 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..devices import resolve_device
 from ..errors import InvalidParameterError
-from ..processing.images import images_to_uint8, pil_to_tensor, to_pil_rgb
 from ..ladder.conditioning import LadderConditioning
-from ..modeling.model import TBACModel, resolve_device
-from .placement import Placement
-from .sampling import SamplingParams, StepCallback, denoise, initial_noise
+from ..modeling.model import TBACModel
 from ..modeling.vae import decode_latents, encode_images
+from ..params import SamplingParams, check_batch, check_size
+from ..processing.images import images_to_uint8, pil_to_tensor, to_pil_rgb
+from .placement import MemoryModePlacement, Placement
+from .sampling import StepCallback, denoise, initial_noise
 
-MAX_SIDE = 4096
-MAX_BATCH = 64
 TILED_DECODE_ABOVE = 1024 * 1024  # pixels per image; DC-AE decodes larger images tile by tile
 
 
@@ -36,35 +36,21 @@ class GenerationOutput:
     latents: torch.Tensor  # [B, C, h, w] float32
 
 
-def check_size(width: int, height: int, factor: int) -> None:
-    """Refuse sizes the DiT cannot take before anything is allocated."""
-    for name, value in (("width", width), ("height", height)):
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise InvalidParameterError(f"{name} must be an integer, got {value!r}.")
-        if not factor <= value <= MAX_SIDE or value % factor:
-            raise InvalidParameterError(
-                f"{name}={value} is not allowed: use a multiple of {factor} (the VAE's latent factor) "
-                f"between {factor} and {MAX_SIDE}."
-            )
-
-
-def check_batch(count: int) -> None:
-    if not 1 <= count <= MAX_BATCH:
-        raise InvalidParameterError(f"A batch of {count} images is not allowed: use 1..{MAX_BATCH}.")
-
-
 class TBACPipeline:
-    """Runs a ``TBACModel``: encode, sample, decode, with a memory mode and a conditioning cache.
+    """Runs a ``TBACModel``: encode, sample, decode, with a placement and a conditioning cache.
 
-    ``memory``: ``full`` / ``offload-mllm`` / ``sequential`` (see ``tbac_core.pipeline.placement``).
+    ``placement``: where each part runs (see ``tbac_core.pipeline.placement``); by default the
+    library's ``memory`` mode ``full`` / ``offload-mllm`` / ``sequential`` on ``device``.
     ``cache_size``: how many recent conditionings are kept, so re-running an unchanged prompt
     does not run the MLLM again (0 disables; bounded so long queues keep memory flat).
     """
 
     def __init__(self, model: TBACModel, *, memory: str = "full", device=None, cache_size: int = 8,
-                 compile_dit: bool = False):
+                 compile_dit: bool = False, placement: Placement | None = None):
         self.model = model
-        self.placement = Placement(model, resolve_device(device) if device else model.device, memory)
+        if placement is None:
+            placement = MemoryModePlacement(model, resolve_device(device) if device else model.device, memory)
+        self.placement = placement
         self.cache_size = cache_size
         self._cache: OrderedDict[tuple, LadderConditioning] = OrderedDict()
         if compile_dit:

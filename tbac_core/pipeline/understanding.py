@@ -25,9 +25,7 @@ loaded twice) and decodes with transformers' ``generate``.
 from __future__ import annotations
 
 import inspect
-import math
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -35,8 +33,8 @@ from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaLis
 
 from ..errors import InvalidParameterError
 from ..modeling.mllm import vision_dtype
+from ..params import GenerationSettings
 from ..processing.prompting import QWEN_DEFAULT_SYSTEM_PROMPT, PromptBuilder
-from .sampling import MAX_SEED
 
 PRESETS: dict[str, str | None] = {
     "describe in detail": "Describe this image in detail.",
@@ -53,49 +51,6 @@ PRESETS: dict[str, str | None] = {
 MIN_IMAGE_PIXELS = 56 * 56  # Qwen2-VL's default, used when no preprocessor config says otherwise
 MAX_IMAGE_PIXELS = 1280 * 28 * 28  # 1,003,520 px = 1280 visual tokens
 MAX_TOTAL_IMAGE_PIXELS = 4 * MAX_IMAGE_PIXELS  # all images of one question together
-MAX_NEW_TOKENS = 8192
-
-
-@dataclass(frozen=True)
-class GenerationSettings:
-    """How the answer is decoded. Sampling fields are used only when ``do_sample``."""
-
-    max_new_tokens: int = 256
-    do_sample: bool = False
-    temperature: float = 0.7
-    top_p: float = 0.9
-    top_k: int = 50  # 0 disables top-k
-    repetition_penalty: float = 1.05  # Qwen2.5-VL's released setting; 1.0 disables it
-    seed: int = 0
-
-    def validate(self) -> None:
-        def is_int(value) -> bool:
-            return isinstance(value, int) and not isinstance(value, bool)
-
-        def is_number(value) -> bool:
-            return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-        if not is_int(self.max_new_tokens) or not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS:
-            raise InvalidParameterError(
-                f"max_new_tokens must be an integer in 1..{MAX_NEW_TOKENS}, got {self.max_new_tokens!r}."
-            )
-        if not isinstance(self.do_sample, bool):
-            raise InvalidParameterError(f"do_sample must be True or False, got {self.do_sample!r}.")
-        if not is_number(self.temperature) or self.temperature <= 0:
-            raise InvalidParameterError(
-                f"temperature must be a number above 0 (lower = more deterministic), got {self.temperature!r}; "
-                f"for deterministic answers use do_sample=False instead of temperature 0."
-            )
-        if not is_number(self.top_p) or not 0 < self.top_p <= 1:
-            raise InvalidParameterError(f"top_p must be in (0, 1] (1 disables it), got {self.top_p!r}.")
-        if not is_int(self.top_k) or self.top_k < 0:
-            raise InvalidParameterError(f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}.")
-        if not is_number(self.repetition_penalty) or self.repetition_penalty <= 0:
-            raise InvalidParameterError(
-                f"repetition_penalty must be a number above 0 (1.0 disables it), got {self.repetition_penalty!r}."
-            )
-        if not is_int(self.seed) or not 0 <= self.seed <= MAX_SEED:
-            raise InvalidParameterError(f"seed must be an integer in 0..{MAX_SEED}, got {self.seed!r}.")
 
 
 def resolve_question(preset: str, question: str = "") -> str:

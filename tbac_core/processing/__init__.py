@@ -1,0 +1,13 @@
+"""Turning user inputs into model inputs: prompt layout, images, and the UI's text conventions."""
+from .._exports import lazy_exports
+
+_EXPORTS = {
+    "to_pil_rgb": ".images",
+    "pil_to_tensor": ".images",
+    "images_to_uint8": ".images",
+    "split_prompts": ".ui_inputs",
+    "crop_to_multiple": ".ui_inputs",
+    "PromptBuilder": ".prompting",
+}
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+__all__ = sorted(_EXPORTS)

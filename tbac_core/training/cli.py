@@ -104,8 +104,8 @@ def load_model(args: argparse.Namespace, folder: Path):
 def run_train(ctx) -> int:
     import torch
 
-    from ..loading.adapters import apply_adapter
     from ..cli.main import resolve_model_dir
+    from ..loading.adapters import apply_adapter
     from .export import export_checkpoint
     from .trainer import Trainer
 

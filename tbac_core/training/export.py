@@ -15,9 +15,16 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from ..loading.checkpoint import (CONFIG_NAME, CONNECTOR_PREFIX, DIT_PREFIX, MLLM_PREFIX, MODEL_TYPE, SINGLE_FILE_NAME,
-                          VAE_PREFIX)
 from ..errors import InvalidParameterError
+from ..loading.checkpoint import (
+    CONFIG_NAME,
+    CONNECTOR_PREFIX,
+    DIT_PREFIX,
+    MLLM_PREFIX,
+    MODEL_TYPE,
+    SINGLE_FILE_NAME,
+    VAE_PREFIX,
+)
 from ..modeling.mllm import canonical_key
 
 

@@ -18,9 +18,17 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..loading.adapters import (CONNECTOR_PREFIX, DIT_PREFIX, LORA_PREFIX, METAQUERY_KEY, AdapterError, base_record,
-                        check_base_record, split_parts)
 from ..errors import InvalidParameterError
+from ..loading.adapters import (
+    CONNECTOR_PREFIX,
+    DIT_PREFIX,
+    LORA_PREFIX,
+    METAQUERY_KEY,
+    AdapterError,
+    base_record,
+    check_base_record,
+    split_parts,
+)
 from ..modeling.mllm import text_model
 
 DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")

@@ -31,17 +31,22 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from ..loading.adapters import read_adapter_config, read_adapter_tensors, write_adapter
-from ..modeling.dit import mask_to_bias
-from ..errors import InvalidParameterError, TBACError
+from ..errors import InvalidParameterError, TrainingDivergedError
 from ..ladder.conditioning import LadderConditioning, RungSource
 from ..ladder.layer_spec import parse_layer_spec
+from ..loading.adapters import read_adapter_config, read_adapter_tensors, write_adapter
+from ..modeling.dit import mask_to_bias
 from ..modeling.mllm import metaquery_rung_states
 from ..modeling.model import metaquery_positions
 from ..modeling.vae import encode_images
 from .data import Batch, TrainingData
 from .flow import FlowMatchingObjective
-from .parts import DEFAULT_LORA_TARGETS, TrainableParts, enable_gradient_checkpointing, eval_mode
+from .parts import (
+    DEFAULT_LORA_TARGETS,
+    TrainableParts,
+    enable_gradient_checkpointing,
+    eval_mode,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -49,10 +54,6 @@ CHECKPOINT_PATTERN = re.compile(r"checkpoint-(\d{6,})$")
 TRAINER_STATE = "trainer_state.json"
 OPTIMIZER_STATE = "optimizer.safetensors"
 FINAL_NAME = "final"
-
-
-class TrainingDivergedError(TBACError):
-    """The loss or the gradient norm became NaN or infinite."""
 
 
 @dataclass
@@ -164,7 +165,9 @@ class Trainer:
         groups = [{"params": params, "name": name} for name, params in self.parts.named_groups().items()]
         self.optimizer = torch.optim.AdamW(groups, lr=config.learning_rate, betas=tuple(config.adam_betas),
                                            weight_decay=config.weight_decay)
-        from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
+        from transformers.optimization import (
+            get_cosine_with_min_lr_schedule_with_warmup,
+        )
 
         self.lr_schedule = get_cosine_with_min_lr_schedule_with_warmup(
             self.optimizer, config.warmup_steps, config.max_steps, min_lr_rate=config.min_lr_ratio

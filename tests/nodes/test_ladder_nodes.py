@@ -7,15 +7,14 @@ from dataclasses import replace
 
 import pytest
 import torch
-
 from graph_runner import GraphRunner, Recorder, make_core_doubles, make_models_root
-from tbac_core.ladder import ops as ladder_ops
-from tbac_core.errors import IncompatibleConditioningError, InvalidParameterError
-from tbac_core.ladder.layer_spec import LayerSpecError
 
 import nodes
 from nodes import comfy_bridge as bridge
 from nodes import ladder_nodes as ln
+from tbac_core.errors import IncompatibleConditioningError, InvalidParameterError
+from tbac_core.ladder import ops as ladder_ops
+from tbac_core.ladder.layer_spec import LayerSpecError
 
 PROMPT_A = "a red cat sitting on a blue chair"
 PROMPT_B = "a small green house next to the river"

@@ -5,24 +5,27 @@ import importlib.util
 import inspect
 import shutil
 import sys
-import tomllib
 import types
 from pathlib import Path
 
 import numpy as np
 import pytest
+import tomllib
 import torch
-from PIL import Image
-
 from graph_runner import input_specs, make_models_root
-from tbac_core.errors import CheckpointError, ComponentNotFoundError, InvalidParameterError
-from tbac_core.ladder.layer_spec import LayerSpecError
-from tbac_core.pipeline.sampling import SamplingParams
-from tbac_core.processing.ui_inputs import crop_to_multiple, split_prompts
+from PIL import Image
 
 import nodes
 from nodes import comfy_bridge as bridge
 from nodes import model_nodes, understand_nodes
+from tbac_core.errors import (
+    CheckpointError,
+    ComponentNotFoundError,
+    InvalidParameterError,
+)
+from tbac_core.ladder.layer_spec import LayerSpecError
+from tbac_core.params import SamplingParams
+from tbac_core.processing.ui_inputs import crop_to_multiple, split_prompts
 
 ROOT = Path(__file__).resolve().parents[2]
 CORE_TYPES = {"IMAGE", "LATENT", "MASK", "STRING", "INT", "FLOAT", "BOOLEAN", "CONDITIONING", "*"}
@@ -376,7 +379,8 @@ def _understand(model, **kwargs):
 
 
 def test_understand_answers_and_follows_the_library(model, fixture_root):
-    from tbac_core.pipeline.understanding import GenerationSettings, answer
+    from tbac_core.params import GenerationSettings
+    from tbac_core.pipeline.understanding import answer
 
     pil = Image.open(fixture_root / "goldens" / "edit_input_0.png").convert("RGB")
     image = torch.from_numpy(np.asarray(pil, dtype=np.float32) / 255.0)[None]
@@ -390,7 +394,8 @@ def test_understand_answers_and_follows_the_library(model, fixture_root):
 
 
 def test_understand_presets_and_question(model):
-    from tbac_core.pipeline.understanding import PRESETS, GenerationSettings, answer, resolve_question
+    from tbac_core.params import GenerationSettings
+    from tbac_core.pipeline.understanding import PRESETS, answer, resolve_question
 
     preset = "write a generation prompt for this image"
     assert preset in PRESETS and "custom" in PRESETS

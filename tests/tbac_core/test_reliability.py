@@ -12,11 +12,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from tbac_core.errors import CheckpointError, InvalidParameterError, NonFiniteOutputError
-from tbac_core.modeling.model import metaquery_positions
+from tbac_core.errors import (
+    CheckpointError,
+    InvalidParameterError,
+    NonFiniteOutputError,
+)
 from tbac_core.loading.folders import list_checkpoints, resolve_checkpoint
-from tbac_core.pipeline.tbac_pipeline import check_size
-from tbac_core.pipeline.sampling import SamplingParams
+from tbac_core.modeling.model import metaquery_positions
+from tbac_core.params import SamplingParams, check_size
 
 SPECIAL = ["<|im_end|>", "<|im_start|>", "<|vision_start|>", "<|vision_end|>", "<|img0|>", "<|img7|>",
            "<|image_pad|>", "<|video_pad|>", "<|endoftext|>", "<|pad_token_3|>", "assistant\n", "\n"]

@@ -14,10 +14,21 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from graph_runner import (FRONTEND_EXTRA_VALUES, FRONTEND_ONLY_NODES, CONTROL_AFTER_GENERATE, CONTROL_VALUES,
-                          GraphRunner, Recorder, WorkflowError, input_specs, make_core_doubles, make_models_root,
-                          types_match, ui_to_api, widget_names)
+from graph_runner import (
+    CONTROL_AFTER_GENERATE,
+    CONTROL_VALUES,
+    FRONTEND_EXTRA_VALUES,
+    FRONTEND_ONLY_NODES,
+    GraphRunner,
+    Recorder,
+    WorkflowError,
+    input_specs,
+    make_core_doubles,
+    make_models_root,
+    types_match,
+    ui_to_api,
+    widget_names,
+)
 
 import nodes
 from nodes import comfy_bridge as bridge

@@ -16,7 +16,6 @@ import pytest
 from PIL import Image
 
 from tbac_core import __version__
-
 from tbac_core.cli import main as cli
 from tbac_core.io.pngmeta import read_parameters
 
@@ -194,7 +193,7 @@ def test_model_folder_resolution(checkpoint_dir, tmp_path, monkeypatch, capsys):
 
 
 def test_memory_choices_are_library_modes():
-    from tbac_core.pipeline.placement import MEMORY_MODES
+    from tbac_core.params import MEMORY_MODES
 
     assert set(cli.MEMORY_CHOICES) <= set(MEMORY_MODES)
 
@@ -203,7 +202,8 @@ def test_memory_choices_are_library_modes():
 
 
 def test_understand_prints_the_answer(pipe, input_png, capsys):
-    from tbac_core.pipeline.understanding import GenerationSettings, answer
+    from tbac_core.params import GenerationSettings
+    from tbac_core.pipeline.understanding import answer
 
     argv = ["understand", "--image", str(input_png), "--question", "What is red?", "--max-new-tokens", "6"]
     assert cli.main(argv, pipeline=pipe) == 0
@@ -371,7 +371,12 @@ def test_module_entry_point(tmp_path):
 
 
 def test_pngmeta_round_trip_and_refusals(tmp_path):
-    from tbac_core.io.pngmeta import INFOTEXT_KEY, PNGMetadataError, encode_png, format_infotext
+    from tbac_core.io.pngmeta import (
+        INFOTEXT_KEY,
+        PNGMetadataError,
+        encode_png,
+        format_infotext,
+    )
 
     params = {"prompt": "ein Hund im Schnee, 雪", "negative_prompt": "", "seed": 2**63, "steps": 2, "guidance": 4.5,
               "width": 64, "height": 32, "sampler": "dpm++", "layers": "16-35:2, final", "image_index": 0,

@@ -10,8 +10,19 @@ import torch
 from tbac_core.demo import DEMO_CHECKPOINT, DEMO_DEFAULTS, demo_defaults
 from tbac_core.demo.components import DemoSpec
 from tbac_core.demo.evaluate import score_held_out
-from tbac_core.demo.scenes import (COLOURS, SHAPES, Layout, Scene, all_scenes, load_split, measure_scene,
-                                   measure_shape, render_scene, scene_matches, vocabulary)
+from tbac_core.demo.scenes import (
+    COLOURS,
+    SHAPES,
+    Layout,
+    Scene,
+    all_scenes,
+    load_split,
+    measure_scene,
+    measure_shape,
+    render_scene,
+    scene_matches,
+    vocabulary,
+)
 
 MAX_BYTES = 10 * 1024 * 1024
 

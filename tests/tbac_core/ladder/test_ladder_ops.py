@@ -16,11 +16,21 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from tbac_core.errors import IncompatibleConditioningError
-from tbac_core.ladder.ops import (ConditioningFileError, block_similarity, inspect, load_conditioning, mix,
-                                  parse_mix_spec, rung_norms, rung_similarity, save_conditioning, select_layers,
-                                  weight_blocks)
 from tbac_core.ladder.layer_spec import LayerSpecError
-from tbac_core.pipeline.sampling import SamplingParams
+from tbac_core.ladder.ops import (
+    ConditioningFileError,
+    block_similarity,
+    inspect,
+    load_conditioning,
+    mix,
+    parse_mix_spec,
+    rung_norms,
+    rung_similarity,
+    save_conditioning,
+    select_layers,
+    weight_blocks,
+)
+from tbac_core.params import SamplingParams
 
 PROMPT_A = "a red cat sitting on a blue chair"
 PROMPT_B = "a small green house next to the river"

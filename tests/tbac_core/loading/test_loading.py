@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from tbac_core.loading.checkpoint import INDEX_NAME
 from tbac_core.errors import CheckpointError, ComponentNotFoundError
+from tbac_core.loading.checkpoint import INDEX_NAME
 from tbac_core.modeling.model import TBACModel
 
 PUBLISHED_PARAMETERS = 5_681_505_091  # TencentBAC/TBAC-UniImage-3B, all tensors
@@ -186,7 +186,7 @@ def test_builtin_architecture_is_the_published_one(tmp_path, fixture_root):
     from accelerate import init_empty_weights
     from diffusers import AutoencoderDC, SanaTransformer2DModel
 
-    from tbac_core import builtin_configs as b
+    from tbac_core.loading import builtin_configs as b
     from tbac_core.modeling.dit import Connector
     from tbac_core.modeling.mllm import build_mllm, num_rungs, text_model
 

@@ -7,7 +7,8 @@ from PIL import Image
 
 from tbac_core.errors import IncompatibleConditioningError, InvalidParameterError
 from tbac_core.ladder.conditioning import ModelIdentity
-from tbac_core.pipeline.sampling import SamplingParams, denoise, initial_noise
+from tbac_core.params import SamplingParams
+from tbac_core.pipeline.sampling import denoise, initial_noise
 
 STEPS = 3
 

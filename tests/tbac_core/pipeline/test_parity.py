@@ -13,7 +13,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from tbac_core.modeling.model import _images_per_prompt
-from tbac_core.pipeline.sampling import SamplingParams
+from tbac_core.params import SamplingParams
 
 ATOL = 1e-4
 CASES = ["t2i", "edit", "edit_textcfg"]

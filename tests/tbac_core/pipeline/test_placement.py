@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from tbac_core.errors import InvalidParameterError
+from tbac_core.params import MEMORY_MODES
+from tbac_core.pipeline.placement import MemoryModePlacement
 from tbac_core.pipeline.tbac_pipeline import TBACPipeline
-from tbac_core.pipeline.placement import MEMORY_MODES, Placement
 
 
 @pytest.mark.parametrize("mode", MEMORY_MODES)
@@ -22,7 +23,7 @@ def test_every_memory_mode_gives_the_same_image(pipe, mode):
     ("sequential", {"mllm": "cpu", "dit": "cpu", "vae": "cpu"}),
 ])
 def test_where_parts_rest(mode, homes):
-    placement = Placement.__new__(Placement)
+    placement = MemoryModePlacement.__new__(MemoryModePlacement)
     placement.mode, placement.device, placement.offload_device = mode, torch.device("cuda"), torch.device("cpu")
     assert {part: placement._home(part).type for part in homes} == homes
 

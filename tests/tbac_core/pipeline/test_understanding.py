@@ -11,9 +11,9 @@ import torch
 import transformers
 from PIL import Image
 
-from tbac_core.pipeline import understanding
-from tbac_core.errors import GenerationInterrupted, InvalidParameterError
+from tbac_core.errors import InvalidParameterError
 from tbac_core.modeling.model import TBACModel
+from tbac_core.pipeline import understanding
 from tbac_core.pipeline.understanding import (
     MAX_IMAGE_PIXELS,
     MAX_TOTAL_IMAGE_PIXELS,
@@ -27,6 +27,11 @@ from tbac_core.pipeline.understanding import (
     pixel_budget,
     resolve_question,
 )
+
+
+class Cancelled(Exception):
+    """What a caller's cancel check raises (ComfyUI's interrupt, a script's own)."""
+
 
 TOKENS = 24
 GREEDY = GenerationSettings(max_new_tokens=TOKENS)
@@ -223,15 +228,15 @@ def test_progress_callback_and_cancellation(model):
     def cancel_at_third_token():
         checks.append(1)
         if len(checks) == 4:  # once before the prompt is read, then once per token
-            raise GenerationInterrupted("cancelled by the test")
+            raise Cancelled("cancelled by the test")
 
     progress = []
-    with pytest.raises(GenerationInterrupted, match="cancelled by the test"):
+    with pytest.raises(Cancelled, match="cancelled by the test"):
         answer(model, "Count.", [_image(11)], settings=settings, check_cancel=cancel_at_third_token,
                callback=lambda done, total: progress.append(done))
     assert progress == [1, 2]
-    with pytest.raises(GenerationInterrupted):
-        answer(model, "Count.", check_cancel=lambda: (_ for _ in ()).throw(GenerationInterrupted("now")))
+    with pytest.raises(Cancelled):
+        answer(model, "Count.", check_cancel=lambda: (_ for _ in ()).throw(Cancelled("now")))
     # The interrupted run left no M-RoPE state behind: the next answer is as before.
     first = answer(model, "Count.", [_image(11)], settings=settings)
     assert answer(model, "Count.", [_image(11)], settings=settings) == first

@@ -8,9 +8,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from tbac_core.loading.adapters import ADAPTER_CONFIG, AdapterError, apply_adapter, list_adapters
 from tbac_core.demo.scenes import split_scenes, write_caption_folder, write_edit_folder
 from tbac_core.errors import InvalidParameterError
+from tbac_core.loading.adapters import (
+    ADAPTER_CONFIG,
+    AdapterError,
+    apply_adapter,
+    list_adapters,
+)
 from tbac_core.modeling.mllm import metaquery_rung_states
 from tbac_core.modeling.model import TBACModel, metaquery_positions
 from tbac_core.training import TrainConfig, Trainer, TrainingDivergedError, scan_folder

@@ -1,0 +1,119 @@
+"""Every parameter object of the library, with its defaults, its limits and its one check.
+
+Nodes, the command line and the pipeline take their defaults and limits from here, so a default
+is written once. ``validate()`` is the only check of a parameter object; the pipeline calls it
+once, at the top of a job, before anything is loaded or allocated.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .errors import InvalidParameterError
+
+# -- sampling --------------------------------------------------------------------------------------
+SAMPLERS = ("dpm++", "euler")  # dpm++: the official flow DPM-Solver++; euler: flow-matching Euler
+MAX_STEPS = 1000
+MAX_SEED = 2**64 - 1
+MAX_SIDE = 4096  # pixels, per side
+MAX_BATCH = 64  # images per DiT call (prompts x num_images_per_prompt)
+DEFAULT_IMAGE_SIZE = 512  # TBAC-UniImage-3B's trained size; a checkpoint's config may say otherwise
+SIZE_STEP = 32  # TBAC-UniImage-3B's latent factor; every model's factor divides it
+MAX_GUIDANCE_UI = 30.0  # upper end of the guidance sliders (the library takes any finite value)
+
+# -- memory and precision ----------------------------------------------------------------------------
+MEMORY_MODES = ("full", "offload-mllm", "sequential")
+DTYPE_CHOICES = ("auto", "fp32", "bf16", "fp16")
+
+# -- understanding ---------------------------------------------------------------------------------
+MAX_NEW_TOKENS = 8192
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    steps: int = 30
+    guidance_scale: float = 4.5
+    image_guidance_scale: float = 1.5
+    sampler: str = "dpm++"
+    seed: int = 0
+    num_images_per_prompt: int = 1
+    denoise: float = 1.0  # < 1 with init latents: image-to-image
+
+    def validate(self) -> None:
+        if not _is_int(self.steps) or not 1 <= self.steps <= MAX_STEPS:
+            raise InvalidParameterError(f"steps must be an integer in 1..{MAX_STEPS}, got {self.steps!r}.")
+        for name in ("guidance_scale", "image_guidance_scale", "denoise"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise InvalidParameterError(f"{name} must be a finite number, got {value!r}.")
+        if not 0.0 < self.denoise <= 1.0:
+            raise InvalidParameterError(f"denoise must be in (0, 1], got {self.denoise}.")
+        if self.sampler not in SAMPLERS:
+            raise InvalidParameterError(f"Unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}.")
+        if not _is_int(self.seed) or not 0 <= self.seed <= MAX_SEED:
+            raise InvalidParameterError(f"seed must be an integer in 0..{MAX_SEED}, got {self.seed!r}.")
+        if not _is_int(self.num_images_per_prompt) or self.num_images_per_prompt < 1:
+            raise InvalidParameterError(
+                f"num_images_per_prompt must be a positive integer, got {self.num_images_per_prompt!r}."
+            )
+
+
+def check_size(width: int, height: int, factor: int) -> None:
+    """Refuse sizes the DiT cannot take before anything is allocated."""
+    for name, value in (("width", width), ("height", height)):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise InvalidParameterError(f"{name} must be an integer, got {value!r}.")
+        if not factor <= value <= MAX_SIDE or value % factor:
+            raise InvalidParameterError(
+                f"{name}={value} is not allowed: use a multiple of {factor} (the VAE's latent factor) "
+                f"between {factor} and {MAX_SIDE}."
+            )
+
+
+def check_batch(count: int) -> None:
+    if not 1 <= count <= MAX_BATCH:
+        raise InvalidParameterError(f"A batch of {count} images is not allowed: use 1..{MAX_BATCH}.")
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """How the answer is decoded. Sampling fields are used only when ``do_sample``."""
+
+    max_new_tokens: int = 256
+    do_sample: bool = False
+    temperature: float = 0.7
+    top_p: float = 0.9
+    top_k: int = 50  # 0 disables top-k
+    repetition_penalty: float = 1.05  # Qwen2.5-VL's released setting; 1.0 disables it
+    seed: int = 0
+
+    def validate(self) -> None:
+        if not _is_int(self.max_new_tokens) or not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS:
+            raise InvalidParameterError(
+                f"max_new_tokens must be an integer in 1..{MAX_NEW_TOKENS}, got {self.max_new_tokens!r}."
+            )
+        if not isinstance(self.do_sample, bool):
+            raise InvalidParameterError(f"do_sample must be True or False, got {self.do_sample!r}.")
+        if not _is_number(self.temperature) or self.temperature <= 0:
+            raise InvalidParameterError(
+                f"temperature must be a number above 0 (lower = more deterministic), got {self.temperature!r}; "
+                f"for deterministic answers use do_sample=False instead of temperature 0."
+            )
+        if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
+            raise InvalidParameterError(f"top_p must be in (0, 1] (1 disables it), got {self.top_p!r}.")
+        if not _is_int(self.top_k) or self.top_k < 0:
+            raise InvalidParameterError(f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}.")
+        if not _is_number(self.repetition_penalty) or self.repetition_penalty <= 0:
+            raise InvalidParameterError(
+                f"repetition_penalty must be a number above 0 (1.0 disables it), got {self.repetition_penalty!r}."
+            )
+        if not _is_int(self.seed) or not 0 <= self.seed <= MAX_SEED:
+            raise InvalidParameterError(f"seed must be an integer in 0..{MAX_SEED}, got {self.seed!r}.")
