@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "TBACModel": ".modeling.model",
+    "load_model": ".loading.build",
     "TBACPipeline": ".pipeline.tbac_pipeline",
     "GenerationOutput": ".pipeline.tbac_pipeline",
     "LadderConditioning": ".ladder.conditioning",

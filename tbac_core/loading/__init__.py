@@ -2,6 +2,7 @@
 from .._exports import lazy_exports
 
 _EXPORTS = {
+    "load_model": ".build",
     "read_checkpoint_config": ".checkpoint",
     "CheckpointFiles": ".checkpoint",
     "TBACConfig": ".components",
