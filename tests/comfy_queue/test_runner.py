@@ -1,11 +1,16 @@
 """run_queue against fake ComfyUI servers on 127.0.0.1: spreading, failures, resume, deadlines."""
 from __future__ import annotations
 
+import inspect
+import json
 import os
 import socket
+import time
+
+import pytest
+from fake_comfy import FAST, PNG, WORKFLOW, content, read_manifest, write_jsonl, write_workflow
 
 import comfy_queue as q
-from fake_comfy import FAST, WORKFLOW, content, read_manifest, write_jsonl, write_workflow
 
 
 def test_batch_over_two_servers_downloads_files(tmp_path, fake, capsys):
@@ -129,3 +134,90 @@ def test_prompt_lost_by_a_restarted_server_is_submitted_again(tmp_path, fake):
     summary = q.run_queue(WORKFLOW, [{"id": "x", "3.seed": 5}], [a.url], tmp_path, log=lambda m: None, **FAST)
     assert summary.ok and a.seeds() == [5, 5]
     assert (tmp_path / "x_9_0.png").exists()
+
+
+# -- reliability: deadlines, limits, one bad row never stops the rest ------------------------------
+
+
+def test_a_trickling_download_fails_its_row_in_bounded_time_and_leaves_no_file(tmp_path, fake):
+    a = fake("a", trickle={"/view": "body"}, trickle_delay=0.01)
+    started = time.monotonic()
+    summary = q.run_queue(WORKFLOW, [{"id": "slow"}], [a.url], tmp_path, http_timeout=0.3, dead_after=2,
+                          log=lambda m: None, **FAST)
+    assert time.monotonic() - started < 10
+    assert "slow" in summary.failed and "--http-timeout" in summary.failed["slow"]
+    assert sorted(os.listdir(tmp_path)) == [q.MANIFEST_NAME], "no output and no .part file is left behind"
+
+
+def test_a_download_over_the_limit_fails_its_row_and_the_others_go_on(tmp_path, fake):
+    big = fake("big", view_bytes=3 * 2**20)
+    summary = q.run_queue(WORKFLOW, [{"id": "huge", "3.seed": 1}], [big.url], tmp_path / "a",
+                          max_download=2**20, log=lambda m: None, **FAST)
+    assert "--max-download" in summary.failed["huge"] and "limit of 1 MiB" in summary.failed["huge"]
+    assert sorted(os.listdir(tmp_path / "a")) == [q.MANIFEST_NAME]
+    small = fake("small")
+    summary = q.run_queue(WORKFLOW, [{"id": "ok", "3.seed": 2}], [small.url], tmp_path / "b",
+                          max_download=2**20, log=lambda m: None, **FAST)
+    assert summary.ok
+
+
+def deep_list(depth):
+    value = []
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+def test_rows_with_unusable_ids_are_skipped_and_the_others_render(tmp_path, fake):
+    a = fake("a")
+    rows = [{"id": "x" * 300, "3.seed": 1}, {"id": "nul\0byte", "3.seed": 2}, {"id": ["a"], "3.seed": 3},
+            {"id": "fine", "3.seed": 4}, "not a row", {"id": "deep", "3.seed": 5, "6.text": "ok"},
+            {"id": "nested", "3.seed": 6, "10.tiled_vae": deep_list(5000)}]
+    summary = q.run_queue(WORKFLOW, rows, [a.url], tmp_path, log=lambda m: None, **FAST)
+    assert sorted(summary.done) == ["deep", "fine"]
+    errors = " | ".join(summary.failed.values())
+    assert "at most 100 are allowed" in errors and "control characters" in errors
+    assert "must be text or a number" in errors and "a row must be an object" in errors
+    assert "nested deeper than 64 levels" in errors
+    assert sorted(a.seeds()) == [4, 5]
+
+
+def test_outputs_that_would_share_a_file_name_never_overwrite_each_other(tmp_path, fake):
+    # row "x" node "1_2" and row "x_1" node "2" both map to x_1_2_0.png; nodes "a b" and "a_b" of one
+    # row both map to <row>_a_b_0.png; "Cat" and "cat" are one file on case-insensitive disks.
+    def outputs(pid, prompt):
+        seed = prompt["3"]["inputs"]["seed"]
+        nodes = {1: ["1_2"], 2: ["2"], 3: ["a b", "a_b"], 4: ["9"], 5: ["9"]}[seed]
+        return {node: {"images": [{"filename": f"f{seed}_{i}.png", "subfolder": "", "type": "output"}]}
+                for i, node in enumerate(nodes)}
+
+    a = fake("a", outputs=outputs)
+    rows = [{"id": "x", "3.seed": 1}, {"id": "x_1", "3.seed": 2}, {"id": "y", "3.seed": 3},
+            {"id": "Cat", "3.seed": 4}, {"id": "cat", "3.seed": 5}]
+    summary = q.run_queue(WORKFLOW, rows, [a.url], tmp_path, log=lambda m: None, **FAST)
+    assert summary.ok
+    manifest = read_manifest(tmp_path)
+    names = [name for record in manifest.values() for name in record["files"]]
+    assert len(names) == 6 and len({n.casefold() for n in names}) == 6, names
+    for record in manifest.values():
+        for name in record["files"]:
+            assert json.loads((tmp_path / name).read_bytes()[len(PNG):])["file"][0].startswith("f")
+    served = {json.loads((tmp_path / n).read_bytes()[len(PNG):])["file"][0] for n in names}
+    assert len(served) == 6, "every served file landed in its own local file"
+    # a rerun keeps every row's names (the manifest holds them) and skips them all
+    again = q.run_queue(WORKFLOW, rows, [a.url], tmp_path, log=lambda m: None, **FAST)
+    assert sorted(again.skipped) == sorted(r["id"] for r in rows)
+
+
+def test_the_default_job_timeout_is_finite_and_documented():
+    default = inspect.signature(q.run_queue).parameters["job_timeout"].default
+    assert default == q.DEFAULT_JOB_TIMEOUT and 0 < default < float("inf")
+
+
+@pytest.mark.parametrize("option, value", [
+    ("job_timeout", None), ("job_timeout", 0), ("http_timeout", -1), ("poll_interval", float("nan")),
+    ("max_download", 0), ("job_timeout", True),
+])
+def test_unbounded_or_nonsense_limits_are_refused(tmp_path, option, value):
+    with pytest.raises(q.QueueError, match=option):
+        q.run_queue(WORKFLOW, [], ["127.0.0.1:9"], tmp_path, **{**FAST, option: value})
