@@ -10,11 +10,13 @@ works for any workflow (``python -m comfy_queue --help``). Modules, one concept 
 * ``client``   ComfyClient: HTTP with a total deadline per request, streamed size-limited downloads
 * ``outputs``  output file names (never two outputs on one name) and atomic writes
 * ``manifest`` manifest.jsonl, the record of finished rows that makes resume work
+* ``board``    the job board, per-server health, the run's Summary
 * ``runner``   run_queue: one worker thread per server over a shared job board
 * ``cli``      the command line
 
 The package is small and standard-library only, so this face imports its modules eagerly.
 """
+from .board import Summary
 from .cli import main
 from .client import (
     DEFAULT_HTTP_TIMEOUT,
@@ -36,7 +38,7 @@ from .errors import (
 from .manifest import MANIFEST_NAME, Manifest
 from .outputs import atomic_write, output_files
 from .rows import Row, load_rows, make_row
-from .runner import DEFAULT_JOB_TIMEOUT, Summary, prepare_jobs, run_queue
+from .runner import DEFAULT_JOB_TIMEOUT, prepare_jobs, run_queue
 from .workflow import (
     apply_overrides,
     check_workflow,

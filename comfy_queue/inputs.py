@@ -52,7 +52,7 @@ def parse_json(text: str, where: str, error: type[QueueError]) -> Any:
 def json_value_problem(value: Any, max_depth: int = MAX_JSON_DEPTH) -> str | None:
     """Why ``value`` cannot be sent to ComfyUI as JSON, or None when it can.
 
-    Allowed: null, true/false, integers up to 2**64 in size, finite floats, valid Unicode text (no
+    Allowed: null, true/false, integers between -2**64 and 2**64, finite floats, valid Unicode text (no
     lone surrogates), lists, and objects with text keys, nested at most ``max_depth`` levels. Walks
     iteratively, so any depth is safe to check.
     """
@@ -66,7 +66,7 @@ def json_value_problem(value: Any, max_depth: int = MAX_JSON_DEPTH) -> str | Non
             continue
         if isinstance(item, int):
             if abs(item) > MAX_JSON_INT:
-                return f"{where} is an integer of {len(str(abs(item)))} digits; at most 2**64 in size is allowed"
+                return f"{where} is an integer of {item.bit_length()} bits; integers must lie between -2**64 and 2**64"
         elif isinstance(item, float):
             if not math.isfinite(item):
                 return f"{where} is {item!r}; only finite numbers are allowed"

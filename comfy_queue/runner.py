@@ -11,8 +11,6 @@ then removed from the server's queue or interrupted), each download by ``max_dow
 """
 from __future__ import annotations
 
-import collections
-import dataclasses
 import math
 import os
 import sys
@@ -21,6 +19,7 @@ import time
 import uuid
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
+from .board import Job, JobBoard, ServerHealth, Summary
 from .client import (
     DEFAULT_HTTP_TIMEOUT,
     DEFAULT_MAX_DOWNLOAD,
@@ -60,106 +59,6 @@ class _Cancelled(QueueError):
     """Internal: the run was interrupted (Ctrl+C)."""
 
 
-@dataclasses.dataclass
-class Summary:
-    """What a run did. ``failed`` maps row id to its error; ``per_server`` counts per server URL."""
-
-    done: list[str] = dataclasses.field(default_factory=list)
-    skipped: list[str] = dataclasses.field(default_factory=list)
-    failed: dict[str, str] = dataclasses.field(default_factory=dict)
-    per_server: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
-    elapsed: float = 0.0
-
-    @property
-    def ok(self) -> bool:
-        return not self.failed
-
-    def format(self) -> str:
-        lines = [
-            f"{len(self.done)} done, {len(self.skipped)} skipped, {len(self.failed)} failed "
-            f"in {self.elapsed:.1f}s"
-        ]
-        for server, stats in self.per_server.items():
-            line = f"  {server}: {stats['done']} done, {stats['failed']} failed"
-            if stats.get("handed_off"):
-                line += f", {stats['handed_off']} handed to other servers"
-            if stats.get("dead"):
-                line += f" [dead: {stats['dead']}]"
-            lines.append(line)
-        if self.failed:
-            lines.append("failed rows:")
-            lines += [f"  {row_id}: {error}" for row_id, error in self.failed.items()]
-        return "\n".join(lines)
-
-
-@dataclasses.dataclass
-class _Job:
-    row: Row
-    prompt: dict
-    sha: str
-    overrides: dict
-    lost: int = 0  # times a server forgot the prompt (restart) and it was resubmitted
-
-
-class _JobBoard:
-    """The shared job queue. Jobs may come back (their server died), so "empty" is not "finished":
-    workers wait until a job is available or no job is unfinished."""
-
-    def __init__(self, jobs: Iterable[_Job]):
-        self._cond = threading.Condition()
-        self._jobs = collections.deque(jobs)
-        self._unfinished = len(self._jobs)
-
-    def take(self, should_stop: Callable[[], bool]) -> _Job | None:
-        with self._cond:
-            while True:
-                if self._unfinished == 0 or should_stop():
-                    return None
-                if self._jobs:
-                    return self._jobs.popleft()
-                self._cond.wait(0.1)
-
-    def put_back(self, job: _Job) -> None:
-        with self._cond:
-            self._jobs.append(job)
-            self._cond.notify_all()
-
-    def finish(self) -> None:
-        with self._cond:
-            self._unfinished -= 1
-            self._cond.notify_all()
-
-    def drain(self) -> list[_Job]:
-        with self._cond:
-            jobs = list(self._jobs)
-            self._jobs.clear()
-            return jobs
-
-
-class _Server:
-    """Per-server health and counters, shared by the worker and the final summary."""
-
-    def __init__(self, client: ComfyClient, dead_after: int):
-        self.client = client
-        self.dead_after = max(1, dead_after)
-        self.failures = 0
-        self.dead: str | None = None
-        self.stats = {"done": 0, "failed": 0, "handed_off": 0, "dead": None}
-        self.lock = threading.Lock()
-
-    def record_success(self) -> None:
-        with self.lock:
-            self.failures = 0
-
-    def record_failure(self, error: Exception) -> bool:
-        """Count a connection failure; return True when the server is (now) dead."""
-        with self.lock:
-            self.failures += 1
-            if self.failures >= self.dead_after and not self.dead:
-                self.dead = self.stats["dead"] = f"{self.failures} connection failures in a row, last: {error}"
-            return self.dead is not None
-
-
 class _Runner:
     """Shared state of one run_queue call; each server gets a thread running ``work``."""
 
@@ -187,7 +86,7 @@ class _Runner:
         if self.cancel.wait(max(0.0, seconds)):
             raise _Cancelled()
 
-    def _call(self, server: _Server, fn: Callable[[], Any]) -> Any:
+    def _call(self, server: ServerHealth, fn: Callable[[], Any]) -> Any:
         """Run one request, retrying the same server on connection errors until it is declared dead."""
         while True:
             if self.cancel.is_set():
@@ -204,7 +103,7 @@ class _Runner:
             server.record_success()
             return result
 
-    def _finish(self, job: _Job, server: _Server | None, status: str, *, prompt_id=None, files=(),
+    def _finish(self, job: Job, server: ServerHealth | None, status: str, *, prompt_id=None, files=(),
                 error=None, started=None) -> None:
         record = {
             "id": job.row.id,
@@ -237,7 +136,7 @@ class _Runner:
 
     # -- the worker ------------------------------------------------------------------------
 
-    def work(self, server: _Server) -> None:
+    def work(self, server: ServerHealth) -> None:
         while True:
             job = self.board.take(lambda: bool(server.dead) or self.cancel.is_set())
             if job is None:
@@ -264,7 +163,7 @@ class _Runner:
                 continue
             self._finish(job, server, "done", prompt_id=prompt_id, files=files, started=started)
 
-    def _run_job(self, server: _Server, job: _Job) -> tuple[str, list[str]]:
+    def _run_job(self, server: ServerHealth, job: Job) -> tuple[str, list[str]]:
         client = server.client
         deadline = time.monotonic() + self.job_timeout  # one budget for the job, resubmissions included
         while True:
@@ -306,7 +205,7 @@ class _Runner:
         with atomic_writer(path) as f:
             client.download(filename, subfolder, file_type, f.write, self.max_download)
 
-    def _wait(self, server: _Server, prompt_id: str, deadline: float) -> dict:
+    def _wait(self, server: ServerHealth, prompt_id: str, deadline: float) -> dict:
         """Poll /history until the prompt is there; detect lost prompts and the job deadline."""
         client = server.client
         polls = 0
@@ -337,7 +236,7 @@ def _default_log(message: str) -> None:
 
 def prepare_jobs(workflow: Mapping[str, Any], rows: Iterable[Row | Mapping[str, Any]]):
     """Validate every row up front. Returns (jobs, {row_id: (row, error)}) so bad rows never reach a server."""
-    jobs: list[_Job] = []
+    jobs: list[Job] = []
     invalid: dict[str, tuple[Row, str]] = {}
     seen: dict[str, Row] = {}
     for i, row in enumerate(rows, 1):
@@ -359,7 +258,7 @@ def prepare_jobs(workflow: Mapping[str, Any], rows: Iterable[Row | Mapping[str, 
         if errors:
             invalid[row.id] = (row, "; ".join(errors) + where)
             continue
-        jobs.append(_Job(row, prompt, workflow_hash(prompt), applied))
+        jobs.append(Job(row, prompt, workflow_hash(prompt), applied))
     return jobs, invalid
 
 
@@ -432,13 +331,13 @@ def run_queue(
     def _log(message: str) -> None:
         (bar.write(message, file=sys.stderr) if bar else log(message))
 
-    board = _JobBoard(to_run)
+    board = JobBoard(to_run)
     cancel = threading.Event()
     runner = _Runner(board, manifest, out_dir, summary, _log if bar and log is _default_log else log,
                      (lambda: bar.update(1)) if bar else (lambda: None), job_timeout=job_timeout,
                      poll_interval=poll_interval, retry_delay=retry_delay, include_temp=include_temp,
                      max_download=max_download, cancel=cancel)
-    states = [_Server(client, dead_after) for client in clients]
+    states = [ServerHealth(client, dead_after) for client in clients]
     for state in states:
         summary.per_server[state.client.server] = state.stats
     threads = [threading.Thread(target=runner.work, args=(s,), daemon=True, name=f"queue:{s.client.server}")

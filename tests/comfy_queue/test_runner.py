@@ -8,7 +8,15 @@ import socket
 import time
 
 import pytest
-from fake_comfy import FAST, PNG, WORKFLOW, content, read_manifest, write_jsonl, write_workflow
+from fake_comfy import (
+    FAST,
+    PNG,
+    WORKFLOW,
+    content,
+    read_manifest,
+    write_jsonl,
+    write_workflow,
+)
 
 import comfy_queue as q
 
