@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import tbac_core.ladder as ladder_ops
 from tbac_core.errors import InvalidParameterError
-from tbac_core.ladder import ops as ladder_ops
-from tbac_core.ladder.layer_spec import LAYER_SPEC_SYNTAX, WEIGHT_SPEC_SYNTAX
+from tbac_core.ladder import LAYER_SPEC_SYNTAX, WEIGHT_SPEC_SYNTAX
 
 from . import comfy_bridge as bridge
 
