@@ -13,7 +13,7 @@ import nodes
 from nodes import comfy_bridge as bridge
 from nodes import ladder_nodes as ln
 from tbac_core.errors import IncompatibleConditioningError, InvalidParameterError
-from tbac_core.ladder import ops as ladder_ops
+import tbac_core.ladder as ladder_ops
 from tbac_core.ladder.layer_spec import LayerSpecError
 
 PROMPT_A = "a red cat sitting on a blue chair"
