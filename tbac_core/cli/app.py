@@ -13,8 +13,14 @@ import traceback
 from typing import Sequence
 
 from .. import __version__
-from ..errors import CheckpointError, ComponentNotFoundError, InvalidParameterError, LayerSpecError, TBACError
-from ..errors import UsageError
+from ..errors import (
+    CheckpointError,
+    ComponentNotFoundError,
+    InvalidParameterError,
+    LayerSpecError,
+    TBACError,
+    UsageError,
+)
 from .commands import COMMANDS
 from .context import CommandContext
 

@@ -14,20 +14,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..demo import demo_defaults
 from ..errors import InvalidParameterError, JobError, LayerSpecError, UsageError
 from ..ladder import LAYER_SPEC_SYNTAX, parse_layer_spec
-from ..params import SAMPLERS, SamplingParams, check_batch, check_size
+from ..params import DEFAULT_IMAGE_SIZE, SAMPLERS, SIZE_STEP, SamplingParams, check_batch, check_size
 from .images import image_path_problem
+from .options import demo_settings
 
 DEFAULT_IMG2IMG_DENOISE = 0.6  # with an init image, denoise 1.0 would ignore it entirely
 DEFAULT_LAYERS = "default"  # the layer-spec keyword of the paper's mapping
 _SAMPLING = SamplingParams()  # the library's defaults, for models that store none
-_DEMO = demo_defaults()  # plain JSON: what the default (demo) model runs with
+_DEMO = demo_settings() or {}  # plain JSON: what the default (demo) model runs with
 
 
 def _model_default(key: str, fallback) -> str:
-    return f"default: the model's stored setting (demo: {_DEMO[key]}), else {fallback}"
+    demo = f" (demo: {_DEMO[key]})" if key in _DEMO else ""
+    return f"default: the model's stored setting{demo}, else {fallback}"
 
 
 @dataclass(frozen=True)
@@ -51,8 +52,8 @@ FIELDS: dict[str, Field] = {
                             f"(default {_SAMPLING.image_guidance_scale}; above 1 = 3-way guidance).",
                             ("image_guidance_scale",)),
     "width": Field(int, ("--width", "-W"), f"Width in pixels, a multiple of the model's latent factor (config.json "
-                   f"vae_downsample_f; 32 for TBAC-UniImage-3B). Default: the model's trained size (demo: "
-                   f"{_DEMO['width']}; TBAC-UniImage-3B: 512)."),
+                   f"vae_downsample_f; {SIZE_STEP} for TBAC-UniImage-3B). Default: the model's trained size (demo: "
+                   f"{_DEMO.get('width', '?')}; TBAC-UniImage-3B: {DEFAULT_IMAGE_SIZE})."),
     "height": Field(int, ("--height", "-H"), "Height in pixels (same rules as --width)."),
     "sampler": Field(str, ("--sampler",), f"{' or '.join(SAMPLERS)} (default: the model's stored setting, else "
                      f"{_SAMPLING.sampler})."),

@@ -65,10 +65,20 @@ def resolve_model_dir(model: str | None) -> Path:
     return path
 
 
+def demo_settings() -> dict | None:
+    """The demo model's stored sampling settings (plain JSON), for help texts; None without a demo."""
+    try:
+        from ..demo import demo_defaults
+    except ModuleNotFoundError:
+        return None
+    return demo_defaults()
+
+
 def demo_checkpoint() -> Path:
     """The built-in demo model's folder; a ``UsageError`` when this installation has none."""
+    # The demo is an optional part of an installation (a lazy import for that, not for a circle).
     try:
-        from ..demo import DEMO_CHECKPOINT  # optional part of an installation, not a circle
+        from ..demo import DEMO_CHECKPOINT
     except ModuleNotFoundError as exc:
         if exc.name != f"{__package__.rpartition('.')[0]}.demo":  # tbac_core.demo
             raise

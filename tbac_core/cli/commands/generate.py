@@ -10,8 +10,16 @@ from ...errors import JobError, UsageError
 from ...io import check_name_length, read_parameters, safe_name
 from ..context import CommandContext
 from ..images import check_image_path, file_sha256
-from ..jobs import EDIT_FIELDS, GENERATE_FIELDS, Job, add_job_options, check_job, check_layers, job_values_from_args
-from ..jobs import make_job
+from ..jobs import (
+    EDIT_FIELDS,
+    GENERATE_FIELDS,
+    Job,
+    add_job_options,
+    check_job,
+    check_layers,
+    job_values_from_args,
+    make_job,
+)
 from ..options import model_options
 from ..render import render, write_new_png
 

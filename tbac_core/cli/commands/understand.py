@@ -48,7 +48,11 @@ def run_understand(ctx: CommandContext) -> int:
     settings.validate()
     ctx.info()  # a missing or broken model folder is reported before anything is read
 
-    from ...pipeline import PRESETS, answer, resolve_question  # torch & co.: only once the arguments are good
+    from ...pipeline import (  # torch & co.: only once the arguments are good
+        PRESETS,
+        answer,
+        resolve_question,
+    )
 
     preset = args.preset or ("custom" if args.question.strip() else next(iter(PRESETS)))
     question = resolve_question(preset, args.question)
