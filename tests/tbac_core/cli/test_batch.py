@@ -124,3 +124,45 @@ def test_batch_csv(pipe, tmp_path, input_png, capsys):
     params = read_parameters(out / "two_0.png")
     assert (params["steps"], params["guidance"], params["layers"]) == (2, 5.5, "default")
     assert [item["name"] for item in params["input_images"]] == ["a.png", "a.png"]
+
+
+def test_batch_rerun_when_all_done_does_not_load_the_model(pipe, checkpoint_dir, tmp_path, monkeypatch, capsys):
+    from tbac_core.cli import context
+
+    rows = write_jsonl(tmp_path / "rows.jsonl", [{"id": f"r{i}", "prompt": f"p {i}", "seed": i} for i in range(2)])
+    out = tmp_path / "out"
+    argv = ["batch", str(rows), "--out", str(out), "--steps", "2", "--model", str(checkpoint_dir)]
+    assert main(argv, pipeline=pipe) == 0
+
+    def refuse(args, folder):
+        raise AssertionError("the model must not be loaded")
+
+    monkeypatch.setattr(context, "load_pipeline", refuse)
+    assert main(argv) == 0
+    assert [r["status"] for r in manifest(out)[-2:]] == ["skipped", "skipped"]
+    # One changed row: now the model is needed.
+    write_jsonl(rows, [{"id": "r0", "prompt": "p 0", "seed": 0}, {"id": "r1", "prompt": "p 1", "seed": 5}])
+    monkeypatch.setattr(context, "load_pipeline", lambda args, folder: pipe)
+    assert main(argv) == 0
+    assert {r["id"]: r["status"] for r in manifest(out)[-2:]} == {"r0": "skipped", "r1": "done"}
+
+
+def test_batch_skips_rows_with_unusable_ids_and_goes_on(pipe, tmp_path, capsys):
+    rows = write_jsonl(tmp_path / "rows.jsonl", [
+        {"id": "x" * 300, "prompt": "too long a name"},
+        {"id": "ok", "prompt": "fine"},
+        {"id": "\0\0", "prompt": "only NUL bytes"},
+        {"id": "bad", "prompt": "x", "steps": "many", "guidance": [1], "init_image": "a\0b.png"},
+        {"id": "deep", "prompt": "x", "layers": [[[[1]]]]},
+    ])
+    (tmp_path / "rows.jsonl").write_text(rows.read_text() + "[" * 3000 + "]" * 3000 + "\n")
+    out = tmp_path / "out"
+    assert main(["batch", str(rows), "--out", str(out), "--steps", "2"], pipeline=pipe) == 1
+    err = capsys.readouterr().err
+    assert "id: id 'xxxxxxxx" in err and "at most 255 bytes" in err
+    assert "gives an empty file name" in err
+    assert "steps: expected a whole number, got 'many'" in err and "guidance: expected a number" in err
+    assert "NUL byte" in err
+    assert "nested 3000 levels deep" in err
+    assert "1 done, 0 skipped (already rendered), 5 failed" in err
+    assert sorted(p.name for p in out.glob("*.png")) == ["ok_0.png"]
