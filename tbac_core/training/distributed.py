@@ -28,10 +28,15 @@ def launched_processes() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def _on_cpu() -> bool:
+    # Without a GPU, accelerate makes a multi-process launch a gloo (MULTI_CPU) group only when told so.
+    return not torch.cuda.is_available()
+
+
 def launch_device(requested: str) -> str:
     """The device of this process: under a multi-GPU launch ``auto``/``cuda`` mean this rank's GPU."""
     if launched_processes() > 1 and requested in ("auto", "cuda"):
-        return str(PartialState().device)
+        return str(PartialState(cpu=_on_cpu()).device)
     return requested
 
 
@@ -41,11 +46,11 @@ def make_accelerator() -> Accelerator:
     Mixed precision is the trainer's own bfloat16 autocast (``TrainConfig.mixed_precision``, or the
     launcher's ``--mixed_precision bf16``), so accelerate's process-wide state stays at ``no``.
     """
-    return Accelerator(mixed_precision="no")
+    return Accelerator(mixed_precision="no", cpu=_on_cpu())
 
 
 def is_main_process() -> bool:
-    return launched_processes() == 1 or PartialState().is_main_process
+    return launched_processes() == 1 or PartialState(cpu=_on_cpu()).is_main_process
 
 
 class DataParallel:

@@ -178,7 +178,8 @@ class Trainer:
         self.data = data if data is not None else open_training_data(config.data, self.resolution)
         self.accelerator = accelerator if accelerator is not None else make_accelerator()
         self.parallel = DataParallel(self.accelerator, config.batch_size, config.gradient_accumulation)
-        if self.parallel.num_processes > 1 and self.device != self.accelerator.device:
+        if self.parallel.num_processes > 1 and self.accelerator.device.type != "cpu" \
+                and self.device != self.accelerator.device:
             raise InvalidParameterError(
                 f"Process {self.parallel.rank} has its model on {self.device}, but accelerate gave it "
                 f"{self.accelerator.device}; load the model on the launcher's device (--device auto)."
