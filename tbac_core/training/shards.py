@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import glob
 import io
-import logging
 import os
 import tarfile
 from collections.abc import Iterator
@@ -32,8 +31,6 @@ import torch
 from ..errors import InvalidParameterError
 from ..processing.images import pil_to_tensor
 from .data import IMAGE_SUFFIXES, Batch, Example, load_square
-
-logger = logging.getLogger(__name__)
 
 SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 SOURCE_EXTENSION = "source"  # <key>.source.png: the edit's input image
@@ -156,7 +153,7 @@ def read_shard(shard: Path) -> Iterator[ShardRecord]:
 class ShardStream:
     """Training data streamed from tar shards, with the interface the trainer needs of ``TrainingData``."""
 
-    latents = None  # targets are encoded per step (nothing of the whole set is held)
+    latents = None  # targets are encoded per step (TrainConfig.cache_latents applies to folders only)
 
     def __init__(self, shards: list[Path], resolution: int):
         if not shards:
@@ -173,9 +170,6 @@ class ShardStream:
 
     def describe(self) -> str:
         return f"{len(self.shards)} tar shard(s), streamed"
-
-    def cache_latents(self, encode, batch_size: int = 64) -> None:
-        logger.info("Streamed shards: target latents are encoded per step, not cached.")
 
     def shard_order(self, epoch: int, seed: int) -> list[int]:
         generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)

@@ -346,7 +346,7 @@ class Trainer:
         main = self.is_main_process
         if main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-        if config.cache_latents and self.data.latents is None:
+        if config.cache_latents and isinstance(self.data, TrainingData) and self.data.latents is None:
             logger.info("Encoding %d target images once (the VAE is frozen)...", len(self.data))
             self.data.cache_latents(lambda images: encode_images(self.model.vae, images))
         if config.resume:
