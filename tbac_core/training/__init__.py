@@ -7,9 +7,11 @@ that ``tbac_core.loading.adapters.apply_adapter`` loads on top of the base check
 from .data import Example, TrainingData, scan_folder
 from .flow import FlowMatchingObjective
 from .parts import DEFAULT_LORA_TARGETS, MetaqueryRows, TrainableParts
+from .shards import ShardStream, write_shards
 from .trainer import TrainConfig, Trainer, TrainingDivergedError, TrainResult
 
 __all__ = [
     "DEFAULT_LORA_TARGETS", "Example", "FlowMatchingObjective", "MetaqueryRows", "TrainConfig", "TrainResult",
     "Trainer", "TrainableParts", "TrainingData", "TrainingDivergedError", "scan_folder",
+    "ShardStream", "write_shards",
 ]

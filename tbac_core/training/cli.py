@@ -4,11 +4,14 @@
     python -m tbac_core train --data my_images --out runs/cats --resume latest      # continue
     python -m tbac_core train --data my_images --out runs/lora --dit lora --lora-rank 16
     python -m tbac_core train ... --export models/tbac/cats-merged    # also write a standalone checkpoint
+    accelerate launch --num_processes 8 -m tbac_core train --data my_images --out runs/cats    # 8 GPUs
 
 ``--data`` folders hold images with same-named .txt captions, and/or edit triples
 (``NAME_source.png`` + ``NAME.txt`` instruction + ``NAME_target.png``). The run folder gets
 ``checkpoint-NNNNNN/`` (resumable), ``final/`` (the trained parts: apply it on the base model with
 ``tbac_core.loading.adapters.apply_adapter`` or the loader) and ``samples/step-NNNNNN.png`` grids.
+Under ``accelerate launch`` each process trains its slice of every global batch (--batch-size);
+on a machine without GPUs add --multi_gpu (accelerate then starts gloo CPU processes).
 """
 from __future__ import annotations
 

@@ -159,6 +159,8 @@ class Trainer:
     ``train()`` runs to ``max_steps`` and writes ``output_dir/final`` (the trained parts). While
     training, the metaquery rows live in a separate parameter substituted by a hook; ``finish()``
     writes them into the embedding and removes the hook (then export or keep using the model).
+    ``accelerator``: an ``accelerate.Accelerator`` (default: this process's, as set up by
+    ``accelerate launch``; a plain run is one process).
     """
 
     def __init__(self, model, config: TrainConfig, data: TrainingData | ShardStream | None = None,
