@@ -11,6 +11,8 @@ from .._exports import lazy_exports
 _EXPORTS = {
     "Example": ".data",
     "TrainingData": ".data",
+    "ShardStream": ".shards",
+    "write_shards": ".shards",
     "scan_folder": ".data",
     "FlowMatchingObjective": ".flow",
     "DEFAULT_LORA_TARGETS": ".parts",
