@@ -17,10 +17,10 @@ from tbac_core.errors import (
     InvalidParameterError,
 )
 from tbac_core.ladder.layer_spec import LAYER_SPEC_SYNTAX, parse_layer_spec
+from tbac_core.loading.build import find_tokenizer_dir, load_model
 from tbac_core.loading.checkpoint import read_checkpoint_config
 from tbac_core.loading.components import TBACConfig, resolve_component_dir, search_dirs
 from tbac_core.loading.folders import list_checkpoints, resolve_checkpoint
-from tbac_core.modeling.model import TBACModel, find_tokenizer_dir
 from tbac_core.params import (
     MAX_BATCH,
     MAX_SEED,
@@ -105,7 +105,7 @@ def adapter_dir(name: str) -> Path:
 
 
 def core_finds_tokenizer(checkpoint: Path, models_dirs: list[Path]) -> bool:
-    """Whether ``TBACModel.from_pretrained`` finds a tokenizer by itself (checkpoint or MLLM folder)."""
+    """Whether ``load_model`` finds a tokenizer by itself (checkpoint or MLLM folder)."""
     config = TBACConfig.from_dict(read_checkpoint_config(checkpoint))
     mllm_dir = resolve_component_dir(config.mllm_id, checkpoint, "config.json", search_dirs(models_dirs))
     try:
@@ -162,7 +162,7 @@ class TBACModelLoader:
         roots = bridge.model_roots()
         fallback = bridge.comfy_tokenizer_dir()
         tokenizer_dir = fallback if fallback is not None and not core_finds_tokenizer(path, roots) else None
-        model = TBACModel.from_pretrained(
+        model = load_model(
             path,
             dtype=resolve_dtype(dtype, devices.compute),
             device=devices.initial,
@@ -400,7 +400,7 @@ class TBACEncodeImage:
 
     def encode(self, model, images, crop_to_multiple: bool):
         if crop_to_multiple:
-            images = ui_inputs.crop_to_multiple(images, model.model.vae_scale)
+            images = ui_inputs.crop_to_multiple(images, model.model.vae_scale_factor)
         model.prepare("vae")
         latents = model.pipeline.encode_image(images)
         return ({"samples": latents.to(bridge.intermediate_device())},)

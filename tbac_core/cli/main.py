@@ -207,7 +207,7 @@ def check_job(job: Job, model) -> list[tuple[str, str]]:
     from ..params import MAX_BATCH, MAX_SEED, MAX_SIDE, MAX_STEPS, SAMPLERS
 
     problems = []
-    factor = model.vae_scale
+    factor = model.vae_scale_factor
     if not 0 <= job.seed <= MAX_SEED:
         problems.append(("seed", f"{job.seed} is out of range; use 0..{MAX_SEED}"))
     if not 1 <= job.steps <= MAX_STEPS:
@@ -325,7 +325,7 @@ def render(pipe, job: Job, *, load_image: Callable[[str], InputImage] = load_inp
         output = pipe.edit(job.prompt, images=[item.image for item in inputs], width=width, height=height,
                            image_guidance_scale=job.image_guidance, **common)
     elif init is not None:
-        start = fit_init_image(init.image, job.width, job.height, model.vae_scale)
+        start = fit_init_image(init.image, job.width, job.height, model.vae_scale_factor)
         width, height = start.size
         output = pipe.generate(job.prompt, init_image=start, denoise=job.strength, **common)
     else:
@@ -809,7 +809,7 @@ def expected_parameters(job: Job, model, load_image: Callable[[str], InputImage]
     inputs = [load_image(path) for path in job.images]
     init = load_image(job.init_image) if job.init_image else None
     if init is not None:
-        width, height = fit_init_image(init.image, job.width, job.height, model.vae_scale).size
+        width, height = fit_init_image(init.image, job.width, job.height, model.vae_scale_factor).size
     else:
         default = model.config.default_image_size
         width, height = job.width or default, job.height or default

@@ -27,7 +27,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..errors import AdapterError
@@ -120,7 +120,7 @@ def read_adapter_tensors(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
     try:
         with safe_open(str(path), framework="pt", device="cpu") as handle:
             return {key: handle.get_tensor(key) for key in handle.keys()}
-    except Exception as exc:  # safetensors raises its own error types for corrupt files
+    except (SafetensorError, OSError, ValueError) as exc:  # a damaged file, not an out-of-memory
         raise AdapterError(f"Cannot read {path} as safetensors ({type(exc).__name__}: {exc}).") from exc
 
 

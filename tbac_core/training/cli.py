@@ -95,10 +95,10 @@ def train_config_from_args(args: argparse.Namespace):
 
 
 def load_model(args: argparse.Namespace, folder: Path):
-    from ..modeling.model import TBACModel
+    from ..loading.build import load_model as load_checkpoint
 
-    return TBACModel.from_pretrained(folder, dtype=args.dtype, device=args.device, tokenizer_dir=args.tokenizer,
-                                     models_dirs=args.models_dir or None)
+    return load_checkpoint(folder, dtype=args.dtype, device=args.device, tokenizer_dir=args.tokenizer,
+                           models_dirs=args.models_dir or None)
 
 
 def run_train(ctx) -> int:

@@ -10,6 +10,7 @@ import torch
 
 from tbac_core.demo.scenes import split_scenes, write_caption_folder, write_edit_folder
 from tbac_core.errors import InvalidParameterError
+from tbac_core.loading import load_model
 from tbac_core.loading.adapters import (
     ADAPTER_CONFIG,
     AdapterError,
@@ -17,7 +18,8 @@ from tbac_core.loading.adapters import (
     list_adapters,
 )
 from tbac_core.modeling.mllm import metaquery_rung_states
-from tbac_core.modeling.model import TBACModel, metaquery_positions
+from tbac_core.modeling.model import TBACModel
+from tbac_core.processing.prompt_layout import metaquery_positions
 from tbac_core.training import TrainConfig, Trainer, TrainingDivergedError, scan_folder
 from tbac_core.training.flow import FlowMatchingObjective
 
@@ -33,7 +35,7 @@ def data_dir(tmp_path_factory):
 
 
 def load(checkpoint_dir) -> TBACModel:
-    return TBACModel.from_pretrained(checkpoint_dir, dtype="fp32", device="cpu")
+    return load_model(checkpoint_dir, dtype="fp32", device="cpu")
 
 
 def config(tmp_path, data_dir, **overrides) -> TrainConfig:
@@ -250,8 +252,8 @@ def test_train_cli_subcommand(checkpoint_dir, data_dir, tmp_path):
     assert list_adapters(out) == ["final"]
     assert (out / "samples" / "step-000002.png").is_file()
     # A standalone checkpoint in the official format; the fixture's components sit next to its base.
-    merged = TBACModel.from_pretrained(tmp_path / "merged", dtype="fp32", device="cpu",
-                                       models_dirs=[checkpoint_dir.parent])
+    merged = load_model(tmp_path / "merged", dtype="fp32", device="cpu",
+                        models_dirs=[checkpoint_dir.parent])
     trained = load(checkpoint_dir)
     apply_adapter(trained, out / "final")
     for key, value in trained.dit.transformer.state_dict().items():
