@@ -88,9 +88,12 @@ def load_model(
     processor_settings = image_processor_settings([user_tokenizer_dir, components.mllm_dir, checkpoint_dir])
     prompts = PromptBuilder(tokenizer, make_image_processor(processor_settings), config.max_input_text_tokens,
                             processor_settings)
-    check_special_tokens(prompts.ids, components.mllm, tokenizer_path, components.mllm_dir)
 
-    mllm, base_vocab, fingerprint = _load_mllm(files, components.mllm, config, dtype, device)
+    # Cheap checks first (headers and configs), then the weights.
+    mllm, base_vocab = _build_mllm(files, components.mllm, config)
+    check_special_tokens(prompts.ids, components.mllm, tokenizer_path, components.mllm_dir)
+    _load_mllm_weights(mllm, base_vocab, files, dtype, device)
+    fingerprint = _metaquery_fingerprint(files, base_vocab, config.num_metaqueries)
     dit = _load_dit(files, components.transformer, mllm, dtype, device)
     vae = _load_vae(files, components.vae, vae_dtype, device)
     identity = ModelIdentity(
@@ -195,7 +198,8 @@ def load_strict(module: torch.nn.Module, state: dict, source: str, rename=None) 
     module.load_state_dict({expected[k][0]: v for k, v in given.items()}, strict=True, assign=True)
 
 
-def _load_mllm(files: CheckpointFiles, mllm_config: dict, config: TBACConfig, dtype, device):
+def _build_mllm(files: CheckpointFiles, mllm_config: dict, config: TBACConfig):
+    """The MLLM on the meta device, its embedding size checked against the checkpoint's header."""
     shapes = {canonical_key(k): v for k, v in files.shapes("mllm").items()}
     if EMBED_KEY not in shapes:
         raise CheckpointError(f"{files.describe()} has no MLLM input embedding ({EMBED_KEY}).")
@@ -207,11 +211,13 @@ def _load_mllm(files: CheckpointFiles, mllm_config: dict, config: TBACConfig, dt
             f"num_metaqueries {config.num_metaqueries} + 2 = {base_vocab + config.num_metaqueries + 2}. "
             f"The MLLM config does not belong to this checkpoint."
         )
+    return model, base_vocab
+
+
+def _load_mllm_weights(model, base_vocab: int, files: CheckpointFiles, dtype, device) -> None:
     load_strict(model, files.load_component("mllm", dtype, device), files.describe(), rename=canonical_key)
     attach_lm_head(model, base_vocab)
     model.to(device)
-    fingerprint = _metaquery_fingerprint(files, base_vocab, config.num_metaqueries)
-    return model, base_vocab, fingerprint
 
 
 def _load_dit(files: CheckpointFiles, transformer_config: dict, mllm, dtype, device) -> LadderDiT:

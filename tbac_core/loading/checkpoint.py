@@ -24,6 +24,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from ..errors import CheckpointError
+from .components import load_json
 
 CONFIG_NAME = "config.json"
 SINGLE_FILE_NAME = "model.safetensors"
@@ -61,10 +62,7 @@ def read_checkpoint_config(checkpoint_dir: str | os.PathLike) -> dict:
             f"No {CONFIG_NAME} in {checkpoint_dir}. A TBAC-UniImage checkpoint folder holds config.json "
             f"(model_type '{MODEL_TYPE}') next to its safetensors weights."
         )
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{config_path} is not valid JSON: {exc}") from exc
+    config = load_json(config_path, CheckpointError)
     if not isinstance(config, dict):
         raise CheckpointError(f"{config_path} must hold a JSON object, found {type(config).__name__}.")
     model_type = config.get("model_type")
