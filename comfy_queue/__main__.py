@@ -1,6 +1,6 @@
 """``python -m comfy_queue``: the batch runner's command line."""
 import sys
 
-from .runner import main
+from .cli import main
 
 sys.exit(main())

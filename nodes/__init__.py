@@ -1,15 +1,15 @@
-"""The node classes of the pack: generation, understanding and ladder controls, merged."""
+"""The pack's nodes (V3 schema) and the ComfyUI extension that lists them."""
 from __future__ import annotations
 
-from . import ladder_nodes, model_nodes, understand_nodes
+from . import generate, ladder, loader, understand
+from .comfy_bridge import ComfyExtension, io
 
-NODE_CLASS_MAPPINGS: dict = {}
-NODE_DISPLAY_NAME_MAPPINGS: dict = {}
-for _module in (model_nodes, understand_nodes, ladder_nodes):
-    _clash = set(NODE_CLASS_MAPPINGS) & set(_module.NODE_CLASS_MAPPINGS)
-    if _clash:
-        raise RuntimeError(f"Node names defined twice in the pack: {sorted(_clash)} ({_module.__name__}).")
-    NODE_CLASS_MAPPINGS.update(_module.NODE_CLASS_MAPPINGS)
-    NODE_DISPLAY_NAME_MAPPINGS.update(_module.NODE_DISPLAY_NAME_MAPPINGS)
+NODES: list[type[io.ComfyNode]] = [loader.TBACModelLoader, *generate.NODES, *understand.NODES, *ladder.NODES]
 
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
+
+class TBACExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return list(NODES)
+
+
+__all__ = ["NODES", "TBACExtension"]

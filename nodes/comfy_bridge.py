@@ -1,23 +1,27 @@
 """Everything the node pack takes from ComfyUI, in one module, with plain-torch fallbacks.
 
-This is the only module of the pack that imports ``comfy.*`` or ``folder_paths``. Inside a running
-ComfyUI both are already imported when custom nodes load, so we use them; anywhere else (tests,
-scripts) the same functions fall back to plain torch devices, folders from environment variables,
-no progress bar and no interrupt check. Importing ComfyUI ourselves is avoided on purpose: outside
-a server it initialises CUDA and reads ComfyUI's command line.
+This is the only module of the pack that imports ComfyUI: its node API ``comfy_api`` at the pinned
+version ``v0_0_2`` (the V3 schema: ``io.ComfyNode``, ``io.Schema``, ``ComfyExtension``), and
+``comfy.*`` / ``folder_paths``. Inside a running ComfyUI the latter are already imported when custom
+nodes load, so we use them; anywhere else (tests, scripts) the same functions fall back to plain
+torch devices, folders from environment variables, no progress bar and no interrupt check.
+Importing ``comfy.*`` ourselves is avoided on purpose: outside a server it initialises CUDA and
+reads ComfyUI's command line.
 
 Inside ComfyUI:
 * model folders ``tbac`` (checkpoints) and ``tbac_adapters`` are registered with ``folder_paths``:
   ``models/tbac/`` and ``models/tbac_adapters/`` by default, plus any ``tbac:`` / ``tbac_adapters:``
   entries of ``extra_model_paths.yaml`` (ComfyUI registers those keys before packs load; we append);
-* the MLLM, the ladder DiT and the DC-AE are each wrapped in a ``ModelPatcher``, and
-  ``ManagedModel.prepare(part)`` asks ``load_models_gpu`` for exactly the parts a node runs, so
-  ComfyUI offloads the others when VRAM is short and "Unload models" frees them;
+* ``ComfyPlacement`` is the pipeline's placement: the MLLM, the ladder DiT and the DC-AE are each
+  wrapped in a ``ModelPatcher`` and ``use(part)`` asks ``load_models_gpu`` for that part, so ComfyUI
+  offloads the others when VRAM is short and "Unload models" frees them. Nodes just call the
+  pipeline; the pipeline loads each part when it runs it, after checking its inputs;
 * progress goes to ``comfy.utils.ProgressBar`` and cancellation is
   ``throw_exception_if_processing_interrupted`` (its exception is a BaseException: never caught).
 
 Outside ComfyUI: ``$TBAC_MODELS_DIR`` / ``$TBAC_ADAPTERS_DIR`` (``os.pathsep``-separated) list the
-model folders and ``$TBAC_OUTPUT_DIR`` (default ``./output``) is the output folder.
+model folders, ``$TBAC_OUTPUT_DIR`` (default ``./output``) is the output folder, and the placement
+yields each part where it already is.
 """
 from __future__ import annotations
 
@@ -30,6 +34,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from comfy_api.v0_0_2 import ComfyExtension, io
 
 IN_COMFYUI = "comfy.model_management" in sys.modules and "folder_paths" in sys.modules
 if IN_COMFYUI:
@@ -38,12 +43,17 @@ if IN_COMFYUI:
     import comfy.utils
     import folder_paths
 
-from tbac_core.devices import resolve_device
-from tbac_core.errors import InvalidParameterError
-from tbac_core.loading.components import MODELS_DIR_ENV
-from tbac_core.modeling.model import TBACModel
-from tbac_core.pipeline.placement import PARTS
-from tbac_core.pipeline.tbac_pipeline import TBACPipeline
+from ..tbac_core.devices import resolve_device
+from ..tbac_core.errors import InvalidParameterError
+from ..tbac_core.loading import MODELS_DIR_ENV
+from ..tbac_core.pipeline import PARTS, TBACPipeline
+
+__all__ = [
+    "ComfyExtension", "io", "TBAC_MODEL", "LADDER_CONDITIONING", "IN_COMFYUI", "MODELS_DIR_ENV",
+    "ADAPTERS_DIR_ENV", "OUTPUT_DIR_ENV", "DEVICE_CHOICES", "model_roots", "adapter_roots",
+    "output_directory", "comfy_tokenizer_dir", "Devices", "devices_for", "intermediate_device",
+    "ComfyPlacement", "ManagedModel", "Progress", "cancel_check",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +62,12 @@ ADAPTER_FOLDER = "tbac_adapters"
 ADAPTERS_DIR_ENV = "TBAC_ADAPTERS_DIR"
 OUTPUT_DIR_ENV = "TBAC_OUTPUT_DIR"
 DEVICE_CHOICES = ("auto", "cpu", "gpu")
+
+# The pack's own socket types: a loaded model (``ManagedModel``) and a ladder conditioning
+# (``tbac_core.LadderConditioning``). Values are in-process objects; links between other types are
+# refused by ComfyUI.
+TBAC_MODEL = io.Custom("TBAC_MODEL")
+LADDER_CONDITIONING = io.Custom("LADDER_CONDITIONING")
 
 
 # -- folders ---------------------------------------------------------------------------------
@@ -163,21 +179,16 @@ class TBACPart(torch.nn.Module):
         self.part = part
 
 
-class ManagedModel:
-    """The ``TBAC_MODEL`` value: a loaded ``TBACModel`` and how ComfyUI manages its parts.
+class ComfyPlacement:
+    """The pipeline's placement inside ComfyUI: each part is a ``ModelPatcher`` ComfyUI loads on use.
 
-    ``model`` is the ``TBACModel``; ``pipeline`` runs it without moving anything (memory mode
-    ``external``); call ``prepare("mllm")`` / ``prepare("dit")`` / ``prepare("vae")`` right before
-    running a part. Outside ComfyUI every part already sits on the compute device and ``prepare``
-    does nothing.
+    Parts are loaded fully: they are plain torch modules, which cannot run partly offloaded the way
+    ComfyUI's own models (with cast-on-the-fly layers) can. Outside ComfyUI every part already sits
+    on its compute device and ``use`` only yields it.
     """
 
-    def __init__(self, model: TBACModel, devices: Devices, name: str):
+    def __init__(self, model, devices: Devices):
         self.model = model
-        self.name = name
-        self.devices = devices
-        # No conditioning cache here: ComfyUI's output cache already reuses unchanged encodes.
-        self.pipeline = TBACPipeline(model, placement=self, cache_size=0)
         self._patchers = {}
         if IN_COMFYUI:
             self._patchers = {
@@ -187,27 +198,31 @@ class ManagedModel:
                 for part in PARTS
             }
 
+    @contextmanager
+    def use(self, part: str):
+        if part not in PARTS:
+            raise ValueError(f"Unknown model parts {[part]}; parts are {PARTS}.")
+        if self._patchers:
+            comfy.model_management.load_models_gpu([self._patchers[part]], force_full_load=True)
+        yield getattr(self.model, part)
+
+
+class ManagedModel:
+    """The ``TBAC_MODEL`` value: a loaded ``TBACModel``, its name, and the pipeline that runs it.
+
+    ``pipeline`` is a ``TBACPipeline`` with the ComfyUI placement and no conditioning cache
+    (ComfyUI's output cache already reuses unchanged encodes).
+    """
+
+    def __init__(self, model, devices: Devices, name: str):
+        self.model = model
+        self.name = name
+        self.devices = devices
+        self.pipeline = TBACPipeline(model, placement=ComfyPlacement(model, devices), cache_size=0)
+
     @property
     def identity(self):
         return self.model.identity
-
-    def prepare(self, *parts: str) -> None:
-        """Have ComfyUI put ``parts`` on the compute device (offloading other models if needed).
-
-        Parts are loaded fully: they are plain torch modules, which cannot run partly offloaded
-        the way ComfyUI's own models (with cast-on-the-fly layers) can.
-        """
-        unknown = [part for part in parts if part not in PARTS]
-        if unknown:
-            raise ValueError(f"Unknown model parts {unknown}; parts are {PARTS}.")
-        if self._patchers:
-            comfy.model_management.load_models_gpu([self._patchers[part] for part in parts], force_full_load=True)
-
-    @contextmanager
-    def use(self, part: str):
-        """The pipeline's placement: ComfyUI loads ``part`` (offloading others if needed) before it runs."""
-        self.prepare(part)
-        yield getattr(self.model, part)
 
     def __repr__(self) -> str:
         return f"ManagedModel({self.name!r}, compute={self.devices.compute})"

@@ -1,6 +1,6 @@
-"""``python -m tbac_core``: the command line (see ``tbac_core.cli.main``)."""
+"""``python -m tbac_core``: the command line (see ``tbac_core.cli``)."""
 import sys
 
-from .cli.main import main
+from .cli.app import main
 
 sys.exit(main())

@@ -56,3 +56,12 @@ class UsageError(TBACError):
 
 class TrainingDivergedError(TBACError):
     """The loss or the gradient norm became NaN or infinite."""
+
+
+class JobError(UsageError):
+    """A command-line job or batch row has unusable values; ``problems`` lists ``(field, message)``."""
+
+    def __init__(self, where: str, problems: list[tuple[str, str]]):
+        self.where = where
+        self.problems = problems
+        super().__init__("\n".join(f"{where}: {name}: {message}" for name, message in problems))

@@ -20,6 +20,7 @@ import os
 from PIL import Image, PngImagePlugin
 
 from ..errors import PNGMetadataError
+from .jsonfile import parse_json
 
 PARAMETERS_KEY = "tbac_parameters"
 INFOTEXT_KEY = "parameters"
@@ -104,10 +105,7 @@ def read_parameters(path: str | os.PathLike) -> dict:
             f"{path} has no {PARAMETERS_KEY!r} text chunk (text chunks found: {found}); only PNGs saved by "
             f"tbac_core carry their generation parameters."
         )
-    try:
-        record = json.loads(text[PARAMETERS_KEY])
-    except ValueError as exc:
-        raise PNGMetadataError(f"The {PARAMETERS_KEY!r} chunk of {path} is not valid JSON: {exc}") from exc
+    record = parse_json(text[PARAMETERS_KEY], f"The {PARAMETERS_KEY!r} chunk of {path}", error=PNGMetadataError)
     if not isinstance(record, dict):
         raise PNGMetadataError(f"The {PARAMETERS_KEY!r} chunk of {path} is not a JSON object.")
     record.pop("schema", None)

@@ -1,8 +1,9 @@
 """The ladder: which MLLM layer ("rung") conditions each DiT block, and the tools that edit it.
 
 ``conditioning``: the ``LadderConditioning`` value; ``layer_spec``: the layer-selection grammar;
-the operations (select, weight, mix, inspect, save/load) work on conditionings without running
-the MLLM again.
+``block_spec``: the per-block grammar of weights and mixes; ``edit``: select, weight and mix
+(none runs the MLLM again); ``inspection``: metrics, the text summary and ``inspect`` (drawn by
+``plot``, which alone imports matplotlib); ``io``: the saved-conditioning file format.
 """
 from .._exports import lazy_exports
 
@@ -12,24 +13,24 @@ _EXPORTS = {
     "RungSource": ".conditioning",
     "BlockTerm": ".conditioning",
     "LAYER_SPEC_SYNTAX": ".layer_spec",
-    "WEIGHT_SPEC_SYNTAX": ".layer_spec",
+    "WEIGHT_SPEC_SYNTAX": ".block_spec",
     "parse_layer_spec": ".layer_spec",
-    "parse_block_weights": ".layer_spec",
+    "parse_block_weights": ".block_spec",
     "default_rungs": ".layer_spec",
     "describe_mapping": ".layer_spec",
-    "MIX_SPEC_SYNTAX": ".ops",
-    "parse_mix_spec": ".ops",
-    "select_layers": ".ops",
-    "weight_blocks": ".ops",
-    "mix": ".ops",
-    "inspect": ".ops",
-    "describe_conditioning": ".ops",
-    "rung_norms": ".ops",
-    "rung_similarity": ".ops",
-    "block_similarity": ".ops",
-    "FILE_EXTENSION": ".ops",
-    "save_conditioning": ".ops",
-    "load_conditioning": ".ops",
+    "MIX_SPEC_SYNTAX": ".block_spec",
+    "parse_mix_spec": ".block_spec",
+    "select_layers": ".edit",
+    "weight_blocks": ".edit",
+    "mix": ".edit",
+    "inspect": ".inspection",
+    "describe_conditioning": ".inspection",
+    "rung_norms": ".inspection",
+    "rung_similarity": ".inspection",
+    "block_similarity": ".inspection",
+    "FILE_EXTENSION": ".io",
+    "save_conditioning": ".io",
+    "load_conditioning": ".io",
 }
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 __all__ = sorted(_EXPORTS)

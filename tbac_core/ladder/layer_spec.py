@@ -1,4 +1,4 @@
-"""Parse the user-facing *layer spec* and *block weight* strings of TBAC-UniImage.
+"""Parse the user-facing *layer spec* of TBAC-UniImage: which MLLM rung feeds each DiT block.
 
 Pure Python: no torch, no ComfyUI. Everything here works on plain ints and floats.
 
@@ -61,96 +61,50 @@ of the trained mapping reads the deepest rung (``default`` with B == 1 is rung R
 Rounding is half-up (floor(x + 0.5)), computed exactly in integers, so it never depends on
 banker's rounding or float error.
 
-Block weight grammar
---------------------
-Case-insensitive, whitespace tolerant. Every block starts at 1.0; an empty spec leaves all at
-1.0. A spec is a comma-separated list of items, applied left to right (later items override
-earlier ones). Each item is ``[BLOCKS:]VALUE``:
-
-BLOCKS, optional (absent means all blocks)
-    ``*`` or ``all``; one block index ``3``; an inclusive range ``0-9`` or ``0..9``
-    (``9-0`` is allowed and runs the other way, which matters for ramps).
-    Block indices must be 0..B-1; negative block indices are not accepted.
-VALUE
-    a number ``0.8`` (``1``, ``.5``, ``1e-1`` and negative numbers such as ``-0.5`` are fine;
-    a negative weight flips that block's contribution and is allowed on purpose), or
-    a linear ramp ``ramp START END`` or ``START->END`` spread over the selected blocks in
-    order: the first gets START, the last END, a single block gets START.
-
-Examples: ``0.8``; ``0-9:1.0, 10-19:0.6``; ``*:0.5``; ``ramp 1.0 0.2``; ``1.0->0.2``;
-``0.5, 19:1``; ``10-19: 1->0``.
-
-Errors (:class:`LayerSpecError`): NaN or infinite numbers (including overflow like ``1e999``),
-a block index outside 0..B-1, a malformed item or number, a ramp without two values, an empty
-item.
+Per-block weights and mixes have their own grammar: ``tbac_core.ladder.block_spec``.
 """
 from __future__ import annotations
 
-import math
 import re
 
 from ..errors import LayerSpecError
+from .text import (
+    EMPTY_ITEM,
+    INT_RE,
+    RANGE_RE,
+    check_count,
+    check_text,
+    echo,
+    inclusive_range,
+    parse_int,
+    spec_error,
+    split_items,
+)
 
 __all__ = [
     "LAYER_SPEC_SYNTAX",
-    "WEIGHT_SPEC_SYNTAX",
     "LayerSpecError",
     "default_rungs",
     "describe_mapping",
     "map_onto_blocks",
-    "parse_block_weights",
     "parse_layer_spec",
     "select_rungs",
 ]
 
-# One-line grammar summaries, appended to syntax errors (and usable as UI tooltips).
+# One-line grammar summary, appended to syntax errors (and usable as a UI tooltip).
 LAYER_SPEC_SYNTAX = (
     "comma-separated items, each one of 'default', 'all', 'final', 'last N', an index like 12 "
     "or -1, or a range like 16-35, 35-16, 16..35 or -10..-2; each optionally followed by a "
     "step ':N' or 'every N' (N >= 1) and then 'reversed'; a lone 'reversed' item reverses "
     "everything before it; empty spec = default"
 )
-WEIGHT_SPEC_SYNTAX = (
-    "comma-separated items '[BLOCKS:]VALUE'; BLOCKS is '*', 'all', an index like 3 or a range "
-    "like 0-9 / 0..9; VALUE is a finite number like 0.8 or a ramp 'ramp 1.0 0.2' / '1.0->0.2'; "
-    "later items override earlier ones, blocks not mentioned keep 1.0"
-)
 
-# Numbers are ASCII only: Python's int()/float() would accept other scripts' digits.
-_INT = r"[+-]?[0-9]+"
-_INT_RE = re.compile(_INT)
-_RANGE_RE = re.compile(rf"({_INT})\s*(?:\.\.|-)\s*({_INT})")
 _LAST_RE = re.compile(r"last\s*(.*)")
 # Modifiers are peeled off the end of an item: first 'reversed', then the step.
 _REVERSE_RE = re.compile(r"(.*?)\s*\breversed?")
 _STEP_RE = re.compile(r"(.*?)\s*(?::(.*)|\bevery\b(.*))")
-_FLOAT_RE = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:e[+-]?[0-9]+)?")
-_NON_FINITE_WORDS = {"nan", "inf", "infinity"}
-_RAMP_WORD_RE = re.compile(r"ramp\b\s*(.*)")
-_RAMP_ARROW_RE = re.compile(r"(.*?)\s*->\s*(.*)")
 
-_ECHO_LIMIT = 200  # a pasted novel should not flood the ComfyUI error popup
-
-
-# --------------------------------------------------------------------------- shared helpers
-
-
-def _echo(spec: object) -> str:
-    """repr() of the spec, shortened so huge inputs still give a readable message."""
-    text = repr(spec)
-    if len(text) > _ECHO_LIMIT:
-        text = text[: _ECHO_LIMIT - 5] + "...'"
-    return text
-
-
-def _layer_error(spec: object, problem: str, hint: str | None = None) -> LayerSpecError:
-    hint = hint if hint is not None else f"Valid syntax: {LAYER_SPEC_SYNTAX}."
-    return LayerSpecError(f"Invalid layer spec {_echo(spec)}: {problem}. {hint}")
-
-
-def _weight_error(spec: object, problem: str, hint: str | None = None) -> LayerSpecError:
-    hint = hint if hint is not None else f"Valid syntax: {WEIGHT_SPEC_SYNTAX}."
-    return LayerSpecError(f"Invalid block-weight spec {_echo(spec)}: {problem}. {hint}")
+_layer_error = spec_error("layer", LAYER_SPEC_SYNTAX)
 
 
 def _rung_range_hint(num_rungs: int) -> str:
@@ -158,44 +112,6 @@ def _rung_range_hint(num_rungs: int) -> str:
         f"Valid rungs are 0..{num_rungs - 1} (or -{num_rungs}..-1 counting back from the end; "
         f"rung {num_rungs - 1} is the final-norm output)."
     )
-
-
-def _block_range_hint(num_blocks: int) -> str:
-    return f"Valid blocks are 0..{num_blocks - 1}."
-
-
-def _check_count(value: object, name: str, minimum: int) -> int:
-    """Model sizes come from code, not users, but a clear error beats an IndexError later."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise LayerSpecError(f"{name} must be a whole number >= {minimum}, got {value!r}.")
-    return value
-
-
-def _check_spec_is_text(spec: object, make_error) -> str:
-    if not isinstance(spec, str):
-        raise make_error(spec, f"expected a string, got {type(spec).__name__}")
-    return spec
-
-
-def _items(spec: str) -> list[str]:
-    """Split on commas and normalise case and whitespace; [] for a blank spec."""
-    if not spec.strip():
-        return []
-    return [" ".join(raw.lower().split()) for raw in spec.split(",")]
-
-
-def _to_int(text: str, spec: str, what: str, make_error) -> int:
-    """int() of an already-validated digit string; int() refuses > 4300 digits."""
-    try:
-        return int(text)
-    except ValueError:
-        raise make_error(spec, f"{what} {text[:20]!r}... is far too long a number") from None
-
-
-def _inclusive_range(first: int, last: int) -> list[int]:
-    """first..last inclusive, descending when first > last."""
-    direction = 1 if last >= first else -1
-    return list(range(first, last + direction, direction))
 
 
 # --------------------------------------------------------------------------- layer spec
@@ -213,8 +129,8 @@ def default_rungs(num_rungs: int, num_blocks: int) -> list[int]:
 
     Raises LayerSpecError when B > R-1 (there are not enough rungs before the final norm).
     """
-    _check_count(num_rungs, "num_rungs", 1)
-    _check_count(num_blocks, "num_blocks", 1)
+    check_count(num_rungs, "num_rungs", 1)
+    check_count(num_blocks, "num_blocks", 1)
     first = num_rungs - 1 - num_blocks
     if first < 0:
         raise LayerSpecError(
@@ -233,9 +149,9 @@ def _resolve_rung(index: int, num_rungs: int, spec: str) -> int:
 def _parse_step(text: str, spec: str) -> int:
     if not text:
         raise _layer_error(spec, "':' or 'every' must be followed by a step, like 16-35:2")
-    if not _INT_RE.fullmatch(text):
+    if not INT_RE.fullmatch(text):
         raise _layer_error(spec, f"step {text!r} is not a whole number")
-    step = _to_int(text, spec, "step", _layer_error)
+    step = parse_int(text, spec, "step", _layer_error)
     if step <= 0:
         raise _layer_error(
             spec,
@@ -267,9 +183,9 @@ def _select_last(count_text: str, spec: str, num_rungs: int) -> list[int]:
     )
     if not count_text:
         raise _layer_error(spec, "'last' needs a count, like 'last 20'", valid)
-    if not _INT_RE.fullmatch(count_text):
+    if not INT_RE.fullmatch(count_text):
         raise _layer_error(spec, f"'last {count_text}' needs a whole-number count", valid)
-    count = _to_int(count_text, spec, "count", _layer_error)
+    count = parse_int(count_text, spec, "count", _layer_error)
     if not 1 <= count <= num_rungs - 1:
         raise _layer_error(spec, f"'last {count}' is out of range", valid)
     return list(range(num_rungs - 1 - count, num_rungs - 1))
@@ -292,16 +208,16 @@ def _select_item(selector: str, spec: str, num_rungs: int, num_blocks: int) -> l
     match = _LAST_RE.fullmatch(selector)
     if match:
         return _select_last(match.group(1).strip(), spec, num_rungs)
-    if _INT_RE.fullmatch(selector):
-        index = _to_int(selector, spec, "rung", _layer_error)
+    if INT_RE.fullmatch(selector):
+        index = parse_int(selector, spec, "rung", _layer_error)
         return [_resolve_rung(index, num_rungs, spec)]
-    match = _RANGE_RE.fullmatch(selector)
+    match = RANGE_RE.fullmatch(selector)
     if match:
         first, last = (
-            _resolve_rung(_to_int(end, spec, "rung", _layer_error), num_rungs, spec)
+            _resolve_rung(parse_int(end, spec, "rung", _layer_error), num_rungs, spec)
             for end in match.groups()
         )
-        return _inclusive_range(first, last)
+        return inclusive_range(first, last)
     if "reverse" in selector:
         raise _layer_error(
             spec,
@@ -318,14 +234,14 @@ def select_rungs(spec: str, num_rungs: int, num_blocks: int) -> list[int]:
     num_blocks and may repeat rungs; every entry is within 0..num_rungs-1. See the module
     docstring for the grammar. Raises LayerSpecError on any problem.
     """
-    _check_count(num_rungs, "num_rungs", 1)
-    _check_count(num_blocks, "num_blocks", 1)
-    spec = _check_spec_is_text(spec, _layer_error)
-    items = _items(spec) or ["default"]
+    check_count(num_rungs, "num_rungs", 1)
+    check_count(num_blocks, "num_blocks", 1)
+    spec = check_text(spec, _layer_error)
+    items = split_items(spec) or ["default"]
     rungs: list[int] = []
     for item in items:
         if not item:
-            raise _layer_error(spec, "it has an empty item (two commas in a row or a stray comma)")
+            raise _layer_error(spec, EMPTY_ITEM)
         selector, step, reverse = _split_modifiers(item, spec)
         if not selector:
             if step is not None:
@@ -365,7 +281,7 @@ def map_onto_blocks(rungs: list[int], num_blocks: int) -> list[int]:
     B == 1 gives the single block ``rungs[-1]``, matching the trained mapping, whose last
     block reads the deepest rung.
     """
-    _check_count(num_blocks, "num_blocks", 1)
+    check_count(num_blocks, "num_blocks", 1)
     if not rungs:
         raise LayerSpecError(
             "there are no rungs to map onto blocks; a spec must name at least one rung."
@@ -382,107 +298,6 @@ def parse_layer_spec(spec: str, num_rungs: int, num_blocks: int) -> list[int]:
     grammar and the mapping rule. Raises LayerSpecError on any problem.
     """
     return map_onto_blocks(select_rungs(spec, num_rungs, num_blocks), num_blocks)
-
-
-# --------------------------------------------------------------------------- block weights
-
-
-def _parse_weight(text: str, spec: str) -> float:
-    """One finite float; NaN/inf are refused because they would poison the whole image."""
-    if text.lstrip("+-") in _NON_FINITE_WORDS:
-        raise _weight_error(
-            spec, f"weight {text!r} is not finite", "Weights must be finite numbers."
-        )
-    if not _FLOAT_RE.fullmatch(text):
-        if not text:
-            raise _weight_error(spec, "a weight value is missing")
-        raise _weight_error(spec, f"{text!r} is not a number")
-    value = float(text)
-    if not math.isfinite(value):
-        raise _weight_error(
-            spec, f"weight {text!r} overflows to {value}", "Weights must be finite numbers."
-        )
-    return value
-
-
-def _check_block(index_text: str, spec: str, num_blocks: int) -> int:
-    index = _to_int(index_text, spec, "block", _weight_error)
-    if not 0 <= index < num_blocks:
-        raise _weight_error(spec, f"block {index} is out of range", _block_range_hint(num_blocks))
-    return index
-
-
-def _select_blocks(text: str, spec: str, num_blocks: int) -> list[int]:
-    """The blocks a BLOCKS selector names, in the order written (it matters for ramps)."""
-    if text in ("*", "all"):
-        return list(range(num_blocks))
-    if _INT_RE.fullmatch(text):
-        return [_check_block(text, spec, num_blocks)]
-    match = _RANGE_RE.fullmatch(text)
-    if match:
-        first, last = (_check_block(end, spec, num_blocks) for end in match.groups())
-        return _inclusive_range(first, last)
-    if not text:
-        raise _weight_error(spec, "a block selector is missing before ':'")
-    raise _weight_error(
-        spec,
-        f"{text!r} is not a block selector",
-        f"{_block_range_hint(num_blocks)} Valid syntax: {WEIGHT_SPEC_SYNTAX}.",
-    )
-
-
-def _ramp_ends(text: str, spec: str) -> tuple[str, str] | None:
-    """('1.0', '0.2') for 'ramp 1.0 0.2' or '1.0->0.2'; None when text is not a ramp."""
-    match = _RAMP_WORD_RE.fullmatch(text)
-    if match:
-        ends = match.group(1).split()
-        if len(ends) != 2:
-            raise _weight_error(spec, f"{text!r} needs exactly two values, like 'ramp 1.0 0.2'")
-        return ends[0], ends[1]
-    match = _RAMP_ARROW_RE.fullmatch(text)
-    if match:
-        return match.group(1), match.group(2)
-    return None
-
-
-def _weight_values(text: str, count: int, spec: str) -> list[float]:
-    """The weights VALUE gives to `count` selected blocks: a constant or a linear ramp."""
-    ends = _ramp_ends(text, spec)
-    if ends is None:
-        if _RANGE_RE.fullmatch(text):  # a common slip: '0-9' meant as blocks, weight forgotten
-            raise _weight_error(spec, f"blocks {text!r} have no weight; write e.g. '{text}:0.6'")
-        return [_parse_weight(text, spec)] * count
-    start, end = (_parse_weight(value, spec) for value in ends)
-    if count == 1:
-        return [start]
-    # start*(1-t) + end*t (not start + (end-start)*t): exact at both ends, no overflow of end-start.
-    return [start * (1 - i / (count - 1)) + end * (i / (count - 1)) for i in range(count)]
-
-
-def parse_block_weights(spec: str, num_blocks: int) -> list[float]:
-    """Per-block strength multipliers: a list of exactly num_blocks finite floats.
-
-    Blocks start at 1.0; items apply left to right. See the module docstring for the grammar.
-    Negative weights are allowed; NaN and infinity are not. Raises LayerSpecError.
-    """
-    _check_count(num_blocks, "num_blocks", 1)
-    spec = _check_spec_is_text(spec, _weight_error)
-    weights = [1.0] * num_blocks
-    for item in _items(spec):
-        if not item:
-            raise _weight_error(spec, "it has an empty item (two commas in a row or a stray comma)")
-        # BLOCKS never contains ':', so the first ':' ends it; no ':' means all blocks.
-        blocks_text, _, value_text = item.partition(":") if ":" in item else ("*", "", item)
-        blocks = _select_blocks(blocks_text.strip(), spec, num_blocks)
-        for block, value in zip(blocks, _weight_values(value_text.strip(), len(blocks), spec)):
-            weights[block] = value
-    # Ramp ends within float range stay finite, but rounding at the very edge of that range
-    # (ends near 1.8e308) could still overflow, so check the result rather than trust it.
-    if not all(math.isfinite(w) for w in weights):
-        raise _weight_error(
-            spec, "a ramp overflows the float range", "Weights must be finite numbers."
-        )
-    return weights
 
 
 # --------------------------------------------------------------------------- description
@@ -521,13 +336,13 @@ def describe_mapping(mapping: list[int], num_rungs: int) -> str:
     Runs are joined by '; '. A stepped run is written like the spec grammar
     ('rungs 16-34:2'); a run of blocks sharing one rung reads 'blocks 0-3 <- rung 36 (final norm)'.
     """
-    _check_count(num_rungs, "num_rungs", 1)
+    check_count(num_rungs, "num_rungs", 1)
     if not mapping:
         return "no blocks"
     for rung in mapping:
         if isinstance(rung, bool) or not isinstance(rung, int) or not 0 <= rung < num_rungs:
             raise LayerSpecError(
-                f"Invalid mapping {_echo(mapping)}: rung {rung!r} is not a rung index. "
+                f"Invalid mapping {echo(mapping)}: rung {rung!r} is not a rung index. "
                 f"Valid rungs are 0..{num_rungs - 1}."
             )
     parts = []

@@ -3,13 +3,23 @@
 The MLLM stays frozen; the metaquery embedding rows, the connector and the DiT (fully, or LoRA
 adapters on it) are trained with the flow-matching objective, and saved as a trained-parts folder
 that ``tbac_core.loading.adapters.apply_adapter`` loads on top of the base checkpoint.
-"""
-from .data import Example, TrainingData, scan_folder
-from .flow import FlowMatchingObjective
-from .parts import DEFAULT_LORA_TARGETS, MetaqueryRows, TrainableParts
-from .trainer import TrainConfig, Trainer, TrainingDivergedError, TrainResult
 
-__all__ = [
-    "DEFAULT_LORA_TARGETS", "Example", "FlowMatchingObjective", "MetaqueryRows", "TrainConfig", "TrainResult",
-    "Trainer", "TrainableParts", "TrainingData", "TrainingDivergedError", "scan_folder",
-]
+Exports load lazily (torch on first use), so the command line registers ``train`` without torch.
+"""
+from .._exports import lazy_exports
+
+_EXPORTS = {
+    "Example": ".data",
+    "TrainingData": ".data",
+    "scan_folder": ".data",
+    "FlowMatchingObjective": ".flow",
+    "DEFAULT_LORA_TARGETS": ".parts",
+    "MetaqueryRows": ".parts",
+    "TrainableParts": ".parts",
+    "TrainConfig": ".trainer",
+    "Trainer": ".trainer",
+    "TrainResult": ".trainer",
+    "TrainingDivergedError": "..errors",
+}
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+__all__ = sorted(_EXPORTS)

@@ -16,10 +16,11 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..cli.options import model_load_kwargs, model_options, resolve_model_dir
+
 
 def add_parser(subparsers) -> None:
-    from ..cli.main import model_options
-
+    """Register ``train``; argparse only, so the parser builds without torch (``--help`` stays fast)."""
     parser = subparsers.add_parser(
         "train", parents=[model_options()], help="Ladder-side tuning: train metaqueries, connector and DiT on "
         "your images (the MLLM stays frozen).", description=__doc__,
@@ -38,8 +39,9 @@ def add_parser(subparsers) -> None:
                        help="Train the DiT fully (default), with LoRA adapters (peft), or not at all.")
     parts.add_argument("--lora-rank", type=int, default=16)
     parts.add_argument("--lora-alpha", type=float, default=None, help="Default: the rank.")
-    parts.add_argument("--lora-targets", default=",".join(_default_targets()),
-                       help="Comma-separated DiT Linear module names (default: %(default)s).")
+    parts.add_argument("--lora-targets", default=None,
+                       help="Comma-separated DiT Linear module names (default: the attention projections, "
+                            "tbac_core.training.DEFAULT_LORA_TARGETS).")
     parts.add_argument("--no-metaqueries", action="store_true", help="Keep the metaquery rows fixed.")
     parts.add_argument("--no-connector", action="store_true", help="Keep the connector fixed.")
     parts.add_argument("--layers", default="default", help="Ladder mapping trained (and sampled) with; a layer "
@@ -71,19 +73,15 @@ def add_parser(subparsers) -> None:
     parser.set_defaults(handler=run_train)
 
 
-def _default_targets() -> tuple[str, ...]:
-    from .parts import DEFAULT_LORA_TARGETS
-
-    return DEFAULT_LORA_TARGETS
-
-
 def train_config_from_args(args: argparse.Namespace):
-    from .trainer import TrainConfig
+    from .trainer import TrainConfig  # torch: only when training really starts
 
-    return TrainConfig(
+    targets = {} if args.lora_targets is None else {
+        "lora_targets": tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())}
+    return TrainConfig(**targets,
         data=list(args.data), output_dir=args.out, dit_mode=args.dit, train_metaqueries=not args.no_metaqueries,
         train_connector=not args.no_connector, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
-        lora_targets=tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()), layers=args.layers,
+        layers=args.layers,
         max_steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr, min_lr_ratio=args.min_lr_ratio,
         warmup_steps=args.warmup, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
         resolution=args.resolution, caption_dropout=args.caption_dropout, timestep_shift=args.timestep_shift,
@@ -95,17 +93,15 @@ def train_config_from_args(args: argparse.Namespace):
 
 
 def load_model(args: argparse.Namespace, folder: Path):
-    from ..loading.build import load_model as load_checkpoint
+    from ..loading import load_model
 
-    return load_checkpoint(folder, dtype=args.dtype, device=args.device, tokenizer_dir=args.tokenizer,
-                           models_dirs=args.models_dir or None)
+    return load_model(folder, **model_load_kwargs(args))
 
 
 def run_train(ctx) -> int:
     import torch
 
-    from ..cli.main import resolve_model_dir
-    from ..loading.adapters import apply_adapter
+    from ..loading import apply_adapter
     from .export import export_checkpoint
     from .trainer import Trainer
 

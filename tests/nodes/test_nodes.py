@@ -1,8 +1,14 @@
-"""The ComfyUI nodes without ComfyUI: declarations, loading, each node against the library, cancellation."""
+"""The ComfyUI nodes without ComfyUI: declarations, loading, each node against the library, cancellation.
+
+The pack is imported as ComfyUI imports it (``tests/support/pack.py``); library names come from the
+pack's own copy of ``tbac_core``, the one the nodes use.
+"""
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import inspect
+import re
 import shutil
 import sys
 import types
@@ -13,19 +19,26 @@ import pytest
 import tomllib
 import torch
 from graph_runner import input_specs, make_models_root
+from pack import NODE_CLASSES, PACK, PACK_NAME, outputs
 from PIL import Image
 
-import nodes
-from nodes import comfy_bridge as bridge
-from nodes import model_nodes, understand_nodes
-from tbac_core.errors import (
-    CheckpointError,
-    ComponentNotFoundError,
-    InvalidParameterError,
-)
-from tbac_core.ladder.layer_spec import LayerSpecError
-from tbac_core.params import SamplingParams
-from tbac_core.processing.ui_inputs import crop_to_multiple, split_prompts
+bridge = PACK.nodes.comfy_bridge
+loader = PACK.nodes.loader
+generate = PACK.nodes.generate
+understand = PACK.nodes.understand
+ladder_nodes = PACK.nodes.ladder
+CheckpointError = PACK.tbac_core.errors.CheckpointError
+ComponentNotFoundError = PACK.tbac_core.errors.ComponentNotFoundError
+InvalidParameterError = PACK.tbac_core.errors.InvalidParameterError
+LayerSpecError = PACK.tbac_core.errors.LayerSpecError
+SamplingParams = PACK.tbac_core.params.SamplingParams
+crop_to_multiple = PACK.tbac_core.processing.crop_to_multiple
+split_prompts = PACK.tbac_core.processing.split_prompts
+NODE_IDS = {
+    "TBACModelLoader", "TBACLadderEncode", "TBACSampler", "TBACDecode", "TBACEncodeImage", "TBACUnderstand",
+    "TBACLadderSelectLayers", "TBACLadderWeight", "TBACLadderMix", "TBACLadderInspect", "TBACLadderSave",
+    "TBACLadderLoad",
+}
 
 ROOT = Path(__file__).resolve().parents[2]
 CORE_TYPES = {"IMAGE", "LATENT", "MASK", "STRING", "INT", "FLOAT", "BOOLEAN", "CONDITIONING", "*"}
@@ -44,10 +57,18 @@ def models_root(tmp_path_factory, fixture_root):
         yield root
 
 
+def _load(checkpoint="tbac-tiny", adapter="none"):
+    (loaded,) = outputs(loader.TBACModelLoader, checkpoint=checkpoint, dtype="fp32", device="cpu", adapter=adapter)
+    return loaded
+
+
+def _choices(cls, name: str) -> list:
+    return [list(spec.choices) for spec in input_specs(cls) if spec.name == name][0]
+
+
 @pytest.fixture(scope="module")
 def model(models_root):
-    (loaded,) = model_nodes.TBACModelLoader().load("tbac-tiny", "fp32", "cpu", "none")
-    return loaded
+    return _load()
 
 
 def _image_batch(count: int, size=(64, 64), seed: int = 0) -> torch.Tensor:
@@ -56,16 +77,19 @@ def _image_batch(count: int, size=(64, 64), seed: int = 0) -> torch.Tensor:
 
 
 # -- declarations ----------------------------------------------------------------------------
-ALL_NODES = sorted(nodes.NODE_CLASS_MAPPINGS.items())
+ALL_NODES = sorted(NODE_CLASSES.items())
 
 
 @pytest.mark.parametrize("name, cls", ALL_NODES)
 def test_declared_inputs_match_the_function(name, cls, models_root):
-    function = getattr(cls, cls.FUNCTION)
-    params = inspect.signature(function).parameters
-    names = [p for p in params if p != "self"]
     specs = input_specs(cls)
     declared = [spec.name for spec in specs]
+    if issubclass(cls, ladder_nodes.LadderEdit):  # execute(**inputs) hands them to the edit in declared order
+        params = inspect.signature(cls.edit).parameters
+        assert len(params) == len(declared) and all(spec.required for spec in specs), name
+        return
+    params = inspect.signature(cls.execute).parameters
+    names = list(params)
     assert sorted(declared) == sorted(names), f"{name}: inputs {declared} vs parameters {names}"
     for spec in specs:
         has_default = params[spec.name].default is not inspect.Parameter.empty
@@ -74,13 +98,13 @@ def test_declared_inputs_match_the_function(name, cls, models_root):
 
 @pytest.mark.parametrize("name, cls", ALL_NODES)
 def test_declared_outputs_and_metadata(name, cls, models_root):
-    assert isinstance(cls.RETURN_TYPES, tuple) and cls.RETURN_TYPES
+    assert isinstance(cls.RETURN_TYPES, list) and cls.RETURN_TYPES  # a list, as V3 nodes give it
     for attribute in ("RETURN_NAMES", "OUTPUT_TOOLTIPS"):
         if hasattr(cls, attribute):
             assert len(getattr(cls, attribute)) == len(cls.RETURN_TYPES), f"{name}.{attribute}"
     assert cls.CATEGORY.startswith("TBAC-UniImage/")
     assert cls.DESCRIPTION.strip()
-    assert nodes.NODE_DISPLAY_NAME_MAPPINGS.get(name)
+    assert cls.GET_SCHEMA().display_name
 
 
 @pytest.mark.parametrize("name, cls", ALL_NODES)
@@ -96,7 +120,7 @@ def test_every_input_has_a_tooltip_and_a_valid_default(name, cls, models_root):
 
 
 def test_custom_types_are_produced_by_some_node(models_root):
-    produced = {t for cls in nodes.NODE_CLASS_MAPPINGS.values() for t in cls.RETURN_TYPES}
+    produced = {t for cls in NODE_CLASSES.values() for t in cls.RETURN_TYPES}
     for name, cls in ALL_NODES:
         for spec in input_specs(cls):
             if spec.type != "COMBO" and spec.type not in CORE_TYPES:
@@ -105,22 +129,39 @@ def test_custom_types_are_produced_by_some_node(models_root):
 
 
 def test_pack_imports_as_comfyui_loads_it():
-    """ComfyUI imports <pack>/__init__.py under a mangled name; the three node modules are merged."""
+    """ComfyUI imports <pack>/__init__.py under a mangled name and, without mappings, calls comfy_entrypoint."""
     name = str(ROOT).replace(".", "_x_") + "_test"
     spec = importlib.util.spec_from_file_location(name, ROOT / "__init__.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
+    path_before = list(sys.path)
     try:
         spec.loader.exec_module(module)
-        mappings = module.NODE_CLASS_MAPPINGS
-        for part in ("model_nodes", "understand_nodes", "ladder_nodes"):
-            part_module = sys.modules[f"{name}.nodes.{part}"]
-            assert set(part_module.NODE_CLASS_MAPPINGS) <= set(mappings)
-        assert set(mappings) == set(module.NODE_DISPLAY_NAME_MAPPINGS)
+        assert not hasattr(module, "NODE_CLASS_MAPPINGS")  # ComfyUI would use it and skip the entry point
+        assert inspect.iscoroutinefunction(module.comfy_entrypoint)
+        extension = asyncio.run(module.comfy_entrypoint())
+        assert isinstance(extension, sys.modules["comfy_api.v0_0_2"].ComfyExtension)
+        classes = asyncio.run(extension.get_node_list())
+        ids = [cls.GET_SCHEMA().node_id for cls in classes]
+        assert sorted(ids) == sorted(NODE_IDS) and len(ids) == 12
+        assert all(cls.__module__.startswith(f"{name}.nodes.") for cls in classes)
+        assert sys.modules[f"{name}.tbac_core"] is not sys.modules.get("tbac_core")  # its own copy of the library
+        assert sys.path == path_before
     finally:
         for key in [k for k in sys.modules if k == name or k.startswith(name + ".")]:
             del sys.modules[key]
     assert "comfy" not in sys.modules and "folder_paths" not in sys.modules
+
+
+def test_the_bridge_is_the_only_comfyui_import():
+    comfy_import = re.compile(r"^\s*(from|import)\s+(comfy\b|comfy_api\b|folder_paths\b)", re.MULTILINE)
+    for path in (ROOT / "nodes").glob("*.py"):
+        text = path.read_text()
+        if path.name != "comfy_bridge.py":
+            assert not comfy_import.search(text), f"{path.name} imports ComfyUI"
+        assert not re.search(r"^\s*(from|import)\s+tbac_core\b", text, re.MULTILINE), f"{path.name}: absolute import"
+    bridge_text = (ROOT / "nodes" / "comfy_bridge.py").read_text()
+    assert "from comfy_api.v0_0_2 import" in bridge_text and "comfy_api.latest" not in bridge_text
 
 
 def test_pyproject_mirrors_requirements():
@@ -149,28 +190,35 @@ def test_bridge_falls_back_without_comfyui(models_root, monkeypatch):
         bridge.devices_for("tpu")
 
 
-def test_prepare_refuses_unknown_parts(model):
-    model.prepare("mllm", "dit", "vae")  # nothing to move outside ComfyUI
+def test_placement_yields_the_parts_and_refuses_unknown_ones(model):
+    placement = model.pipeline.placement
+    for part in ("mllm", "dit", "vae"):
+        with placement.use(part) as module:  # nothing to move outside ComfyUI
+            assert module is getattr(model.model, part)
     with pytest.raises(ValueError, match="Unknown model parts"):
-        model.prepare("unet")
+        with placement.use("unet"):
+            pass
 
 
 # -- loader ----------------------------------------------------------------------------------
 def test_checkpoint_choices_and_names_that_escape(models_root):
-    choices = model_nodes.TBACModelLoader.INPUT_TYPES()["required"]["checkpoint"][0]
+    choices = _choices(loader.TBACModelLoader, "checkpoint")
     assert choices == ["tbac-tiny", "demo"]
     for name in ("../tbac/tbac-tiny", str(models_root / "tbac-tiny"), "tiny-Qwen2.5-VL-Instruct", "nope"):
         with pytest.raises(CheckpointError, match="Available: tbac-tiny"):
-            model_nodes.checkpoint_dir(name)
+            loader.checkpoint_dir(name)
+
+
+DEMO_MODULE = f"{PACK_NAME}.tbac_core.demo"
 
 
 def test_demo_choice_explains_when_the_demo_model_is_missing(models_root, tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "tbac_core.demo", None)
+    monkeypatch.setitem(sys.modules, DEMO_MODULE, None)
     with pytest.raises(CheckpointError, match="demo model is not part of this installation"):
-        model_nodes.TBACModelLoader().load("demo", "fp32", "cpu", "none")
-    monkeypatch.setitem(sys.modules, "tbac_core.demo", types.SimpleNamespace(DEMO_CHECKPOINT=tmp_path / "none"))
+        _load("demo")
+    monkeypatch.setitem(sys.modules, DEMO_MODULE, types.SimpleNamespace(DEMO_CHECKPOINT=tmp_path / "none"))
     with pytest.raises(CheckpointError, match="demo model is not built"):
-        model_nodes.TBACModelLoader().load("demo", "fp32", "cpu", "none")
+        _load("demo")
 
 
 def test_demo_choice_loads_the_built_in_checkpoint(models_root, fixture_root, tmp_path, monkeypatch):
@@ -181,16 +229,16 @@ def test_demo_choice_loads_the_built_in_checkpoint(models_root, fixture_root, tm
                  fixture_root / "tiny-Sana_diffusers"]:
         (demo / path.name).symlink_to(path)
     monkeypatch.setenv(bridge.MODELS_DIR_ENV, str(tmp_path / "empty"))  # nothing else to find it from
-    monkeypatch.setitem(sys.modules, "tbac_core.demo", types.SimpleNamespace(DEMO_CHECKPOINT=demo))
-    assert model_nodes.TBACModelLoader.INPUT_TYPES()["required"]["checkpoint"][0] == ["demo"]
-    (loaded,) = model_nodes.TBACModelLoader().load("demo", "fp32", "cpu", "none")
+    monkeypatch.setitem(sys.modules, DEMO_MODULE, types.SimpleNamespace(DEMO_CHECKPOINT=demo))
+    assert _choices(loader.TBACModelLoader, "checkpoint") == ["demo"]
+    loaded = _load("demo")
     assert loaded.model.checkpoint_dir == demo and loaded.name == "demo"
     assert _encode(loaded, "a red circle on a blue background").batch_size == 1
 
 
 def test_loader_output_is_a_fresh_model_each_call(model, models_root):
     """No hidden cache: reuse across queue runs is ComfyUI's output cache, keyed by the widgets."""
-    (again,) = model_nodes.TBACModelLoader().load("tbac-tiny", "fp32", "cpu", "none")
+    again = _load()
     assert again is not model and again.model is not model.model
     assert again.identity == model.identity and again.name == "tbac-tiny"
     assert next(again.model.dit.parameters()).dtype == torch.float32
@@ -212,17 +260,19 @@ def test_tokenizer_fallback_is_used_only_when_the_core_finds_none(tmp_path, fixt
         if path.name.startswith(("tokenizer", "vocab", "merges", "special_tokens", "added_tokens", "chat_template")):
             shutil.copy(path, bundled / path.name)
     monkeypatch.setenv(bridge.MODELS_DIR_ENV, str(root))
-    assert not model_nodes.core_finds_tokenizer(root / "tbac-tiny", [root])
     with pytest.raises(ComponentNotFoundError, match="No Qwen2.5 tokenizer"):
-        model_nodes.TBACModelLoader().load("tbac-tiny", "fp32", "cpu", "none")
+        _load()
     monkeypatch.setattr(bridge, "comfy_tokenizer_dir", lambda: bundled)
-    (loaded,) = model_nodes.TBACModelLoader().load("tbac-tiny", "fp32", "cpu", "none")
+    loaded = _load()
     assert Path(loaded.model.prompts.tokenizer.name_or_path) == bundled
-    assert model_nodes.core_finds_tokenizer(fixture_root / "checkpoint", [])
+    monkeypatch.setenv(bridge.MODELS_DIR_ENV, str(make_models_root(tmp_path / "full" / "tbac", fixture_root)))
+    own = _load()  # the checkpoint's MLLM folder has a tokenizer: the bundled one is not used
+    assert Path(own.model.prompts.tokenizer.name_or_path) != bundled
 
 
 def test_adapters_are_listed_and_applied_by_name(tmp_path, model, models_root, monkeypatch):
-    from tbac_core.loading.adapters import AdapterError, base_record, write_adapter
+    from tbac_uniimage_pack.tbac_core.errors import AdapterError
+    from tbac_uniimage_pack.tbac_core.loading.adapters import base_record, write_adapter
 
     base = model.model
     generator = torch.Generator().manual_seed(3)
@@ -234,27 +284,27 @@ def test_adapters_are_listed_and_applied_by_name(tmp_path, model, models_root, m
     write_adapter(adapters / "other-base", {"metaqueries.rows": rows}, {"base": other, "parts": {"dit": "frozen"}})
     (adapters / "empty").mkdir()
     monkeypatch.setenv(bridge.ADAPTERS_DIR_ENV, str(adapters))
-    choices = model_nodes.TBACModelLoader.INPUT_TYPES()["required"]["adapter"][0]
+    choices = _choices(loader.TBACModelLoader, "adapter")
     assert choices == ["none", "other-base", "shapes/final"]
 
-    (tuned,) = model_nodes.TBACModelLoader().load("tbac-tiny", "fp32", "cpu", "shapes/final")
+    tuned = _load(adapter="shapes/final")
     assert tuned.name == "tbac-tiny + shapes/final"
     embedding = tuned.model.mllm.get_input_embeddings().weight
     start = tuned.model.base_vocab
     torch.testing.assert_close(embedding[start:start + len(rows)], rows, atol=0, rtol=0)
     assert tuned.identity.fingerprint != model.identity.fingerprint  # old conditionings are refused
     with pytest.raises(AdapterError, match="trained on base model"):
-        model_nodes.TBACModelLoader().load("tbac-tiny", "fp32", "cpu", "other-base")
+        _load(adapter="other-base")
     for name in ("empty", "../tbac_adapters/shapes/final", str(adapters / "shapes" / "final")):
         with pytest.raises(CheckpointError, match="Available: other-base, shapes/final"):
-            model_nodes.TBACModelLoader().load("tbac-tiny", "fp32", "cpu", name)
+            _load(adapter=name)
 
 
 # -- encode ------------------------------------------------------------------------------------
 def _encode(model, prompt, **kwargs):
     options = dict(negative_prompt="", layers="default", keep_all_rungs=False, one_prompt_per_line=False)
     options.update(kwargs)
-    return model_nodes.TBACLadderEncode().encode(model, prompt, **options)[0]
+    return outputs(generate.TBACLadderEncode, model=model, prompt=prompt, **options)[0]
 
 
 def test_encode_matches_the_library_and_splits_lines(model, pipe):
@@ -276,9 +326,21 @@ def test_encode_uses_every_image_of_the_batch_as_inputs_of_the_prompt(model, pip
     torch.testing.assert_close(cond.sources[0].positive, reference.sources[0].positive, atol=1e-6, rtol=0)
 
 
+class RecordingPlacement:
+    """A placement that records which parts the pipeline asked for."""
+
+    def __init__(self, inner):
+        self.inner, self.used = inner, []
+
+    def use(self, part):
+        self.used.append(part)
+        return self.inner.use(part)
+
+
 def test_encode_refuses_a_bad_layer_spec_before_running_the_mllm(model, monkeypatch):
-    prepared = []
-    monkeypatch.setattr(model, "prepare", lambda *parts: prepared.append(parts))
+    placement = RecordingPlacement(model.pipeline.placement)
+    monkeypatch.setattr(model.pipeline, "placement", placement)
+    prepared = placement.used
     with pytest.raises(LayerSpecError, match="Valid rungs are 0..6"):
         _encode(model, "a cat", layers="3-99")
     with pytest.raises(InvalidParameterError, match="no non-blank line"):
@@ -291,7 +353,7 @@ def _sample(model, cond, latent=None, **kwargs):
     options = dict(seed=5, steps=STEPS, guidance=4.5, image_guidance=1.5, width=64, height=64, batch_size=1,
                    sampler="dpm++", denoise=1.0)
     options.update(kwargs)
-    return model_nodes.TBACSampler().sample(model, cond, latent=latent, **options)[0]
+    return outputs(generate.TBACSampler, model=model, conditioning=cond, latent=latent, **options)[0]
 
 
 def test_sampler_matches_the_library_and_drives_progress(model, pipe, monkeypatch):
@@ -319,18 +381,18 @@ def test_sampler_refuses_bad_sizes_and_foreign_latents(model):
 def test_decode_encode_and_image_to_image(model, pipe):
     cond = _encode(model, "a cat")
     latent = _sample(model, cond)
-    (images,) = model_nodes.TBACDecode().decode(model, latent, "auto")
+    (images,) = outputs(generate.TBACDecode, model=model, latent=latent, tiling="auto")
     assert images.shape == (1, 64, 64, 3) and images.dtype == torch.float32 and images.device.type == "cpu"
     torch.testing.assert_close(images, pipe.decode(latent["samples"]), atol=0, rtol=0)
-    (tiled,) = model_nodes.TBACDecode().decode(model, latent, "on")
+    (tiled,) = outputs(generate.TBACDecode, model=model, latent=latent, tiling="on")
     assert tiled.shape == images.shape
 
     odd = _image_batch(1, size=(70, 67))
-    (encoded,) = model_nodes.TBACEncodeImage().encode(model, odd, True)
+    (encoded,) = outputs(generate.TBACEncodeImage, model=model, images=odd, crop_to_multiple=True)
     assert encoded["samples"].shape == (1, 8, 8, 8)
     torch.testing.assert_close(encoded["samples"], pipe.encode_image(odd[:, 1:65, 3:67]), atol=0, rtol=0)
     with pytest.raises(InvalidParameterError, match="multiple of 8"):
-        model_nodes.TBACEncodeImage().encode(model, odd, False)
+        outputs(generate.TBACEncodeImage, model=model, images=odd, crop_to_multiple=False)
 
     start = _sample(model, cond, latent=encoded, denoise=0.5, steps=4, width=512, height=512)
     params = SamplingParams(steps=4, seed=5, denoise=0.5)
@@ -365,7 +427,7 @@ def test_cancel_stops_encoding_and_decoding(model, monkeypatch):
     latent = {"samples": torch.zeros(1, 8, 8, 8)}
     monkeypatch.setattr(bridge, "cancel_check", lambda: _cancel_after(0, []))
     with pytest.raises(Interrupt):
-        model_nodes.TBACDecode().decode(model, latent, "auto")
+        outputs(generate.TBACDecode, model=model, latent=latent, tiling="auto")
     monkeypatch.setattr(bridge, "cancel_check", lambda: None)
     assert _encode(model, "a cat").batch_size == 1  # the model still works afterwards
 
@@ -375,12 +437,12 @@ def _understand(model, **kwargs):
     options = dict(preset="custom", question="What colour is the square?", max_new_tokens=4, do_sample=False,
                    temperature=0.7, top_p=0.9, top_k=0, repetition_penalty=1.0, seed=0)
     options.update(kwargs)
-    return understand_nodes.TBACUnderstand().understand(model, **options)[0]
+    return outputs(understand.TBACUnderstand, model=model, **options)[0]
 
 
 def test_understand_answers_and_follows_the_library(model, fixture_root):
-    from tbac_core.params import GenerationSettings
-    from tbac_core.pipeline.understanding import answer
+    GenerationSettings = PACK.tbac_core.params.GenerationSettings
+    answer = PACK.tbac_core.pipeline.answer
 
     pil = Image.open(fixture_root / "goldens" / "edit_input_0.png").convert("RGB")
     image = torch.from_numpy(np.asarray(pil, dtype=np.float32) / 255.0)[None]
@@ -388,19 +450,20 @@ def test_understand_answers_and_follows_the_library(model, fixture_root):
     settings = GenerationSettings(max_new_tokens=4, do_sample=False, temperature=0.7, top_p=0.9, top_k=0,
                                   repetition_penalty=1.0, seed=0)
     assert isinstance(reply, str)
-    assert reply == answer(model.model, "What colour is the square?", images=[pil], settings=settings)
+    assert reply == answer(model.pipeline, "What colour is the square?", images=[pil], settings=settings)
     sampled = dict(do_sample=True, temperature=1.0, seed=2**64 - 1, max_new_tokens=6)
     assert _understand(model, **sampled) == _understand(model, **sampled)
 
 
 def test_understand_presets_and_question(model):
-    from tbac_core.params import GenerationSettings
-    from tbac_core.pipeline.understanding import PRESETS, answer, resolve_question
+    GenerationSettings = PACK.tbac_core.params.GenerationSettings
+    PRESETS, answer = PACK.tbac_core.pipeline.PRESETS, PACK.tbac_core.pipeline.answer
+    resolve_question = PACK.tbac_core.pipeline.resolve_question
 
     preset = "write a generation prompt for this image"
     assert preset in PRESETS and "custom" in PRESETS
     settings = GenerationSettings(max_new_tokens=4, top_k=0, repetition_penalty=1.0)
-    expected = answer(model.model, resolve_question(preset, "Mention the colours."), settings=settings)
+    expected = answer(model.pipeline, resolve_question(preset, "Mention the colours."), settings=settings)
     assert _understand(model, preset=preset, question="Mention the colours.") == expected
     with pytest.raises(InvalidParameterError, match="question is empty"):
         _understand(model, preset="custom", question="  ")

@@ -4,7 +4,10 @@ Tests use it to run the pack's API-format workflows end to end without ComfyUI: 
 ``[node_id, output_index]`` are resolved, inputs are validated the way ComfyUI validates a prompt
 (required inputs present, combo values listed, numbers in range, link types matching), our nodes
 run for real, and the core nodes the workflows use are stood in by the doubles below, which
-declare the same inputs as ComfyUI v0.24 and record what they receive.
+declare the same inputs as ComfyUI v0.24 and record what they receive. Node classes may use the
+classic API or the V3 schema: both are read through ``INPUT_TYPES()`` / ``RETURN_TYPES`` (a V3 node's
+are converted from its schema, as ComfyUI does), and a V3 node's ``NodeOutput`` is unpacked as
+ComfyUI's executor does.
 
 Like ComfyUI, only output nodes and what they depend on are executed, and outputs of non-output
 nodes are cached across runs by class and inputs (so a loader with unchanged widgets runs once).
@@ -17,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from comfy_api.v0_0_2.io import NodeOutput
 from PIL import Image
 
 WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN")
@@ -73,7 +77,11 @@ class InputSpec:
 
 
 def input_specs(node_class) -> list[InputSpec]:
-    """Required then optional inputs of a classic-API node class, in declaration order."""
+    """Required then optional inputs of a node class, in declaration order.
+
+    A combo is ``([choices], options)`` in the classic API and ``("COMBO", {"options": [choices]})``
+    in a V3 node's converted description.
+    """
     declared = node_class.INPUT_TYPES()
     specs = []
     for section in ("required", "optional"):
@@ -82,6 +90,8 @@ def input_specs(node_class) -> list[InputSpec]:
             options = entry[1] if len(entry) > 1 else {}
             if isinstance(kind, (list, tuple)):
                 specs.append(InputSpec(name, "COMBO", options, section == "required", tuple(kind)))
+            elif kind == "COMBO":
+                specs.append(InputSpec(name, "COMBO", options, section == "required", tuple(options["options"])))
             else:
                 specs.append(InputSpec(name, kind, options, section == "required"))
     return specs
@@ -271,7 +281,11 @@ class GraphRunner:
             if node["class_type"] in ("SaveImage", "PreviewImage", "PreviewAny"):
                 kwargs["node_id"] = node_id
             returned = getattr(instance, cls.FUNCTION)(**kwargs)
-            if isinstance(returned, dict):
+            if isinstance(returned, NodeOutput):  # a V3 node
+                if returned.ui is not None:
+                    result.ui[node_id] = returned.ui
+                returned = returned.args
+            elif isinstance(returned, dict):
                 if "ui" in returned:
                     result.ui[node_id] = returned["ui"]
                 returned = returned.get("result", ())

@@ -29,9 +29,9 @@ from graph_runner import (
     ui_to_api,
     widget_names,
 )
+from pack import NODE_CLASSES, PACK
 
-import nodes
-from nodes import comfy_bridge as bridge
+bridge = PACK.nodes.comfy_bridge
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKFLOWS = ROOT / "workflows"
@@ -65,7 +65,7 @@ def classes(tmp_path_factory, fixture_root, recorder):
     root = make_models_root(tmp_path_factory.mktemp("models") / "tbac", fixture_root)
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv(bridge.MODELS_DIR_ENV, str(root))
-        table = dict(nodes.NODE_CLASS_MAPPINGS)
+        table = dict(NODE_CLASSES)
         table.update(make_core_doubles(input_dir, recorder))
         yield table
 

@@ -1,22 +1,20 @@
-"""Tests of tbac_core.ladder.layer_spec: layer specs, block mapping, block weights, descriptions.
+"""Tests of tbac_core.ladder.layer_spec: layer specs, block mapping, descriptions.
 
 Two model shapes are used throughout: the real TBAC-UniImage (37 rungs, 20 DiT blocks) and
 the tiny test fixture (7 rungs, 4 blocks).
 """
 from __future__ import annotations
 
-import math
-
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from spec_strategies import SPEC_TEXT, inclusive
 
 from tbac_core.ladder.layer_spec import (
     LayerSpecError,
     default_rungs,
     describe_mapping,
     map_onto_blocks,
-    parse_block_weights,
     parse_layer_spec,
     select_rungs,
 )
@@ -271,111 +269,6 @@ def test_huge_spec_is_echoed_shortened():
     assert RANGE_REAL in str(caught.value)
 
 
-# ----------------------------------------------------------------------------- block weights
-
-RAMP_20 = [1.0 - 0.8 * i / 19 for i in range(20)]
-
-WEIGHT_CASES = [
-    # spec, num_blocks, expected weights
-    ("", 20, [1.0] * 20),
-    ("  ", 20, [1.0] * 20),
-    ("0.8", 20, [0.8] * 20),
-    (" 0.8 ", 20, [0.8] * 20),
-    ("1", 20, [1.0] * 20),
-    (".5", 20, [0.5] * 20),
-    ("2.", 20, [2.0] * 20),
-    ("1e-1", 20, [0.1] * 20),
-    ("1E-1", 20, [0.1] * 20),
-    ("-0.5", 20, [-0.5] * 20),  # negative weights are allowed
-    ("+0.5", 20, [0.5] * 20),
-    ("0-9:1.0, 10-19:0.6", 20, [1.0] * 10 + [0.6] * 10),
-    ("10-19:0.6", 20, [1.0] * 10 + [0.6] * 10),
-    ("10..19 : 0.6", 20, [1.0] * 10 + [0.6] * 10),
-    ("19-10:0.6", 20, [1.0] * 10 + [0.6] * 10),
-    ("*:0.5", 20, [0.5] * 20),
-    ("all:0.5", 20, [0.5] * 20),
-    ("ALL : 0.5", 20, [0.5] * 20),
-    ("3:0", 20, [1.0] * 3 + [0.0] + [1.0] * 16),
-    ("0.5, 3:2", 20, [0.5] * 3 + [2.0] + [0.5] * 16),  # later items override earlier ones
-    ("3:2, 0.5", 20, [0.5] * 20),
-    ("0-9:0.2, 5-14:0.7", 20, [0.2] * 5 + [0.7] * 10 + [1.0] * 5),
-    ("ramp 1.0 0.2", 20, RAMP_20),
-    ("RAMP  1.0   0.2", 20, RAMP_20),
-    ("1.0->0.2", 20, RAMP_20),
-    ("1.0 -> 0.2", 20, RAMP_20),
-    ("*:1.0->0.2", 20, RAMP_20),
-    ("ramp 1 0.4", 4, [1.0, 0.8, 0.6, 0.4]),
-    ("-1->-2", 2, [-1.0, -2.0]),
-    ("0-3: ramp 0 1", 6, [0.0, 1 / 3, 2 / 3, 1.0, 1.0, 1.0]),
-    ("3-0:0->1", 4, [1.0, 2 / 3, 1 / 3, 0.0]),  # a descending block range runs the ramp backwards
-    ("5:0->1", 6, [1.0] * 5 + [0.0]),  # one block gets the start value
-    ("ramp 1 0", 1, [1.0]),
-    ("0.3", 1, [0.3]),
-    ("1e308->-1e308", 3, [1e308, 0.0, -1e308]),  # no overflow from end - start
-]
-
-
-@pytest.mark.parametrize("spec, num_blocks, expected", WEIGHT_CASES)
-def test_parse_block_weights(spec, num_blocks, expected):
-    assert parse_block_weights(spec, num_blocks) == pytest.approx(expected, rel=1e-12, abs=1e-12)
-
-
-def test_ramp_ends_are_exact():
-    weights = parse_block_weights("0.1->0.7", 20)
-    assert weights[0] == 0.1 and weights[-1] == 0.7
-
-
-WEIGHT_SYNTAX = "Valid syntax"
-WEIGHT_ERROR_CASES = [
-    # spec, num_blocks, fragments the message must contain (besides the echoed spec)
-    ("nan", 20, ["not finite", "finite numbers"]),
-    ("NaN", 20, ["not finite"]),
-    ("inf", 20, ["not finite"]),
-    ("-inf", 20, ["not finite"]),
-    ("+Infinity", 20, ["not finite"]),
-    ("1e999", 20, ["overflows", "finite numbers"]),
-    ("0-3:nan", 20, ["not finite"]),
-    ("ramp 1 inf", 20, ["not finite"]),
-    ("nan->1", 20, ["not finite"]),
-    ("20:0.5", 20, ["block 20 is out of range", "0..19"]),
-    ("-1:0.5", 20, ["block -1", "0..19"]),
-    ("0-25:1", 20, ["block 25", "0..19"]),
-    ("4:1", 4, ["block 4", "0..3"]),
-    ("abc", 20, ["'abc' is not a number", WEIGHT_SYNTAX]),
-    ("0.5.5", 20, ["not a number", WEIGHT_SYNTAX]),
-    ("1_000", 20, ["not a number"]),  # float() would accept it; the grammar does not
-    ("0-9", 20, ["have no weight", "0-9:0.6"]),
-    ("0-9:", 20, ["value is missing", WEIGHT_SYNTAX]),
-    (":0.5", 20, ["block selector is missing", WEIGHT_SYNTAX]),
-    ("x:0.5", 20, ["'x' is not a block selector", "0..19"]),
-    ("0-9:1:2", 20, ["not a number"]),
-    ("ramp 1", 20, ["exactly two values"]),
-    ("ramp", 20, ["exactly two values"]),
-    ("ramp 1 2 3", 20, ["exactly two values"]),
-    ("1->", 20, ["value is missing"]),
-    ("->1", 20, ["value is missing"]),
-    ("1,,2", 20, ["empty item"]),
-    ("0.5,", 20, ["empty item"]),
-    ("1" * 5000 + ":1", 20, ["too long"]),
-]
-
-
-@pytest.mark.parametrize("spec, num_blocks, fragments", WEIGHT_ERROR_CASES)
-def test_block_weight_errors(spec, num_blocks, fragments):
-    with pytest.raises(LayerSpecError) as caught:
-        parse_block_weights(spec, num_blocks)
-    message = str(caught.value)
-    assert repr(spec)[:100] in message, "the message must echo the spec"
-    for fragment in fragments:
-        assert fragment in message
-
-
-@pytest.mark.parametrize("spec", [None, 0.8])
-def test_block_weights_must_be_text(spec):
-    with pytest.raises(LayerSpecError, match="expected a string"):
-        parse_block_weights(spec, 20)
-
-
 # ----------------------------------------------------------------------------- describe_mapping
 
 
@@ -415,11 +308,6 @@ def model_shapes(draw):
     return num_rungs, draw(st.integers(1, num_rungs - 1))
 
 
-def _inclusive(first, last):
-    step = 1 if last >= first else -1
-    return list(range(first, last + step, step))
-
-
 @st.composite
 def layer_items(draw, num_rungs, num_blocks):
     """One valid item as (text, rungs it names), built independently of the parser."""
@@ -440,7 +328,7 @@ def layer_items(draw, num_rungs, num_blocks):
         ends = st.integers(-num_rungs, num_rungs - 1)
         first, last = draw(ends), draw(ends)
         sep = draw(st.sampled_from(["-", "..", " - ", " .. "]))
-        text, rungs = f"{first}{sep}{last}", _inclusive(first % num_rungs, last % num_rungs)
+        text, rungs = f"{first}{sep}{last}", inclusive(first % num_rungs, last % num_rungs)
     if draw(st.booleans()):
         step = draw(st.integers(1, 6))
         text += draw(st.sampled_from([f":{step}", f" : {step}", f" every {step}"]))
@@ -478,19 +366,9 @@ def test_valid_specs_map_every_block_to_a_valid_rung(case):
     assert "<-" in describe_mapping(mapping, num_rungs)
 
 
-# Fragments of the grammar, so random text often gets deep into the parser.
-_FRAGMENTS = st.sampled_from(
-    [
-        "default", "all", "final", "last", "every", "reversed", "reverse", "ramp", "*", "nan",
-        "inf", "e", "->", "-", "..", ".", ":", ",", " ", "+", "0", "1", "2", "7", "19", "36",
-        "99", "-1", "1e999", "\u0663", "\t",
-    ]
-)
-_SPEC_TEXT = st.one_of(st.text(max_size=40), st.lists(_FRAGMENTS, max_size=12).map("".join))
-
 
 @settings(max_examples=500)
-@given(_SPEC_TEXT, st.integers(1, 40), st.integers(1, 40))
+@given(SPEC_TEXT, st.integers(1, 40), st.integers(1, 40))
 def test_any_text_parses_or_raises_layer_spec_error(spec, num_rungs, num_blocks):
     try:
         mapping = parse_layer_spec(spec, num_rungs, num_blocks)
@@ -525,80 +403,3 @@ def test_map_onto_blocks_properties(rungs, num_blocks):
         assert set(positions) == set(range(k))
     if k >= num_blocks:
         assert len(set(positions)) == num_blocks
-
-
-def _weight_text(value: float) -> str:
-    return repr(value)  # repr round-trips exactly and may use exponents such as 1e-05
-
-
-@st.composite
-def weight_specs(draw):
-    """(spec, num_blocks, per-block expectation) where an expectation is a float or (lo, hi)."""
-    num_blocks = draw(st.integers(1, 40))
-    expected: list = [1.0] * num_blocks
-    values = st.floats(-1e300, 1e300, allow_nan=False, allow_infinity=False)
-    texts = []
-    for _ in range(draw(st.integers(1, 5))):
-        kind = draw(st.sampled_from(["none", "*", "all", "index", "range"]))
-        if kind == "index":
-            block = draw(st.integers(0, num_blocks - 1))
-            prefix, blocks = f"{block}:", [block]
-        elif kind == "range":
-            ends = st.integers(0, num_blocks - 1)
-            first, last = draw(ends), draw(ends)
-            sep = draw(st.sampled_from(["-", "..", " - "]))
-            prefix, blocks = f"{first}{sep}{last} : ", _inclusive(first, last)
-        else:
-            prefix = "" if kind == "none" else f"{kind}:"
-            blocks = list(range(num_blocks))
-        start = draw(values)
-        if draw(st.booleans()):
-            value_text = _weight_text(start)
-            for block in blocks:
-                expected[block] = start
-        else:
-            end = draw(values)
-            value_text = draw(
-                st.sampled_from(
-                    [
-                        f"ramp {_weight_text(start)} {_weight_text(end)}",
-                        f"{_weight_text(start)}->{_weight_text(end)}",
-                        f"{_weight_text(start)} -> {_weight_text(end)}",
-                    ]
-                )
-            )
-            for block in blocks:
-                expected[block] = (min(start, end), max(start, end))
-            expected[blocks[0]] = start
-            if len(blocks) > 1:
-                expected[blocks[-1]] = end
-        texts.append(draw(st.sampled_from([str.lower, str.upper]))(prefix + value_text))
-    return ", ".join(texts), num_blocks, expected
-
-
-@settings(max_examples=300)
-@given(weight_specs())
-def test_valid_weight_specs(case):
-    spec, num_blocks, expected = case
-    weights = parse_block_weights(spec, num_blocks)
-    assert len(weights) == num_blocks
-    for weight, want in zip(weights, expected):
-        assert math.isfinite(weight)
-        if isinstance(want, tuple):
-            low, high = want
-            slack = 1e-12 * max(abs(low), abs(high))
-            assert low - slack <= weight <= high + slack
-        else:
-            assert weight == want
-
-
-@settings(max_examples=500)
-@given(_SPEC_TEXT, st.integers(1, 40))
-def test_any_text_gives_finite_weights_or_raises_layer_spec_error(spec, num_blocks):
-    try:
-        weights = parse_block_weights(spec, num_blocks)
-    except LayerSpecError as error:
-        assert str(error)
-        return
-    assert len(weights) == num_blocks
-    assert all(type(w) is float and math.isfinite(w) for w in weights)
