@@ -221,9 +221,13 @@ class TBACPipeline:
         check_batch(batch)
         if init_latents is not None and init_latents.shape[0] not in (1, batch):
             raise InvalidParameterError(f"init latents have batch {init_latents.shape[0]}; expected 1 or {batch}.")
-        return self._sample(cond, width, height, params, init_latents, callback, check_cancel)
+        return self.run_sampler(cond, width, height, params, init_latents, callback, check_cancel)
 
-    def _sample(self, cond, width, height, params, init_latents, callback, check_cancel) -> torch.Tensor:
+    def run_sampler(self, cond: LadderConditioning, width: int, height: int, params: SamplingParams,
+                    init_latents: torch.Tensor | None = None, callback: StepCallback | None = None,
+                    check_cancel: Callable[[], None] | None = None) -> torch.Tensor:
+        """The sampling stage on checked inputs (``check_inputs``/``sample`` validated them): the DiT
+        is placed, the schedule set, latents prepared and denoised -> [B * images_per_prompt, C, h, w]."""
         with self.placement.use("dit") as dit:
             scheduler, timesteps = make_schedule(params, self.model.scheduler_config, dit.device,
                                                  img2img=init_latents is not None)
@@ -302,7 +306,7 @@ class TBACPipeline:
     def _run(self, inputs: CheckedInputs, params: SamplingParams, init_pixels, callback, check_cancel):
         cond = self._encode(inputs, check_cancel=check_cancel)
         init_latents = self._encode_pixels(init_pixels) if init_pixels is not None else None
-        latents = self._sample(cond, inputs.width, inputs.height, params, init_latents, callback, check_cancel)
+        latents = self.run_sampler(cond, inputs.width, inputs.height, params, init_latents, callback, check_cancel)
         if check_cancel is not None:
             check_cancel()
         tensors = self.decode(latents)
