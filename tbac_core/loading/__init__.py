@@ -3,6 +3,7 @@ from .._exports import lazy_exports
 
 _EXPORTS = {
     "load_model": ".build",
+    "find_tokenizer_dir": ".build",
     "read_checkpoint_config": ".checkpoint",
     "CheckpointFiles": ".checkpoint",
     "TBACConfig": ".components",

@@ -27,10 +27,11 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..errors import AdapterError
+from .components import load_json
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -97,10 +98,7 @@ def read_adapter_config(folder: str | os.PathLike) -> dict:
             f"No {ADAPTER_CONFIG} in {folder}: not a TBAC trained-parts folder (expected {ADAPTER_CONFIG} + "
             f"{ADAPTER_WEIGHTS}, as written by 'python -m tbac_core train')."
         )
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AdapterError(f"{path} is not valid JSON: {exc}") from exc
+    config = load_json(path, AdapterError)
     if not isinstance(config, dict) or config.get("format") != ADAPTER_FORMAT:
         raise AdapterError(f"{path} is not a TBAC trained-parts config (format {ADAPTER_FORMAT!r} expected).")
     if int(config.get("version", 0)) > ADAPTER_VERSION:
@@ -120,7 +118,7 @@ def read_adapter_tensors(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
     try:
         with safe_open(str(path), framework="pt", device="cpu") as handle:
             return {key: handle.get_tensor(key) for key in handle.keys()}
-    except Exception as exc:  # safetensors raises its own error types for corrupt files
+    except (SafetensorError, OSError, ValueError) as exc:  # a damaged file, not an out-of-memory
         raise AdapterError(f"Cannot read {path} as safetensors ({type(exc).__name__}: {exc}).") from exc
 
 

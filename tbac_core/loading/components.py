@@ -118,11 +118,16 @@ def _from_hf_cache(repo_id: str, required_file: str) -> Path | None:
     return None
 
 
-def load_json(path: Path) -> dict:
+def load_json(path: Path, error: type[Exception] = ComponentNotFoundError):
+    """Parse a JSON file (as data, never executed); unreadable or malformed files raise ``error``."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ComponentNotFoundError(f"Cannot read {path} as JSON: {exc}") from exc
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise error(f"Cannot read {path}: {exc}") from exc
+    try:
+        return json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise error(f"{path} is not valid JSON: {exc}"[:2000]) from exc
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ from .._exports import lazy_exports
 _EXPORTS = {
     "TBACPipeline": ".tbac_pipeline",
     "GenerationOutput": ".tbac_pipeline",
+    "CheckedInputs": ".tbac_pipeline",
     "Placement": ".placement",
     "MemoryModePlacement": ".placement",
     "PARTS": ".placement",

@@ -1,8 +1,8 @@
 """Ladder-side diffusion tuning: the training loop.
 
-    from tbac_core import TBACModel
+    from tbac_core import load_model
     from tbac_core.training import TrainConfig, Trainer
-    model = TBACModel.from_pretrained("models/tbac/TBAC-UniImage-3B", dtype="fp32")
+    model = load_model("models/tbac/TBAC-UniImage-3B", dtype="fp32")
     Trainer(model, TrainConfig(data=["my_images"], output_dir="runs/cats", max_steps=2000)).train()
 
 One step: a batch of captions (and input images, for edit triples) goes through the SAME
@@ -41,8 +41,8 @@ from ..ladder.layer_spec import parse_layer_spec
 from ..loading.adapters import read_adapter_config, read_adapter_tensors, write_adapter
 from ..modeling.dit import mask_to_bias
 from ..modeling.mllm import metaquery_rung_states
-from ..modeling.model import metaquery_positions
 from ..modeling.vae import encode_images
+from ..processing.prompt_layout import metaquery_positions
 from .data import Batch, TrainingData
 from .distributed import DataParallel, make_accelerator
 from .flow import FlowMatchingObjective, NoiseDraws
@@ -173,9 +173,9 @@ class Trainer:
         identity = model.identity
         self.block_rungs = parse_layer_spec(config.layers, identity.num_rungs, identity.num_dit_blocks)
         self.resolution = config.resolution or model.config.default_image_size
-        if self.resolution % model.vae_scale:
+        if self.resolution % model.vae_scale_factor:
             raise InvalidParameterError(
-                f"resolution {self.resolution} is not a multiple of the VAE factor {model.vae_scale}."
+                f"resolution {self.resolution} is not a multiple of the VAE factor {model.vae_scale_factor}."
             )
         self.data = data if data is not None else open_training_data(config.data, self.resolution)
         self.accelerator = accelerator if accelerator is not None else make_accelerator()
@@ -284,7 +284,7 @@ class Trainer:
             return encode_images(self.model.vae, batch.targets).to(self.device)
 
     def latent_shape(self) -> tuple[int, int, int]:
-        side = self.resolution // self.model.vae_scale
+        side = self.resolution // self.model.vae_scale_factor
         return (self.model.latent_channels, side, side)
 
     def loss_for(self, batch: Batch, generator: torch.Generator) -> torch.Tensor:

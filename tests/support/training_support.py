@@ -1,12 +1,13 @@
 """Helpers of the training tests: load the tiny checkpoint for training, a small TrainConfig."""
 from __future__ import annotations
 
+from tbac_core.loading import load_model
 from tbac_core.modeling.model import TBACModel
 from tbac_core.training import TrainConfig
 
 
 def load(checkpoint_dir) -> TBACModel:
-    return TBACModel.from_pretrained(checkpoint_dir, dtype="fp32", device="cpu")
+    return load_model(checkpoint_dir, dtype="fp32", device="cpu")
 
 
 def config(tmp_path, data_dir, **overrides) -> TrainConfig:

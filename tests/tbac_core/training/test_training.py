@@ -10,6 +10,7 @@ import torch
 from training_support import config, load
 
 from tbac_core.errors import InvalidParameterError
+from tbac_core.loading import load_model
 from tbac_core.loading.adapters import (
     ADAPTER_CONFIG,
     AdapterError,
@@ -17,7 +18,7 @@ from tbac_core.loading.adapters import (
     list_adapters,
 )
 from tbac_core.modeling.mllm import metaquery_rung_states
-from tbac_core.modeling.model import TBACModel, metaquery_positions
+from tbac_core.processing.prompt_layout import metaquery_positions
 from tbac_core.training import Trainer, TrainingDivergedError, scan_folder
 from tbac_core.training.flow import FlowMatchingObjective
 
@@ -220,8 +221,8 @@ def test_train_cli_subcommand(checkpoint_dir, data_dir, tmp_path):
     assert list_adapters(out) == ["final"]
     assert (out / "samples" / "step-000002.png").is_file()
     # A standalone checkpoint in the official format; the fixture's components sit next to its base.
-    merged = TBACModel.from_pretrained(tmp_path / "merged", dtype="fp32", device="cpu",
-                                       models_dirs=[checkpoint_dir.parent])
+    merged = load_model(tmp_path / "merged", dtype="fp32", device="cpu",
+                        models_dirs=[checkpoint_dir.parent])
     trained = load(checkpoint_dir)
     apply_adapter(trained, out / "final")
     for key, value in trained.dit.transformer.state_dict().items():
