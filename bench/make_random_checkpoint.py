@@ -47,7 +47,7 @@ import torch  # noqa: E402
 
 from tbac_core.loading import builtin_configs  # noqa: E402
 
-DEFAULT_FIXTURES = Path(os.environ.get("TBAC_FIXTURES", REPO.parent / "shared" / "fixtures"))
+DEFAULT_FIXTURES = Path(os.environ.get("TBAC_FIXTURES") or REPO / "tests" / "fixtures")
 DEFAULT_OUT = REPO / "bench" / "models"
 TINY_QWEN = "tiny-Qwen2.5-VL-Instruct"
 TINY_SANA = "tiny-Sana_diffusers"
@@ -387,7 +387,7 @@ def main(argv=None) -> None:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder that receives <size>/ (default %(default)s)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--fixtures", type=Path, default=DEFAULT_FIXTURES,
-                        help="shared/fixtures folder (tokenizer + tiny configs); default $TBAC_FIXTURES or ../shared/fixtures")
+                        help="shared/fixtures folder (tokenizer + tiny configs); default $TBAC_FIXTURES or tests/fixtures")
     parser.add_argument("--max-shard-gb", type=float, default=MAX_SHARD_BYTES / 1024**3)
     args = parser.parse_args(argv)
     spec = make_spec(args.size, args.fixtures)
