@@ -31,6 +31,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..errors import AdapterError
+from ..io.files import atomic_path, atomic_write_json
 from .components import load_json
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -123,17 +124,14 @@ def read_adapter_tensors(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 def write_adapter(folder: str | os.PathLike, tensors: dict[str, torch.Tensor], config: dict) -> None:
-    """Write both files; each goes to a temporary name first, so a crash never leaves half a file."""
+    """Write both files atomically, so a crash never leaves half a file."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     config = {"format": ADAPTER_FORMAT, "version": ADAPTER_VERSION, **config}
-    weights_tmp = folder / (ADAPTER_WEIGHTS + ".tmp")
-    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(weights_tmp),
-              metadata={"format": ADAPTER_FORMAT})
-    os.replace(weights_tmp, folder / ADAPTER_WEIGHTS)
-    config_tmp = folder / (ADAPTER_CONFIG + ".tmp")
-    config_tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(config_tmp, folder / ADAPTER_CONFIG)
+    with atomic_path(folder / ADAPTER_WEIGHTS) as weights_tmp:
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(weights_tmp),
+                  metadata={"format": ADAPTER_FORMAT})
+    atomic_write_json(folder / ADAPTER_CONFIG, config)
 
 
 def split_parts(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:

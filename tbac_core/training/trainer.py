@@ -36,6 +36,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from ..errors import InvalidParameterError, TrainingDivergedError
+from ..io.files import atomic_write
 from ..ladder.conditioning import LadderConditioning, RungSource
 from ..ladder.layer_spec import parse_layer_spec
 from ..loading.adapters import read_adapter_config, read_adapter_tensors, write_adapter
@@ -495,9 +496,7 @@ class Trainer:
 
     @staticmethod
     def _write_json(path: Path, data: dict) -> None:
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
-        tmp.replace(path)
+        atomic_write(path, (json.dumps(data, indent=2, default=str) + "\n").encode("utf-8"))
 
 
 def image_grid(images: list[Image.Image], columns: int | None = None) -> Image.Image:
