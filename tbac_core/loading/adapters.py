@@ -21,7 +21,6 @@ model, or on a model that already has an adapter applied.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from dataclasses import replace
 from pathlib import Path
@@ -32,7 +31,7 @@ from safetensors.torch import save_file
 
 from ..errors import AdapterError
 from ..io.files import atomic_path, atomic_write_json
-from .components import load_json
+from ..io.jsonfile import read_json
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -99,7 +98,7 @@ def read_adapter_config(folder: str | os.PathLike) -> dict:
             f"No {ADAPTER_CONFIG} in {folder}: not a TBAC trained-parts folder (expected {ADAPTER_CONFIG} + "
             f"{ADAPTER_WEIGHTS}, as written by 'python -m tbac_core train')."
         )
-    config = load_json(path, AdapterError)
+    config = read_json(path, "adapter config", error=AdapterError)
     if not isinstance(config, dict) or config.get("format") != ADAPTER_FORMAT:
         raise AdapterError(f"{path} is not a TBAC trained-parts config (format {ADAPTER_FORMAT!r} expected).")
     if int(config.get("version", 0)) > ADAPTER_VERSION:
@@ -281,9 +280,10 @@ def is_adapter_dir(folder: Path) -> bool:
     if not config.is_file() or not (folder / ADAPTER_WEIGHTS).is_file():
         return False
     try:
-        return json.loads(config.read_text(encoding="utf-8")).get("format") == ADAPTER_FORMAT
-    except (OSError, ValueError, AttributeError):
+        data = read_json(config, "adapter config", error=AdapterError)
+    except AdapterError:  # unreadable, huge or deeply nested: not an adapter we can list
         return False
+    return isinstance(data, dict) and data.get("format") == ADAPTER_FORMAT
 
 
 def list_adapters(folder: str | os.PathLike) -> list[str]:

@@ -18,6 +18,7 @@ from transformers import AutoTokenizer
 
 from ..devices import resolve_device, resolve_dtype
 from ..errors import CheckpointError, ComponentNotFoundError
+from ..io.jsonfile import read_json
 from ..ladder.conditioning import ModelIdentity, fingerprint_tensor
 from ..modeling.dit import Connector, LadderDiT
 from ..modeling.mllm import (
@@ -31,7 +32,7 @@ from ..modeling.model import TBACModel
 from ..processing.prompting import PromptBuilder, SpecialIds, make_image_processor
 from . import builtin_configs
 from .checkpoint import CheckpointFiles, read_checkpoint_config
-from .components import ComponentConfigs, TBACConfig, load_json, search_dirs
+from .components import ComponentConfigs, TBACConfig, search_dirs
 
 logger = logging.getLogger(__name__)
 
@@ -146,7 +147,7 @@ def image_processor_settings(folders: list[Path | None]) -> dict:
     for folder in folders:
         if folder is not None and (folder / PREPROCESSOR_FILE).is_file():
             logger.info("Image-processor settings from %s", folder / PREPROCESSOR_FILE)
-            return load_json(folder / PREPROCESSOR_FILE)
+            return read_json(folder / PREPROCESSOR_FILE, "image processor config", error=ComponentNotFoundError)
     logger.info("No %s found; using Qwen2.5-VL's published image-processor settings", PREPROCESSOR_FILE)
     return dict(builtin_configs.QWEN25_VL_IMAGE_PROCESSOR)
 

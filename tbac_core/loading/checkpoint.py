@@ -24,7 +24,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from ..errors import CheckpointError
-from .components import load_json
+from ..io.jsonfile import read_json
 
 CONFIG_NAME = "config.json"
 SINGLE_FILE_NAME = "model.safetensors"
@@ -62,7 +62,7 @@ def read_checkpoint_config(checkpoint_dir: str | os.PathLike) -> dict:
             f"No {CONFIG_NAME} in {checkpoint_dir}. A TBAC-UniImage checkpoint folder holds config.json "
             f"(model_type '{MODEL_TYPE}') next to its safetensors weights."
         )
-    config = load_json(config_path, CheckpointError)
+    config = read_json(config_path, "checkpoint config", error=CheckpointError)
     if not isinstance(config, dict):
         raise CheckpointError(f"{config_path} must hold a JSON object, found {type(config).__name__}.")
     model_type = config.get("model_type")
@@ -102,11 +102,14 @@ def find_weight_files(checkpoint_dir: str | os.PathLike) -> dict[str, Path]:
 
 
 def _keys_from_index(index_path: Path) -> dict[str, Path]:
+    index = read_json(index_path, "safetensors index", error=CheckpointError)
     try:
-        index = json.loads(index_path.read_text(encoding="utf-8"))
         weight_map = index["weight_map"]
-    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"{index_path} is not a valid safetensors index ({exc}).") from exc
+    except (KeyError, TypeError) as exc:
+        raise CheckpointError(f"{index_path} is not a valid safetensors index (no 'weight_map' object).") from exc
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{index_path} is not a valid safetensors index: 'weight_map' must map tensor "
+                              f"names to shard file names.")
     shard_names = sorted(set(weight_map.values()))
     for name in shard_names:
         if Path(name).name != name or not name.endswith(".safetensors"):

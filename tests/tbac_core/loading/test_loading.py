@@ -299,3 +299,39 @@ def test_out_of_memory_is_not_reported_as_a_corrupt_file(checkpoint_dir, monkeyp
     monkeypatch.setattr(torch.Tensor, "to", to)
     with pytest.raises(torch.OutOfMemoryError, match="out of memory"):
         files.load_component("vae", torch.float32, "cpu")
+
+
+def test_listing_skips_folders_with_hostile_configs(tmp_path, checkpoint_dir):
+    """One malformed config.json under the model root (deeply nested, not an object, not UTF-8) must not
+    hide the others: listing reports what it can read and skips the rest."""
+    from tbac_core.loading import list_checkpoints
+    from tbac_core.loading.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, list_adapters
+
+    root = tmp_path / "tbac"
+    root.mkdir()
+    (root / "good").symlink_to(checkpoint_dir, target_is_directory=True)
+    for name, text in (("deep", "[" * 100_000 + "]" * 100_000), ("list", "[1, 2]"), ("bytes", None)):
+        folder = root / name
+        folder.mkdir(parents=True)
+        if text is None:
+            (folder / "config.json").write_bytes(b"\xff\xfe\x00garbage")
+        else:
+            (folder / "config.json").write_text(text)
+        (folder / ADAPTER_CONFIG).write_text(text or "{")
+        (folder / ADAPTER_WEIGHTS).write_bytes(b"")
+    assert list(list_checkpoints([root])) == ["good"]
+    assert list_adapters(root) == []
+
+
+def test_index_with_a_malformed_weight_map_is_a_checkpoint_error(tmp_path, checkpoint_dir):
+    import shutil
+
+    from tbac_core.loading import load_model
+
+    folder = tmp_path / "ckpt"
+    shutil.copytree(checkpoint_dir, folder)
+    (folder / "model.safetensors").unlink()
+    for text in ('{"weight_map": [1, 2]}', '{"weight_map": {"a": 3}}', "[" * 5000 + "]" * 5000, '{"metadata": {}}'):
+        (folder / INDEX_NAME).write_text(text)
+        with pytest.raises(CheckpointError, match="index"):
+            load_model(folder, device="cpu", dtype="fp32")
