@@ -37,11 +37,36 @@ def _imports(path: Path, module: str) -> list[str]:
     return names
 
 
+def _face_exports(path: Path, package: str) -> dict[str, str]:
+    """name -> absolute module, from a lazy face's ``_EXPORTS = {".module": ("name", ...)}``."""
+    for node in ast.parse(path.read_text(encoding="utf-8")).body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "_EXPORTS" for t in node.targets):
+            table = ast.literal_eval(node.value)
+            resolved = {}
+            for module, names in table.items():
+                dots = len(module) - len(module.lstrip("."))
+                base = package.split(".")[: len(package.split(".")) - dots + 1]
+                for name in names:
+                    resolved[name] = ".".join(base + [module.lstrip(".")])
+            return resolved
+    return {}
+
+
 def _graph(root: Path, package: str) -> dict[str, set[str]]:
-    modules = {_module_name(p, root, package): p for p in root.rglob("*.py") if "__pycache__" not in p.parts}
+    """Module -> the modules it imports; an import through a lazy face counts as an import of the module
+    behind the name (a face must not hide a circle)."""
+    paths = {_module_name(p, root, package): p for p in root.rglob("*.py") if "__pycache__" not in p.parts}
+    faces = {name: _face_exports(path, name) for name, path in paths.items() if path.name == "__init__.py"}
     graph = {}
-    for name, path in modules.items():
-        graph[name] = {target for target in _imports(path, name) if target in modules and target != name}
+    for name, path in paths.items():
+        targets = set()
+        for target in _imports(path, name):
+            face, _, attribute = target.rpartition(".")
+            if face in faces and attribute in faces[face]:
+                targets.add(faces[face][attribute])
+            elif target in paths:
+                targets.add(target)
+        graph[name] = targets - {name}
     return graph
 
 
