@@ -15,7 +15,6 @@ import torch
 from accelerate import init_empty_weights
 from diffusers import AutoencoderDC, SanaTransformer2DModel
 from PIL import Image
-from safetensors import safe_open
 from transformers import AutoTokenizer
 
 from ..devices import resolve_device, resolve_dtype
@@ -31,6 +30,7 @@ from ..loading import builtin_configs
 from ..loading.checkpoint import CheckpointFiles, read_checkpoint_config
 from ..loading.components import ComponentConfigs, TBACConfig, load_json, search_dirs
 from ..processing.prompting import PromptBuilder, make_image_processor
+from ..quantization.hook import load_component_state, open_checkpoint_files
 from .dit import Connector, LadderDiT
 from .mllm import (
     attach_lm_head,
@@ -131,11 +131,15 @@ class TBACModel:
         tokenizer_dir: str | os.PathLike | None = None,
         models_dirs: list[str | os.PathLike] | None = None,
         name: str | None = None,
+        quantization: str | None = None,
     ) -> "TBACModel":
+        """``quantization``: ``"fp8"``, ``"q8_0"``, ``"q5_k"`` or ``"q4_k"`` quantises the linears of the
+        MLLM's decoder layers and the DiT's blocks while loading; a folder written by ``quantize`` is
+        read as it is stored without it (see ``tbac_core.quantization``)."""
         checkpoint_dir = Path(checkpoint_dir)
         raw_config = read_checkpoint_config(checkpoint_dir)
         config = TBACConfig.from_dict(raw_config, str(checkpoint_dir / "config.json"))
-        files = CheckpointFiles.open(checkpoint_dir)
+        files = open_checkpoint_files(checkpoint_dir)  # safetensors, or model.gguf
         extra_dirs = search_dirs(models_dirs)
         components = ComponentConfigs.resolve(config, checkpoint_dir, extra_dirs)
         device = resolve_device(device)
@@ -153,8 +157,8 @@ class TBACModel:
         prompts = PromptBuilder(tokenizer, make_image_processor(processor_settings), config.max_input_text_tokens,
                                 processor_settings)
 
-        mllm, base_vocab, fingerprint = cls._load_mllm(files, components.mllm, config, dtype, device)
-        dit = cls._load_dit(files, components.transformer, mllm, dtype, device)
+        mllm, base_vocab, fingerprint = cls._load_mllm(files, components.mllm, config, dtype, device, quantization)
+        dit = cls._load_dit(files, components.transformer, mllm, dtype, device, quantization)
         vae = cls._load_vae(files, components.vae, vae_dtype, device)
         identity = ModelIdentity(
             name=name or checkpoint_dir.name,
@@ -167,7 +171,7 @@ class TBACModel:
         return cls(config, checkpoint_dir, mllm, base_vocab, prompts, dit, vae, dict(components.scheduler), identity)
 
     @staticmethod
-    def _load_mllm(files: CheckpointFiles, mllm_config: dict, config: TBACConfig, dtype, device):
+    def _load_mllm(files: CheckpointFiles, mllm_config: dict, config: TBACConfig, dtype, device, quantization=None):
         shapes = {canonical_key(k): v for k, v in files.shapes("mllm").items()}
         if EMBED_KEY not in shapes:
             raise CheckpointError(f"{files.describe()} has no MLLM input embedding ({EMBED_KEY}).")
@@ -179,18 +183,20 @@ class TBACModel:
                 f"num_metaqueries {config.num_metaqueries} + 2 = {base_vocab + config.num_metaqueries + 2}. "
                 f"The MLLM config does not belong to this checkpoint."
             )
-        load_strict(model, files.load_component("mllm", dtype, device), files.describe(), rename=canonical_key)
+        state = load_component_state(files, "mllm", model, dtype, device, quantization, rename=canonical_key)
+        load_strict(model, state, files.describe(), rename=canonical_key)
         attach_lm_head(model, base_vocab)
         model.to(device)
         fingerprint = _metaquery_fingerprint(files, base_vocab, config.num_metaqueries)
         return model, base_vocab, fingerprint
 
     @staticmethod
-    def _load_dit(files: CheckpointFiles, transformer_config: dict, mllm, dtype, device) -> LadderDiT:
+    def _load_dit(files: CheckpointFiles, transformer_config: dict, mllm, dtype, device, quantization=None) -> LadderDiT:
         with init_empty_weights():
             transformer = SanaTransformer2DModel.from_config(transformer_config)
             connector = Connector(text_model(mllm).norm.weight.shape[0], transformer.config.caption_channels)
-        load_strict(transformer, files.load_component("dit", dtype, device), files.describe())
+        load_strict(transformer, load_component_state(files, "dit", transformer, dtype, device, quantization),
+                    files.describe())
         load_strict(connector, files.load_component("connector", dtype, device), files.describe())
         dit = LadderDiT(transformer, connector).to(device)
         return dit.eval().requires_grad_(False)
@@ -316,8 +322,7 @@ def metaquery_positions(input_ids: torch.Tensor, ids, num_metaqueries: int) -> t
 
 def _metaquery_fingerprint(files: CheckpointFiles, base_vocab: int, num_metaqueries: int) -> str:
     key = next(k for k in files.components["mllm"] if canonical_key(k[len("model.mllm_backbone."):]) == EMBED_KEY)
-    with safe_open(str(files.key_to_file[key]), framework="pt", device="cpu") as handle:
-        rows = handle.get_slice(key)[base_vocab: base_vocab + num_metaqueries]
+    rows = files.read_rows(key, base_vocab, base_vocab + num_metaqueries)
     return fingerprint_tensor(rows)
 
 
