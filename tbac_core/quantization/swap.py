@@ -13,10 +13,11 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import CheckpointError
+from ..params import QUANTIZATION_FORMATS
 from .fp8 import FP8_DTYPE, SCALE_SUFFIX, FP8Linear, quantize_fp8
 from .ggml import BLOCK_FORMATS, BlockFormat, GGUFLinear, quantize_blocks, row_bytes
 
-FORMATS = ("fp8", *BLOCK_FORMATS)  # "fp8", "q8_0", "q4_k", "q5_k"
+FORMATS = QUANTIZATION_FORMATS  # "fp8" (FP8Linear) and the GGUF block formats of BLOCK_FORMATS (GGUFLinear)
 # Keys relative to the component (the checkpoint prefix stripped), either transformers layout.
 _QUANTIZED_KEY = {
     "mllm": re.compile(r"^(model\.)?(language_model\.)?layers\.\d+\.(self_attn|mlp)\.\w+\.weight$"),

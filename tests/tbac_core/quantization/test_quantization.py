@@ -12,7 +12,11 @@ from tbac_core.loading import load_model
 from tbac_core.loading.checkpoint import CheckpointFiles
 from tbac_core.pipeline.tbac_pipeline import TBACPipeline
 from tbac_core.quantization import FP8Linear, GGUFLinear, quantize_checkpoint
-from tbac_core.quantization.ggml import BLOCK_FORMATS, dequantize_blocks, quantize_blocks
+from tbac_core.quantization.ggml import (
+    BLOCK_FORMATS,
+    dequantize_blocks,
+    quantize_blocks,
+)
 
 gguf = pytest.importorskip("gguf")
 DIT_Q = "transformer_blocks.0.attn1.to_q.weight"
