@@ -81,23 +81,40 @@ def combine_guidance(predictions: torch.Tensor, branches: tuple[str, ...], param
     return uncond + g * (full - uncond)
 
 
+def make_schedule(params: SamplingParams, scheduler_config: dict, device, img2img: bool = False):
+    """A fresh scheduler with its timesteps set -> (scheduler, the timesteps to run).
+
+    Image-to-image (``img2img`` with ``params.denoise < 1``) starts at ``params.first_step()``.
+    """
+    scheduler = make_scheduler(params.sampler, scheduler_config)
+    scheduler.set_timesteps(params.steps, device=device)
+    timesteps = scheduler.timesteps
+    if img2img and params.denoise < 1.0:
+        start = params.first_step()
+        timesteps = timesteps[start:]
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(start)
+    return scheduler, timesteps
+
+
 @torch.no_grad()
 def denoise(
     dit: LadderDiT,
     cond: LadderConditioning,
-    noise: torch.Tensor,  # [B * images_per_prompt, C, h, w] float32
-    scheduler_config: dict,
+    latents: torch.Tensor,  # [B * images_per_prompt, C, h, w] float32, from the pipeline's prepare_latents
+    scheduler,
+    timesteps: torch.Tensor,
     params: SamplingParams,
-    init_latents: torch.Tensor | None = None,  # [B * images_per_prompt, C, h, w] for image-to-image
     callback: StepCallback | None = None,
     check_cancel: Callable[[], None] | None = None,
 ) -> torch.Tensor:
-    """Run the sampler and return final latents [B * images_per_prompt, C, h, w] (float32)."""
-    params.validate()
+    """The denoising loop -> final latents [B * images_per_prompt, C, h, w] (float32).
+
+    Inputs are trusted (the pipeline's ``check_inputs`` validated them).
+    """
     device = dit.device
     branches = guidance_branches(cond, params.image_guidance_scale)
     repeats = params.num_images_per_prompt
-    batch = cond.batch_size
 
     # Step-invariant work, once per generation: connector + caption projection for every block.
     per_branch = [cond.block_conditions(name, dit.embed_condition) for name in branches]
@@ -112,26 +129,7 @@ def denoise(
         mask = torch.ones(rows, block_conditions[0].shape[1], dtype=torch.long)
     mask_bias = mask_to_bias(mask.to(device), dit.dtype)
 
-    scheduler = make_scheduler(params.sampler, scheduler_config)
-    scheduler.set_timesteps(params.steps, device=device)
-    timesteps = scheduler.timesteps
-    latents = noise.to(device=device, dtype=torch.float32)
-    if init_latents is not None and params.denoise < 1.0:
-        start = params.steps - int(round(params.steps * params.denoise))
-        if start >= params.steps:
-            raise InvalidParameterError(
-                f"denoise={params.denoise} with {params.steps} steps leaves no step to run; raise denoise or steps."
-            )
-        timesteps = timesteps[start:]
-        if hasattr(scheduler, "set_begin_index"):
-            scheduler.set_begin_index(start)
-        sigma = scheduler.sigmas[start].to(device=device, dtype=torch.float32)
-        latents = (1.0 - sigma) * init_latents.to(device=device, dtype=torch.float32) + sigma * latents
-    if latents.shape[0] != batch * repeats:
-        raise InvalidParameterError(
-            f"Noise has batch {latents.shape[0]} but the conditioning needs {batch} x {repeats} images."
-        )
-
+    latents = latents.to(device=device, dtype=torch.float32)
     for index, t in enumerate(timesteps):
         if check_cancel is not None:
             check_cancel()
