@@ -6,16 +6,12 @@ it is. Only the linear weights of the MLLM's decoder layers and the DiT's blocks
 """
 from .._exports import lazy_exports
 
-_EXPORTS = {
-    "FORMATS": ".swap",
-    "quantize_state": ".swap",
-    "swap_linears": ".swap",
-    "is_quantizable": ".swap",
-    "FP8Linear": ".fp8",
-    "GGUFLinear": ".ggml",
-    "quantize_checkpoint": ".convert",
-    "GGUFCheckpointFiles": ".gguf_checkpoint",
-    "is_gguf_checkpoint": ".gguf_checkpoint",
+_EXPORTS = {  # module -> the names it exports
+    ".swap": ("FORMATS", "quantize_state", "swap_linears", "is_quantizable"),
+    ".fp8": ("FP8Linear",),
+    ".ggml": ("GGUFLinear",),
+    ".convert": ("quantize_checkpoint",),
+    ".gguf_checkpoint": ("GGUFCheckpointFiles", "is_gguf_checkpoint"),
 }
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
-__all__ = sorted(_EXPORTS)
+__all__ = sorted(name for names in _EXPORTS.values() for name in names)
