@@ -46,7 +46,8 @@ if IN_COMFYUI:
 from ..tbac_core.devices import resolve_device
 from ..tbac_core.errors import InvalidParameterError
 from ..tbac_core.loading import MODELS_DIR_ENV
-from ..tbac_core.pipeline import PARTS, TBACPipeline
+from ..tbac_core import pipeline  # a lazy face: diffusers loads with the first model, not with ComfyUI
+from ..tbac_core.pipeline import PARTS
 
 __all__ = [
     "ComfyExtension", "io", "TBAC_MODEL", "LADDER_CONDITIONING", "IN_COMFYUI", "MODELS_DIR_ENV",
@@ -218,7 +219,7 @@ class ManagedModel:
         self.model = model
         self.name = name
         self.devices = devices
-        self.pipeline = TBACPipeline(model, placement=ComfyPlacement(model, devices), cache_size=0)
+        self.pipeline = pipeline.TBACPipeline(model, placement=ComfyPlacement(model, devices), cache_size=0)
 
     @property
     def identity(self):
