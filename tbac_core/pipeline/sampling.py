@@ -16,6 +16,7 @@ from ..errors import InvalidParameterError, NonFiniteOutputError
 from ..ladder.conditioning import LadderConditioning
 from ..modeling.dit import LadderDiT, mask_to_bias
 from ..params import SAMPLERS, SamplingParams
+from .masking import blend_unmasked, resize_mask
 
 
 @dataclass(frozen=True)
@@ -91,8 +92,14 @@ def denoise(
     init_latents: torch.Tensor | None = None,  # [B * images_per_prompt, C, h, w] for image-to-image
     callback: StepCallback | None = None,
     check_cancel: Callable[[], None] | None = None,
+    noise_mask: torch.Tensor | None = None,  # [B * images_per_prompt or 1, 1, h', w'], 1 = may change
 ) -> torch.Tensor:
-    """Run the sampler and return final latents [B * images_per_prompt, C, h, w] (float32)."""
+    """Run the sampler and return final latents [B * images_per_prompt, C, h, w] (float32).
+
+    With ``noise_mask`` (needs ``init_latents``) only the masked region is denoised: before every
+    DiT call the unmasked region is reset to ``init_latents`` noised to the step's sigma, and the
+    result holds ``init_latents`` exactly there (ComfyUI's inpainting convention).
+    """
     params.validate()
     device = dit.device
     branches = guidance_branches(cond, params.image_guidance_scale)
@@ -116,6 +123,7 @@ def denoise(
     scheduler.set_timesteps(params.steps, device=device)
     timesteps = scheduler.timesteps
     latents = noise.to(device=device, dtype=torch.float32)
+    start = 0
     if init_latents is not None and params.denoise < 1.0:
         start = params.steps - int(round(params.steps * params.denoise))
         if start >= params.steps:
@@ -131,10 +139,22 @@ def denoise(
         raise InvalidParameterError(
             f"Noise has batch {latents.shape[0]} but the conditioning needs {batch} x {repeats} images."
         )
+    if noise_mask is not None:
+        if init_latents is None:
+            raise InvalidParameterError(
+                "A noise mask needs the latents of the image to inpaint: connect a latent (e.g. from "
+                "'TBAC Encode Image') to the sampler."
+            )
+        noise_mask = resize_mask(noise_mask, latents.shape[0], *latents.shape[-2:]).to(device)
+        init = init_latents.to(device=device, dtype=torch.float32)
+        step_noise = noise.to(device=device, dtype=torch.float32)
 
     for index, t in enumerate(timesteps):
         if check_cancel is not None:
             check_cancel()
+        if noise_mask is not None:
+            sigma = scheduler.sigmas[start + index].to(device=device, dtype=torch.float32)
+            latents = blend_unmasked(latents, (1.0 - sigma) * init + sigma * step_noise, noise_mask)
         model_input = torch.cat([latents] * len(branches)).to(dit.dtype)
         timestep = t.expand(model_input.shape[0]).to(device)
         prediction = dit(model_input, timestep, block_conditions, mask_bias).float()
@@ -143,6 +163,8 @@ def denoise(
         latents = scheduler.step(guided, t, latents).prev_sample
         if callback is not None:
             callback(StepInfo(index, len(timesteps), t, latents, previous, model_input, timestep, prediction, guided))
+    if noise_mask is not None:
+        latents = blend_unmasked(latents, init, noise_mask)
     if not torch.isfinite(latents).all():
         raise NonFiniteOutputError(
             "Sampling produced NaN/inf latents, so the image would be black or garbage. Lower the "

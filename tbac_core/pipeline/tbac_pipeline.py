@@ -110,8 +110,12 @@ class TBACPipeline:
         init_latents: torch.Tensor | None = None,
         callback: StepCallback | None = None,
         check_cancel: Callable[[], None] | None = None,
+        noise_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Denoise from seeded noise (or from ``init_latents`` with ``params.denoise < 1``)."""
+        """Denoise from seeded noise (or from ``init_latents`` with ``params.denoise < 1``).
+
+        ``noise_mask`` (with ``init_latents``): only where it is 1 may the latents change (inpainting).
+        """
         params.validate()
         cond.check_model(self.model.identity)
         width, height = self.resolve_size(width, height)
@@ -128,7 +132,7 @@ class TBACPipeline:
         with self.placement.use("dit") as dit:
             return denoise(
                 dit, cond, noise, self.model.scheduler_config, params,
-                init_latents=init_latents, callback=callback, check_cancel=check_cancel,
+                init_latents=init_latents, callback=callback, check_cancel=check_cancel, noise_mask=noise_mask,
             )
 
     def decode(self, latents: torch.Tensor, tiled: bool | None = None) -> torch.Tensor:

@@ -358,7 +358,7 @@ def _sample(model, cond, latent=None, **kwargs):
 
 def test_sampler_matches_the_library_and_drives_progress(model, pipe, monkeypatch):
     updates = []
-    monkeypatch.setattr(bridge.Progress, "update", lambda self, done, total: updates.append((done, total)))
+    monkeypatch.setattr(bridge.Progress, "update", lambda self, done, total, preview=None: updates.append((done, total)))
     cond = _encode(model, "a red cat\na green frog", one_prompt_per_line=True)
     latent = _sample(model, cond, batch_size=2, seed=2**64 - 1, sampler="euler")
     params = SamplingParams(steps=STEPS, seed=2**64 - 1, sampler="euler", num_images_per_prompt=2)
@@ -374,8 +374,8 @@ def test_sampler_refuses_bad_sizes_and_foreign_latents(model):
         _sample(model, cond, width=60)
     with pytest.raises(InvalidParameterError, match="has 4 channels"):
         _sample(model, cond, latent={"samples": torch.zeros(1, 4, 8, 8)}, denoise=0.5)
-    with pytest.raises(InvalidParameterError, match="noise mask"):
-        _sample(model, cond, latent={"samples": torch.zeros(1, 8, 8, 8), "noise_mask": torch.ones(1, 64, 64)})
+    with pytest.raises(InvalidParameterError, match="expected 1 or 1"):
+        _sample(model, cond, latent={"samples": torch.zeros(1, 8, 8, 8), "noise_mask": torch.ones(3, 64, 64)})
 
 
 def test_decode_encode_and_image_to_image(model, pipe):
