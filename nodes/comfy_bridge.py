@@ -39,6 +39,9 @@ from comfy_api.v0_0_2 import ComfyExtension, io
 IN_COMFYUI = "comfy.model_management" in sys.modules and "folder_paths" in sys.modules
 if IN_COMFYUI:
     import comfy.cli_args
+    import comfy.conds
+    import comfy.latent_formats
+    import comfy.model_base
     import comfy.model_management
     import comfy.model_patcher
     import comfy.utils
@@ -54,6 +57,8 @@ __all__ = [
     "ADAPTERS_DIR_ENV", "OUTPUT_DIR_ENV", "DEVICE_CHOICES", "model_roots", "adapter_roots",
     "output_directory", "comfy_tokenizer_dir", "Devices", "devices_for", "intermediate_device",
     "ComfyPlacement", "ManagedModel", "Progress", "cancel_check", "preview_max_size", "PREVIEW_FORMAT",
+    "NativeBaseModel", "NativeLatentFormat", "FLOW_MODEL_TYPE", "model_patcher", "cross_attention_cond",
+    "regular_cond",
 ]
 
 logger = logging.getLogger(__name__)
@@ -233,6 +238,29 @@ class ManagedModel:
 
     def __repr__(self) -> str:
         return f"ManagedModel({self.name!r}, compute={self.devices.compute})"
+
+
+# -- native models (what core KSampler drives) -----------------------------------------------
+# Base classes for ``nodes/native.py``; outside ComfyUI plain stand-ins, so the module imports
+# everywhere (its nodes then refuse to run: a native MODEL only means something inside ComfyUI).
+NativeBaseModel = comfy.model_base.BaseModel if IN_COMFYUI else torch.nn.Module
+NativeLatentFormat = comfy.latent_formats.LatentFormat if IN_COMFYUI else object
+FLOW_MODEL_TYPE = comfy.model_base.ModelType.FLOW if IN_COMFYUI else None
+
+
+def model_patcher(model: torch.nn.Module, devices: Devices):
+    """A ``ModelPatcher`` (ComfyUI's MODEL value) around a native model."""
+    return comfy.model_patcher.ModelPatcher(model, load_device=devices.compute, offload_device=devices.offload["dit"])
+
+
+def cross_attention_cond(tensor: torch.Tensor):
+    """A conditioning input that core batches as cross-attention context ([B, N, D])."""
+    return comfy.conds.CONDCrossAttn(tensor)
+
+
+def regular_cond(tensor: torch.Tensor):
+    """A conditioning input that core batches along dim 0."""
+    return comfy.conds.CONDRegular(tensor)
 
 
 # -- progress, previews and cancellation -----------------------------------------------------

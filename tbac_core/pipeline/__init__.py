@@ -8,6 +8,7 @@ _EXPORTS = {
     "MemoryModePlacement": ".placement",
     "PARTS": ".placement",
     "StepInfo": ".sampling",
+    "make_scheduler": ".sampling",
     "LatentRGBProjection": ".preview",
     "PreviewProjections": ".preview",
     "predicted_clean": ".preview",

@@ -37,11 +37,11 @@ split_prompts = PACK.tbac_core.processing.split_prompts
 NODE_IDS = {
     "TBACModelLoader", "TBACLadderEncode", "TBACSampler", "TBACDecode", "TBACEncodeImage", "TBACUnderstand",
     "TBACLadderSelectLayers", "TBACLadderWeight", "TBACLadderMix", "TBACLadderInspect", "TBACLadderSave",
-    "TBACLadderLoad",
+    "TBACLadderLoad", "TBACNativeModel", "TBACToConditioning", "TBACFlowSigmas",
 }
 
 ROOT = Path(__file__).resolve().parents[2]
-CORE_TYPES = {"IMAGE", "LATENT", "MASK", "STRING", "INT", "FLOAT", "BOOLEAN", "CONDITIONING", "*"}
+CORE_TYPES = {"IMAGE", "LATENT", "MASK", "STRING", "INT", "FLOAT", "BOOLEAN", "CONDITIONING", "MODEL", "SIGMAS", "*"}
 STEPS = 3
 
 
