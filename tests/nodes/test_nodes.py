@@ -413,7 +413,7 @@ def test_cancel_stops_sampling_and_propagates(model, monkeypatch):
     cond = _encode(model, "a cat")
     counter, steps = [], []
     monkeypatch.setattr(bridge, "cancel_check", lambda: _cancel_after(2, counter))
-    monkeypatch.setattr(bridge.Progress, "update", lambda self, done, total: steps.append(done))
+    monkeypatch.setattr(bridge.Progress, "update", lambda self, done, total, preview=None: steps.append(done))
     with pytest.raises(Interrupt):
         _sample(model, cond, steps=10)
     assert steps == [1, 2]  # stopped before the third step
