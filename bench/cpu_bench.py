@@ -44,7 +44,7 @@ RESULT_TAG = "CPU-BENCH-RESULT "  # a subprocess prints its JSON result on a lin
 # -- phases (each runs in a fresh subprocess) -------------------------------------------------------
 def phase_load(checkpoint: Path) -> dict:
     """One load: seconds, RSS before/after, peak RSS, and the bytes of the loaded weights."""
-    import tbac_core.modeling.model  # noqa: F401
+    import tbac_core.loading.build  # noqa: F401
     from tbac_core import TBACPipeline  # noqa: F401  (imports torch/transformers/diffusers first)
 
     gc.collect()
@@ -67,6 +67,7 @@ def phase_load(checkpoint: Path) -> dict:
 def phase_run(checkpoint: Path, repeats: int, steps: int, guidance: float) -> dict:
     """Encode, sampler steps, full generation, decode; peak RSS of the first generation."""
     from tbac_core import TBACPipeline
+    from tbac_core.processing.prompt_layout import conditioning_rows
 
     pipe = TBACPipeline.from_pretrained(checkpoint, device="cpu", dtype="fp32", cache_size=0)
     model = pipe.model
@@ -101,7 +102,7 @@ def phase_run(checkpoint: Path, repeats: int, steps: int, guidance: float) -> di
         with bu.timed(decode):
             pipe.decode(latents[:1])
     tokens = pipe.model.prompts.build_batch(
-        pipe.model.conditioning_rows([PROMPT], None, ""), model.config.system_prompt, model.metaquery_suffix()
+        conditioning_rows(pipe.model.prompts, [PROMPT], None, ""), model.config.system_prompt, model.metaquery_suffix()
     )["input_ids"].shape
     return {
         "encode_seconds": bu.summary(encode),

@@ -14,7 +14,7 @@ random weights drawn straight on the GPU, see ``make_random_checkpoint.build_ran
 
 ``--smoke`` runs the same code on the CPU with the tiny architecture, 2 steps and batches 1/2 (a few
 seconds), so CI proves the script works before a GPU is lent. ``--load-checkpoint DIR`` also times
-``TBACModel.from_pretrained`` of a checkpoint folder (e.g. the real release) onto the device.
+``tbac_core.load_model`` of a checkpoint folder (e.g. the real release) onto the device.
 
 Writes ``bench/results/gpu-<gpu name>-<date>.json`` (``--out`` to choose) and prints a table.
 """
@@ -192,14 +192,14 @@ def parity(fixtures: Path, device, dtypes: list[str]) -> dict:
 
 
 def time_load(checkpoint: Path, device, dtype: str) -> dict:
-    from tbac_core.modeling.model import TBACModel
+    from tbac_core.loading import load_model
 
     release(device)
     peak_memory_reset(device)
     bu.reset_peak_rss()
     rss_before = bu.rss_bytes()
     start = time.perf_counter()
-    model = TBACModel.from_pretrained(checkpoint, device=device, dtype=dtype)
+    model = load_model(checkpoint, device=device, dtype=dtype)
     bu.synchronize(device)
     seconds = time.perf_counter() - start
     result = {"checkpoint": str(checkpoint), "seconds": seconds, "weights_bytes":
@@ -338,7 +338,9 @@ def main(argv=None) -> dict:
 
 
 def _tokens_per_row(model) -> int:
-    rows = model.conditioning_rows(prompts_for(1), None, NEGATIVE)
+    from tbac_core.processing.prompt_layout import conditioning_rows
+
+    rows = conditioning_rows(model.prompts, prompts_for(1), None, NEGATIVE)
     batch = model.prompts.build_batch(rows, model.config.system_prompt, model.metaquery_suffix())
     return int(batch["input_ids"].shape[1])
 

@@ -47,7 +47,7 @@ import torch  # noqa: E402
 
 from tbac_core.loading import builtin_configs  # noqa: E402
 
-DEFAULT_FIXTURES = Path(os.environ.get("TBAC_FIXTURES", REPO.parent / "shared" / "fixtures"))
+DEFAULT_FIXTURES = Path(os.environ.get("TBAC_FIXTURES") or REPO / "tests" / "fixtures")
 DEFAULT_OUT = REPO / "bench" / "models"
 TINY_QWEN = "tiny-Qwen2.5-VL-Instruct"
 TINY_SANA = "tiny-Sana_diffusers"
@@ -323,20 +323,20 @@ def build_random_model(spec: RandomSpec, device="cpu", dtype: torch.dtype = torc
                        vae_dtype: torch.dtype | None = None, seed: int = 0, fixtures: Path = DEFAULT_FIXTURES):
     """A ``TBACModel`` with random weights drawn directly on ``device`` in ``dtype``.
 
-    Assembled as ``TBACModel.from_pretrained`` assembles a checkpoint (same builders, same strict
+    Assembled as ``tbac_core.load_model`` assembles a checkpoint (same builders, same strict
     assignment), minus the file: for the 3B architecture on a GPU this skips writing and reading
     11.4 GB. The tokenizer and image processor come from the fixture's MLLM folder.
     """
     from tbac_core.ladder.conditioning import ModelIdentity, fingerprint_tensor
-    from tbac_core.loading.components import TBACConfig
-    from tbac_core.modeling.dit import LadderDiT
-    from tbac_core.modeling.mllm import attach_lm_head, num_rungs
-    from tbac_core.modeling.model import (
-        TBACModel,
+    from tbac_core.loading.build import (
         image_processor_settings,
         load_strict,
         load_tokenizer,
     )
+    from tbac_core.loading.components import TBACConfig
+    from tbac_core.modeling.dit import LadderDiT
+    from tbac_core.modeling.mllm import attach_lm_head, num_rungs
+    from tbac_core.modeling.model import TBACModel
     from tbac_core.processing.prompting import PromptBuilder, make_image_processor
 
     device = torch.device(device)
@@ -387,7 +387,7 @@ def main(argv=None) -> None:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder that receives <size>/ (default %(default)s)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--fixtures", type=Path, default=DEFAULT_FIXTURES,
-                        help="shared/fixtures folder (tokenizer + tiny configs); default $TBAC_FIXTURES or ../shared/fixtures")
+                        help="shared/fixtures folder (tokenizer + tiny configs); default $TBAC_FIXTURES or tests/fixtures")
     parser.add_argument("--max-shard-gb", type=float, default=MAX_SHARD_BYTES / 1024**3)
     args = parser.parse_args(argv)
     spec = make_spec(args.size, args.fixtures)

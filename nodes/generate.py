@@ -186,7 +186,7 @@ class TBACSampler(io.ComfyNode):
         if bridge.preview_max_size() is None:
             return None
         projection = model.preview_projection()
-        scale = model.model.vae_scale
+        scale = model.pipeline.vae_scale_factor
         steps = model.model.scheduler_config.get("num_train_timesteps", 1000)
         return lambda info, max_size: projection.step_preview(info, scale, max_size, steps)
 
@@ -248,7 +248,7 @@ class TBACEncodeImage(io.ComfyNode):
     @classmethod
     def execute(cls, model, images, crop_to_multiple: bool) -> io.NodeOutput:
         if crop_to_multiple:
-            images = processing.crop_to_multiple(images, model.model.vae_scale)
+            images = processing.crop_to_multiple(images, model.pipeline.vae_scale_factor)
         latents = model.pipeline.encode_image(images)
         return io.NodeOutput({"samples": latents.to(bridge.intermediate_device())})
 

@@ -107,7 +107,7 @@ def native_model(model):
     """The ComfyUI MODEL (a ModelPatcher) of a ``ManagedModel``'s ladder DiT."""
     tbac = model.model
     config = NativeModelConfig(
-        latent_format=TBACLatentFormat(tbac.latent_channels, tbac.vae_scale, model.preview_projection()),
+        latent_format=TBACLatentFormat(tbac.latent_channels, tbac.vae_scale_factor, model.preview_projection()),
         sampling_settings={"shift": tbac.scheduler_config.get("flow_shift", 3.0),
                            "multiplier": tbac.scheduler_config.get("num_train_timesteps", 1000)},
     )

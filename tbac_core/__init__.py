@@ -11,15 +11,13 @@ from ._exports import lazy_exports
 
 __version__ = "0.1.0"
 
-_EXPORTS = {
-    "TBACModel": ".modeling.model",
-    "load_model": ".loading.build",
-    "TBACPipeline": ".pipeline.tbac_pipeline",
-    "GenerationOutput": ".pipeline.tbac_pipeline",
-    "LadderConditioning": ".ladder.conditioning",
-    "SamplingParams": ".params",
-    "GenerationSettings": ".params",
-    "TBACError": ".errors",
+_EXPORTS = {  # module -> the names it exports
+    ".modeling.model": ("TBACModel",),
+    ".loading.build": ("load_model",),
+    ".pipeline.tbac_pipeline": ("TBACPipeline", "GenerationOutput"),
+    ".ladder.conditioning": ("LadderConditioning",),
+    ".params": ("SamplingParams", "GenerationSettings"),
+    ".errors": ("TBACError",),
 }
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
-__all__ = sorted(_EXPORTS)
+__all__ = sorted(name for names in _EXPORTS.values() for name in names)

@@ -9,18 +9,19 @@ from __future__ import annotations
 import importlib
 
 
-def lazy_exports(package: str, exports: dict[str, str]):
-    """``__getattr__`` and ``__dir__`` for ``package``: ``exports`` maps a name to its module."""
+def lazy_exports(package: str, exports: dict[str, tuple[str, ...]]):
+    """``__getattr__`` and ``__dir__`` for ``package``: ``exports`` maps a module to the names it exports."""
+    module_of = {name: module for module, names in exports.items() for name in names}
 
     def __getattr__(name: str):
-        if name in exports:
-            value = getattr(importlib.import_module(exports[name], package), name)
+        if name in module_of:
+            value = getattr(importlib.import_module(module_of[name], package), name)
             globals_ = importlib.import_module(package).__dict__
             globals_[name] = value  # later look-ups skip this function
             return value
         raise AttributeError(f"module {package!r} has no attribute {name!r}")
 
     def __dir__():
-        return sorted(exports)
+        return sorted(module_of)
 
     return __getattr__, __dir__

@@ -47,7 +47,8 @@ class SamplingParams:
     num_images_per_prompt: int = 1
     denoise: float = 1.0  # < 1 with init latents: image-to-image
 
-    def validate(self) -> None:
+    def validate(self, img2img: bool = False) -> None:
+        """Refuse any field out of range; ``img2img``: ``denoise`` must also leave a step to run."""
         if not _is_int(self.steps) or not 1 <= self.steps <= MAX_STEPS:
             raise InvalidParameterError(f"steps must be an integer in 1..{MAX_STEPS}, got {self.steps!r}.")
         for name in ("guidance_scale", "image_guidance_scale", "denoise"):
@@ -64,6 +65,14 @@ class SamplingParams:
             raise InvalidParameterError(
                 f"num_images_per_prompt must be a positive integer, got {self.num_images_per_prompt!r}."
             )
+        if img2img and self.first_step() >= self.steps:
+            raise InvalidParameterError(
+                f"denoise={self.denoise} with {self.steps} steps leaves no step to run; raise denoise or steps."
+            )
+
+    def first_step(self) -> int:
+        """Index of the first scheduler step that runs: image-to-image skips the noisiest ones."""
+        return self.steps - int(round(self.steps * self.denoise))
 
 
 def check_size(width: int, height: int, factor: int) -> None:

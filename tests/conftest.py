@@ -1,4 +1,4 @@
-"""Shared fixtures: the tiny official-format checkpoint and golden outputs in ../shared/fixtures."""
+"""Shared fixtures: the tiny official-format checkpoint and golden outputs (tests/fixtures, or $TBAC_FIXTURES)."""
 from __future__ import annotations
 
 import json
@@ -9,11 +9,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT.parent))  # the pack folder is importable as a package by its name
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests" / "support"))  # test doubles and helpers shared by the suites
 
-FIXTURE_ROOT = Path(os.environ.get("TBAC_FIXTURES", ROOT.parent / "shared" / "fixtures")) / "tbac-tiny"
+FIXTURE_ROOT = Path(os.environ.get("TBAC_FIXTURES") or ROOT / "tests" / "fixtures") / "tbac-tiny"
 
 
 def pytest_configure(config):
@@ -25,7 +24,7 @@ def pytest_configure(config):
 @pytest.fixture(scope="session")
 def fixture_root() -> Path:
     if not (FIXTURE_ROOT / "checkpoint" / "config.json").is_file():
-        pytest.fail(f"tiny fixture not found at {FIXTURE_ROOT}; set TBAC_FIXTURES to the shared/fixtures folder")
+        pytest.fail(f"tiny fixture not found at {FIXTURE_ROOT}; set TBAC_FIXTURES to a folder holding tbac-tiny/")
     return FIXTURE_ROOT
 
 

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,10 +30,18 @@ def test_pip_install_gives_importable_libraries_outside_the_repository(tmp_path)
     """``pip install .`` (into a fresh target folder, without network: this interpreter's setuptools builds
     it) installs both libraries and the demo checkpoint; then ``import tbac_core`` and
     ``python -m comfy_queue --help`` work from a folder that is not the repository."""
+    # Build from a copy of what a source distribution holds: setuptools writes build/ and *.egg-info
+    # next to the sources, which must not land in the working tree.
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy(ROOT / name, source / name)
+    for package in ("tbac_core", "comfy_queue"):
+        shutil.copytree(ROOT / package, source / package, ignore=shutil.ignore_patterns("__pycache__"))
     site = tmp_path / "site"
     env = {**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                    "--target", str(site), str(ROOT)], check=True, timeout=300, env=env, cwd=tmp_path)
+                    "--target", str(site), str(source)], check=True, timeout=300, env=env, cwd=tmp_path)
     outside = tmp_path / "elsewhere"
     outside.mkdir()
     env["PYTHONPATH"] = str(site)  # the installed copies only: the repository is not on the path

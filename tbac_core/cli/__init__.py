@@ -28,6 +28,9 @@ arguments before ``ctx.pipeline()`` and keep imports of torch & co. inside ``run
 """
 from .._exports import lazy_exports
 
-_EXPORTS = {"main": ".app", "build_parser": ".app", "CommandContext": ".context"}
+_EXPORTS = {  # module -> the names it exports
+    ".app": ("main", "build_parser"),
+    ".context": ("CommandContext",),
+}
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
-__all__ = sorted(_EXPORTS)
+__all__ = sorted(name for names in _EXPORTS.values() for name in names)

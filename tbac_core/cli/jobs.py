@@ -16,7 +16,14 @@ from typing import Any, Sequence
 
 from ..errors import InvalidParameterError, JobError, LayerSpecError, UsageError
 from ..ladder import LAYER_SPEC_SYNTAX, parse_layer_spec
-from ..params import DEFAULT_IMAGE_SIZE, SAMPLERS, SIZE_STEP, SamplingParams, check_batch, check_size
+from ..params import (
+    DEFAULT_IMAGE_SIZE,
+    SAMPLERS,
+    SIZE_STEP,
+    SamplingParams,
+    check_batch,
+    check_size,
+)
 from .images import image_path_problem
 from .options import demo_settings
 

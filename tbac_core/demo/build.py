@@ -101,8 +101,8 @@ def latent_scale(vae, images: torch.Tensor) -> float:
 def build(out: Path, work: Path, *, spec: DemoSpec, steps: int, batch_size: int, learning_rate: float,
           vae_steps: int, layers: str, evaluate_after: bool, images_per_scene: int = IMAGES_PER_SCENE,
           log=print) -> dict:
+    from ..loading.build import load_model
     from ..modeling.dit import Connector
-    from ..modeling.model import TBACModel
     from ..processing.images import pil_to_tensor
     from ..training import TrainConfig, Trainer
     from ..training.export import checkpoint_tensors, write_checkpoint
@@ -164,7 +164,7 @@ def build(out: Path, work: Path, *, spec: DemoSpec, steps: int, batch_size: int,
     write_checkpoint(initial, checkpoint_tensors(
         init_mllm_state(qwen, spec.num_metaqueries, spec.seed), connector.state_dict(),
         transformer.state_dict(), vae.state_dict()), config)
-    model = TBACModel.from_pretrained(initial, dtype="fp32", device="cpu", models_dirs=[out], name="demo")
+    model = load_model(initial, dtype="fp32", device="cpu", models_dirs=[out], name="demo")
     train_config = TrainConfig(
         data=[str(data_dir)], output_dir=str(work / "run"), dit_mode="full", layers=layers,
         max_steps=steps, batch_size=batch_size, learning_rate=learning_rate, warmup_steps=max(1, steps // 20),

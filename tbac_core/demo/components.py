@@ -16,12 +16,12 @@ depend on the installed transformers/diffusers versions and a rebuild gives the 
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from ..io.files import atomic_write_json
 from ..loading import builtin_configs
 from ..modeling.mllm import build_mllm, canonical_key
 
@@ -382,5 +382,5 @@ def build_vae(spec: DemoSpec):
 
 def write_json(path: Path, data, sort_keys: bool = True) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2, sort_keys=sort_keys, ensure_ascii=False) + "\n", encoding="utf-8")
+    atomic_write_json(path, data, sort_keys=sort_keys)
 

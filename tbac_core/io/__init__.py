@@ -2,24 +2,14 @@
 PNG parameter chunks. No torch."""
 from .._exports import lazy_exports
 
-_EXPORTS = {
-    "MAX_NAME_BYTES": ".files",
-    "atomic_path": ".files",
-    "atomic_write": ".files",
-    "atomic_write_json": ".files",
-    "check_name_length": ".files",
-    "next_counter": ".files",
-    "safe_name": ".files",
-    "write_new_file": ".files",
-    "MAX_JSON_DEPTH": ".jsonfile",
-    "parse_json": ".jsonfile",
-    "read_json": ".jsonfile",
-    "read_text_bounded": ".jsonfile",
-    "Record": ".rows",
-    "ROWS_EXTENSIONS": ".rows",
-    "read_records": ".rows",
-    "encode_png": ".pngmeta",
-    "read_parameters": ".pngmeta",
+_EXPORTS = {  # module -> the names it exports
+    ".files": (
+        "MAX_NAME_BYTES", "atomic_path", "atomic_write", "atomic_write_json", "check_name_length", "next_counter",
+        "safe_name", "write_new_file",
+    ),
+    ".jsonfile": ("MAX_JSON_DEPTH", "parse_json", "read_json", "read_text_bounded"),
+    ".rows": ("Record", "ROWS_EXTENSIONS", "read_records"),
+    ".pngmeta": ("encode_png", "read_parameters"),
 }
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
-__all__ = sorted(_EXPORTS)
+__all__ = sorted(name for names in _EXPORTS.values() for name in names)

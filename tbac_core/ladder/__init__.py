@@ -7,30 +7,13 @@
 """
 from .._exports import lazy_exports
 
-_EXPORTS = {
-    "LadderConditioning": ".conditioning",
-    "ModelIdentity": ".conditioning",
-    "RungSource": ".conditioning",
-    "BlockTerm": ".conditioning",
-    "LAYER_SPEC_SYNTAX": ".layer_spec",
-    "WEIGHT_SPEC_SYNTAX": ".block_spec",
-    "parse_layer_spec": ".layer_spec",
-    "parse_block_weights": ".block_spec",
-    "default_rungs": ".layer_spec",
-    "describe_mapping": ".layer_spec",
-    "MIX_SPEC_SYNTAX": ".block_spec",
-    "parse_mix_spec": ".block_spec",
-    "select_layers": ".edit",
-    "weight_blocks": ".edit",
-    "mix": ".edit",
-    "inspect": ".inspection",
-    "describe_conditioning": ".inspection",
-    "rung_norms": ".inspection",
-    "rung_similarity": ".inspection",
-    "block_similarity": ".inspection",
-    "FILE_EXTENSION": ".io",
-    "save_conditioning": ".io",
-    "load_conditioning": ".io",
+_EXPORTS = {  # module -> the names it exports
+    ".conditioning": ("LadderConditioning", "ModelIdentity", "RungSource", "BlockTerm"),
+    ".layer_spec": ("LAYER_SPEC_SYNTAX", "parse_layer_spec", "default_rungs", "describe_mapping"),
+    ".block_spec": ("WEIGHT_SPEC_SYNTAX", "parse_block_weights", "MIX_SPEC_SYNTAX", "parse_mix_spec"),
+    ".edit": ("select_layers", "weight_blocks", "mix"),
+    ".inspection": ("inspect", "describe_conditioning", "rung_norms", "rung_similarity", "block_similarity"),
+    ".io": ("FILE_EXTENSION", "save_conditioning", "load_conditioning"),
 }
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
-__all__ = sorted(_EXPORTS)
+__all__ = sorted(name for names in _EXPORTS.values() for name in names)

@@ -1,18 +1,12 @@
 """Reading checkpoints in the official format: files, component configs, folders and adapters."""
 from .._exports import lazy_exports
 
-_EXPORTS = {
-    "load_model": ".build",
-    "read_checkpoint_config": ".checkpoint",
-    "CheckpointFiles": ".checkpoint",
-    "TBACConfig": ".components",
-    "MODELS_DIR_ENV": ".components",
-    "search_dirs": ".components",
-    "resolve_component_dir": ".components",
-    "list_checkpoints": ".folders",
-    "resolve_checkpoint": ".folders",
-    "apply_adapter": ".adapters",
-    "list_adapters": ".adapters",
+_EXPORTS = {  # module -> the names it exports
+    ".build": ("load_model", "find_tokenizer_dir"),
+    ".checkpoint": ("read_checkpoint_config", "CheckpointFiles"),
+    ".components": ("TBACConfig", "MODELS_DIR_ENV", "search_dirs", "resolve_component_dir"),
+    ".folders": ("list_checkpoints", "resolve_checkpoint"),
+    ".adapters": ("apply_adapter", "list_adapters"),
 }
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
-__all__ = sorted(_EXPORTS)
+__all__ = sorted(name for names in _EXPORTS.values() for name in names)

@@ -21,16 +21,17 @@ model, or on a model that already has an adapter applied.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from dataclasses import replace
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..errors import AdapterError
+from ..io.files import atomic_path, atomic_write_json
+from ..io.jsonfile import read_json
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -97,10 +98,7 @@ def read_adapter_config(folder: str | os.PathLike) -> dict:
             f"No {ADAPTER_CONFIG} in {folder}: not a TBAC trained-parts folder (expected {ADAPTER_CONFIG} + "
             f"{ADAPTER_WEIGHTS}, as written by 'python -m tbac_core train')."
         )
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AdapterError(f"{path} is not valid JSON: {exc}") from exc
+    config = read_json(path, "adapter config", error=AdapterError)
     if not isinstance(config, dict) or config.get("format") != ADAPTER_FORMAT:
         raise AdapterError(f"{path} is not a TBAC trained-parts config (format {ADAPTER_FORMAT!r} expected).")
     if int(config.get("version", 0)) > ADAPTER_VERSION:
@@ -120,22 +118,19 @@ def read_adapter_tensors(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
     try:
         with safe_open(str(path), framework="pt", device="cpu") as handle:
             return {key: handle.get_tensor(key) for key in handle.keys()}
-    except Exception as exc:  # safetensors raises its own error types for corrupt files
+    except (SafetensorError, OSError, ValueError) as exc:  # a damaged file, not an out-of-memory
         raise AdapterError(f"Cannot read {path} as safetensors ({type(exc).__name__}: {exc}).") from exc
 
 
 def write_adapter(folder: str | os.PathLike, tensors: dict[str, torch.Tensor], config: dict) -> None:
-    """Write both files; each goes to a temporary name first, so a crash never leaves half a file."""
+    """Write both files atomically, so a crash never leaves half a file."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     config = {"format": ADAPTER_FORMAT, "version": ADAPTER_VERSION, **config}
-    weights_tmp = folder / (ADAPTER_WEIGHTS + ".tmp")
-    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(weights_tmp),
-              metadata={"format": ADAPTER_FORMAT})
-    os.replace(weights_tmp, folder / ADAPTER_WEIGHTS)
-    config_tmp = folder / (ADAPTER_CONFIG + ".tmp")
-    config_tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(config_tmp, folder / ADAPTER_CONFIG)
+    with atomic_path(folder / ADAPTER_WEIGHTS) as weights_tmp:
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(weights_tmp),
+                  metadata={"format": ADAPTER_FORMAT})
+    atomic_write_json(folder / ADAPTER_CONFIG, config)
 
 
 def split_parts(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
@@ -285,9 +280,10 @@ def is_adapter_dir(folder: Path) -> bool:
     if not config.is_file() or not (folder / ADAPTER_WEIGHTS).is_file():
         return False
     try:
-        return json.loads(config.read_text(encoding="utf-8")).get("format") == ADAPTER_FORMAT
-    except (OSError, ValueError, AttributeError):
+        data = read_json(config, "adapter config", error=AdapterError)
+    except AdapterError:  # unreadable, huge or deeply nested: not an adapter we can list
         return False
+    return isinstance(data, dict) and data.get("format") == ADAPTER_FORMAT
 
 
 def list_adapters(folder: str | os.PathLike) -> list[str]:

@@ -21,14 +21,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from ..errors import CheckpointError
+from ..io.jsonfile import read_json
 
 CONFIG_NAME = "config.json"
 SINGLE_FILE_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# What reading a damaged safetensors file raises (a bad header entry gives KeyError/TypeError/
+# ValueError, a short file struct.error or OSError). Out-of-memory and device errors are not here:
+# they are not a damaged file and must reach the user as what they are.
+READ_ERRORS = (OSError, ValueError, KeyError, TypeError, RecursionError, struct.error, SafetensorError)
 MODEL_TYPE = "tbacuniimage"
 
 MLLM_PREFIX = "model.mllm_backbone."
@@ -57,10 +62,7 @@ def read_checkpoint_config(checkpoint_dir: str | os.PathLike) -> dict:
             f"No {CONFIG_NAME} in {checkpoint_dir}. A TBAC-UniImage checkpoint folder holds config.json "
             f"(model_type '{MODEL_TYPE}') next to its safetensors weights."
         )
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{config_path} is not valid JSON: {exc}") from exc
+    config = read_json(config_path, "checkpoint config", error=CheckpointError)
     if not isinstance(config, dict):
         raise CheckpointError(f"{config_path} must hold a JSON object, found {type(config).__name__}.")
     model_type = config.get("model_type")
@@ -100,11 +102,14 @@ def find_weight_files(checkpoint_dir: str | os.PathLike) -> dict[str, Path]:
 
 
 def _keys_from_index(index_path: Path) -> dict[str, Path]:
+    index = read_json(index_path, "safetensors index", error=CheckpointError)
     try:
-        index = json.loads(index_path.read_text(encoding="utf-8"))
         weight_map = index["weight_map"]
-    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"{index_path} is not a valid safetensors index ({exc}).") from exc
+    except (KeyError, TypeError) as exc:
+        raise CheckpointError(f"{index_path} is not a valid safetensors index (no 'weight_map' object).") from exc
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{index_path} is not a valid safetensors index: 'weight_map' must map tensor "
+                              f"names to shard file names.")
     shard_names = sorted(set(weight_map.values()))
     for name in shard_names:
         if Path(name).name != name or not name.endswith(".safetensors"):
@@ -151,37 +156,59 @@ def iter_safetensors(path: Path, keys: list[str]):
     Reading each tensor with ``readinto`` peaks at the weights plus one tensor. The file format is
     a little-endian u64 header length, a JSON header, then the raw tensor bytes.
     """
-    size = path.stat().st_size
-    with open(path, "rb") as handle:
-        (header_len,) = struct.unpack("<Q", handle.read(8))
-        if header_len > size - 8:
-            raise CheckpointError(f"{path}: header length {header_len} exceeds the file size ({size} bytes).")
-        header = json.loads(handle.read(header_len))
+    try:
+        size = path.stat().st_size
+        handle = open(path, "rb")
+    except OSError as exc:
+        raise CheckpointError(f"Cannot open {path}: {exc}") from exc
+    with handle:
+        try:
+            (header_len,) = struct.unpack("<Q", handle.read(8))
+            if header_len > size - 8:
+                raise CheckpointError(f"{path}: header length {header_len} exceeds the file size ({size} bytes).")
+            header = json.loads(handle.read(header_len))
+        except READ_ERRORS as exc:
+            raise _corrupt(path, exc) from exc
         data_start = 8 + header_len
         for key in keys:
-            entry = header[key]
-            begin, end = entry["data_offsets"]
-            dtype = SAFETENSORS_DTYPES.get(entry["dtype"])
-            if dtype is None:
-                raise CheckpointError(f"{path}: tensor {key} has unsupported dtype {entry['dtype']}.")
-            tensor = torch.empty(entry["shape"], dtype=dtype)
-            nbytes = tensor.numel() * tensor.element_size()
-            if end - begin != nbytes or data_start + end > size:
-                raise CheckpointError(
-                    f"{path}: tensor {key} lies outside the file or has the wrong byte length; the file is "
-                    f"truncated or corrupt: download it again."
-                )
-            handle.seek(data_start + begin)
-            if nbytes and handle.readinto(memoryview(tensor.view(-1).view(torch.uint8).numpy())) != nbytes:
-                raise CheckpointError(f"{path}: could not read tensor {key}; the file is truncated.")
-            yield key, tensor
+            try:
+                tensor = _read_tensor(handle, path, key, header, data_start, size)
+            except READ_ERRORS as exc:
+                raise _corrupt(path, exc) from exc
+            yield key, tensor  # outside the try: what the caller does with it is not a read error
+
+
+def _read_tensor(handle, path: Path, key: str, header: dict, data_start: int, size: int) -> torch.Tensor:
+    entry = header[key]
+    begin, end = entry["data_offsets"]
+    dtype = SAFETENSORS_DTYPES.get(entry["dtype"])
+    if dtype is None:
+        raise CheckpointError(f"{path}: tensor {key} has unsupported dtype {entry['dtype']}.")
+    tensor = torch.empty(entry["shape"], dtype=dtype)
+    nbytes = tensor.numel() * tensor.element_size()
+    if end - begin != nbytes or data_start + end > size:
+        raise CheckpointError(
+            f"{path}: tensor {key} lies outside the file or has the wrong byte length; the file is "
+            f"truncated or corrupt: download it again."
+        )
+    handle.seek(data_start + begin)
+    if nbytes and handle.readinto(memoryview(tensor.view(-1).view(torch.uint8).numpy())) != nbytes:
+        raise CheckpointError(f"{path}: could not read tensor {key}; the file is truncated.")
+    return tensor
+
+
+def _corrupt(path: Path, exc: BaseException) -> CheckpointError:
+    return CheckpointError(
+        f"Cannot read tensors from {path} ({type(exc).__name__}: {exc}). The file is truncated or "
+        f"corrupt: download it again."
+    )
 
 
 def _safetensors_keys(path: Path) -> list[str]:
     try:
         with safe_open(str(path), framework="pt", device="cpu") as handle:
             return list(handle.keys())
-    except Exception as exc:  # safetensors raises its own error types for corrupt headers
+    except READ_ERRORS as exc:
         raise CheckpointError(
             f"Cannot read {path} as safetensors ({type(exc).__name__}: {exc}). The file is truncated or "
             f"corrupt: download it again."
@@ -249,18 +276,12 @@ class CheckpointFiles:
         prefix = COMPONENT_PREFIXES[component]
         state: dict[str, torch.Tensor] = {}
         for path, keys in self._keys_by_file(component).items():
-            try:
-                for key, tensor in iter_safetensors(path, keys):
-                    if dtype is not None and tensor.is_floating_point():
-                        tensor = tensor.to(dtype=dtype)
-                    state[key[len(prefix):]] = tensor.to(device)
-            except CheckpointError:
-                raise
-            except Exception as exc:
-                raise CheckpointError(
-                    f"Cannot read tensors from {path} ({type(exc).__name__}: {exc}). The file is "
-                    f"truncated or corrupt: download it again."
-                ) from exc
+            # Read errors become a CheckpointError inside iter_safetensors; casting and moving
+            # (out of memory, a device error) raise as what they are.
+            for key, tensor in iter_safetensors(path, keys):
+                if dtype is not None and tensor.is_floating_point():
+                    tensor = tensor.to(dtype=dtype)
+                state[key[len(prefix):]] = tensor.to(device)
         return state
 
     def shapes(self, component: str) -> dict[str, tuple[int, ...]]:

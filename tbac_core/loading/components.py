@@ -8,13 +8,13 @@ from the TBAC checkpoint itself. When no folder is found the published architect
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from ..errors import CheckpointError, ComponentNotFoundError
+from ..io.jsonfile import read_json
 from . import builtin_configs
 
 logger = logging.getLogger(__name__)
@@ -118,13 +118,6 @@ def _from_hf_cache(repo_id: str, required_file: str) -> Path | None:
     return None
 
 
-def load_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ComponentNotFoundError(f"Cannot read {path} as JSON: {exc}") from exc
-
-
 @dataclass(frozen=True)
 class ComponentConfigs:
     """Architecture configs of every part, plus the folders they came from (None = built-in)."""
@@ -140,7 +133,7 @@ class ComponentConfigs:
     def resolve(cls, config: TBACConfig, checkpoint_dir: Path, extra_dirs: list[Path] | None = None):
         mllm_dir = resolve_component_dir(config.mllm_id, checkpoint_dir, "config.json", extra_dirs)
         if mllm_dir is not None:
-            mllm = load_json(mllm_dir / "config.json")
+            mllm = read_json(mllm_dir / "config.json", "MLLM config", error=ComponentNotFoundError)
         else:
             mllm = _builtin(builtin_configs.BUILTIN_MLLM, config.mllm_id, "MLLM", checkpoint_dir, extra_dirs)
         parts = {}
@@ -153,7 +146,7 @@ class ComponentConfigs:
             folder = resolve_component_dir(component_id, checkpoint_dir, file, extra_dirs)
             dirs[part] = folder
             if folder is not None:
-                parts[part] = load_json(folder / file)
+                parts[part] = read_json(folder / file, f"{part} config", error=ComponentNotFoundError)
             else:
                 table = builtin_configs.BUILTIN_DIFFUSION
                 parts[part] = _builtin(table, component_id, part, checkpoint_dir, extra_dirs)[part]

@@ -7,11 +7,11 @@ user placed in a model root are followed when listing (a common way to keep mode
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 from ..errors import CheckpointError
+from ..io.jsonfile import read_json
 from .checkpoint import CONFIG_NAME, MODEL_TYPE
 
 MAX_DEPTH = 3  # how deep under a root checkpoint folders are looked for
@@ -23,9 +23,10 @@ def is_checkpoint_dir(folder: Path) -> bool:
     if not config.is_file():
         return False
     try:
-        return json.loads(config.read_text(encoding="utf-8")).get("model_type") == MODEL_TYPE
-    except (OSError, ValueError, AttributeError):
+        data = read_json(config, "checkpoint config", error=CheckpointError)
+    except CheckpointError:  # unreadable, huge or deeply nested: not a checkpoint we can list
         return False
+    return isinstance(data, dict) and data.get("model_type") == MODEL_TYPE
 
 
 def list_checkpoints(roots: list[str | os.PathLike]) -> dict[str, Path]:

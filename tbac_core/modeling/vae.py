@@ -33,6 +33,3 @@ def encode_images(vae: AutoencoderDC, images: torch.Tensor) -> torch.Tensor:
     latents = vae.encode(pixels).latent
     return ((latents - _shift(vae)) * vae.config.scaling_factor).float()
 
-
-def downsample_factor(vae: AutoencoderDC) -> int:
-    return 2 ** (len(vae.config.encoder_block_out_channels) - 1)

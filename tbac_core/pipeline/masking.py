@@ -60,3 +60,36 @@ def composite_pixels(decoded: torch.Tensor, original: torch.Tensor, mask: torch.
         raise InvalidParameterError(f"{original.shape[0]} original images for {batch} decoded ones; give 1 or {batch}.")
     pixel_mask = resize_mask(mask, batch, height, width).permute(0, 2, 3, 1).to(decoded)  # [B, H, W, 1]
     return decoded * pixel_mask + original.to(decoded).expand(batch, -1, -1, -1) * (1.0 - pixel_mask)
+
+
+class InpaintBlend:
+    """What the denoising loop needs to honour a noise mask (ComfyUI's ``KSamplerX0Inpaint`` idea).
+
+    ``init`` / ``noise``: ``[B, C, h, w]`` input latents and the seeded noise; ``mask``: ``[B, 1, h, w]``
+    at latent resolution. Before each DiT call the unmasked region is set to ``init`` noised to the
+    step's sigma; after the last step it is ``init`` exactly.
+    """
+
+    def __init__(self, init: torch.Tensor, noise: torch.Tensor, mask: torch.Tensor):
+        self.init, self.noise, self.mask = init, noise, mask
+
+    def to(self, device) -> "InpaintBlend":
+        return InpaintBlend(*(t.to(device=device, dtype=torch.float32) for t in (self.init, self.noise, self.mask)))
+
+    def before_step(self, latents: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        return blend_unmasked(latents, (1.0 - sigma) * self.init + sigma * self.noise, self.mask)
+
+    def finish(self, latents: torch.Tensor) -> torch.Tensor:
+        return blend_unmasked(latents, self.init, self.mask)
+
+
+def inpaint_blend(noise_mask: torch.Tensor, init_latents: torch.Tensor | None, noise: torch.Tensor) -> InpaintBlend:
+    """Check a noise mask against the job and bring it to latent resolution (``noise``: [B, C, h, w])."""
+    if init_latents is None:
+        raise InvalidParameterError(
+            "A noise mask needs the latents of the image to inpaint: connect a latent (e.g. from "
+            "'TBAC Encode Image') to the sampler."
+        )
+    batch, _, height, width = noise.shape
+    mask = resize_mask(noise_mask, batch, height, width)
+    return InpaintBlend(init_latents.float().expand(batch, -1, -1, -1), noise, mask)

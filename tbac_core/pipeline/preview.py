@@ -76,7 +76,7 @@ class PreviewProjections:
         """The projection of a ``TBACModel`` (fitted on first use, on the VAE where it sits)."""
         key = (model.identity, str(model.checkpoint_dir))
         if key not in self._fitted:
-            self._fitted[key] = LatentRGBProjection.fit(model.vae, model.latent_channels, model.vae_scale)
+            self._fitted[key] = LatentRGBProjection.fit(model.vae, model.latent_channels, model.vae_scale_factor)
         return self._fitted[key]
 
 

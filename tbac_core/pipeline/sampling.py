@@ -16,7 +16,7 @@ from ..errors import InvalidParameterError, NonFiniteOutputError
 from ..ladder.conditioning import LadderConditioning
 from ..modeling.dit import LadderDiT, mask_to_bias
 from ..params import SAMPLERS, SamplingParams
-from .masking import blend_unmasked, resize_mask
+from .masking import InpaintBlend
 
 
 @dataclass(frozen=True)
@@ -82,29 +82,42 @@ def combine_guidance(predictions: torch.Tensor, branches: tuple[str, ...], param
     return uncond + g * (full - uncond)
 
 
+def make_schedule(params: SamplingParams, scheduler_config: dict, device, img2img: bool = False):
+    """A fresh scheduler with its timesteps set -> (scheduler, the timesteps to run).
+
+    Image-to-image (``img2img`` with ``params.denoise < 1``) starts at ``params.first_step()``.
+    """
+    scheduler = make_scheduler(params.sampler, scheduler_config)
+    scheduler.set_timesteps(params.steps, device=device)
+    timesteps = scheduler.timesteps
+    if img2img and params.denoise < 1.0:
+        start = params.first_step()
+        timesteps = timesteps[start:]
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(start)
+    return scheduler, timesteps
+
+
 @torch.no_grad()
 def denoise(
     dit: LadderDiT,
     cond: LadderConditioning,
-    noise: torch.Tensor,  # [B * images_per_prompt, C, h, w] float32
-    scheduler_config: dict,
+    latents: torch.Tensor,  # [B * images_per_prompt, C, h, w] float32, from the pipeline's prepare_latents
+    scheduler,
+    timesteps: torch.Tensor,
     params: SamplingParams,
-    init_latents: torch.Tensor | None = None,  # [B * images_per_prompt, C, h, w] for image-to-image
     callback: StepCallback | None = None,
     check_cancel: Callable[[], None] | None = None,
-    noise_mask: torch.Tensor | None = None,  # [B * images_per_prompt or 1, 1, h', w'], 1 = may change
+    inpaint: InpaintBlend | None = None,
 ) -> torch.Tensor:
-    """Run the sampler and return final latents [B * images_per_prompt, C, h, w] (float32).
+    """The denoising loop -> final latents [B * images_per_prompt, C, h, w] (float32).
 
-    With ``noise_mask`` (needs ``init_latents``) only the masked region is denoised: before every
-    DiT call the unmasked region is reset to ``init_latents`` noised to the step's sigma, and the
-    result holds ``init_latents`` exactly there (ComfyUI's inpainting convention).
+    Inputs are trusted (the pipeline's ``check_inputs`` validated them). With ``inpaint`` only the
+    masked region is denoised (the rest follows the noised input latents and ends equal to them).
     """
-    params.validate()
     device = dit.device
     branches = guidance_branches(cond, params.image_guidance_scale)
     repeats = params.num_images_per_prompt
-    batch = cond.batch_size
 
     # Step-invariant work, once per generation: connector + caption projection for every block.
     per_branch = [cond.block_conditions(name, dit.embed_condition) for name in branches]
@@ -119,42 +132,15 @@ def denoise(
         mask = torch.ones(rows, block_conditions[0].shape[1], dtype=torch.long)
     mask_bias = mask_to_bias(mask.to(device), dit.dtype)
 
-    scheduler = make_scheduler(params.sampler, scheduler_config)
-    scheduler.set_timesteps(params.steps, device=device)
-    timesteps = scheduler.timesteps
-    latents = noise.to(device=device, dtype=torch.float32)
-    start = 0
-    if init_latents is not None and params.denoise < 1.0:
-        start = params.steps - int(round(params.steps * params.denoise))
-        if start >= params.steps:
-            raise InvalidParameterError(
-                f"denoise={params.denoise} with {params.steps} steps leaves no step to run; raise denoise or steps."
-            )
-        timesteps = timesteps[start:]
-        if hasattr(scheduler, "set_begin_index"):
-            scheduler.set_begin_index(start)
-        sigma = scheduler.sigmas[start].to(device=device, dtype=torch.float32)
-        latents = (1.0 - sigma) * init_latents.to(device=device, dtype=torch.float32) + sigma * latents
-    if latents.shape[0] != batch * repeats:
-        raise InvalidParameterError(
-            f"Noise has batch {latents.shape[0]} but the conditioning needs {batch} x {repeats} images."
-        )
-    if noise_mask is not None:
-        if init_latents is None:
-            raise InvalidParameterError(
-                "A noise mask needs the latents of the image to inpaint: connect a latent (e.g. from "
-                "'TBAC Encode Image') to the sampler."
-            )
-        noise_mask = resize_mask(noise_mask, latents.shape[0], *latents.shape[-2:]).to(device)
-        init = init_latents.to(device=device, dtype=torch.float32)
-        step_noise = noise.to(device=device, dtype=torch.float32)
-
+    latents = latents.to(device=device, dtype=torch.float32)
+    if inpaint is not None:
+        inpaint = inpaint.to(device)
+        first = len(scheduler.sigmas) - 1 - len(timesteps)  # index of the first sigma that runs
     for index, t in enumerate(timesteps):
         if check_cancel is not None:
             check_cancel()
-        if noise_mask is not None:
-            sigma = scheduler.sigmas[start + index].to(device=device, dtype=torch.float32)
-            latents = blend_unmasked(latents, (1.0 - sigma) * init + sigma * step_noise, noise_mask)
+        if inpaint is not None:
+            latents = inpaint.before_step(latents, scheduler.sigmas[first + index].to(device=device))
         model_input = torch.cat([latents] * len(branches)).to(dit.dtype)
         timestep = t.expand(model_input.shape[0]).to(device)
         prediction = dit(model_input, timestep, block_conditions, mask_bias).float()
@@ -163,8 +149,8 @@ def denoise(
         latents = scheduler.step(guided, t, latents).prev_sample
         if callback is not None:
             callback(StepInfo(index, len(timesteps), t, latents, previous, model_input, timestep, prediction, guided))
-    if noise_mask is not None:
-        latents = blend_unmasked(latents, init, noise_mask)
+    if inpaint is not None:
+        latents = inpaint.finish(latents)
     if not torch.isfinite(latents).all():
         raise NonFiniteOutputError(
             "Sampling produced NaN/inf latents, so the image would be black or garbage. Lower the "

@@ -4,6 +4,12 @@
     pipe = TBACPipeline.from_pretrained("models/tbac/TBAC-UniImage-3B")
     images = pipe.generate("a red cat on a blue chair", seed=42).images   # list of PIL images
     edited = pipe.edit("make the cat green", images=[images[0]], seed=1).images
+
+A job runs like a diffusers pipeline: ``check_inputs`` validates everything once, before any
+work, then ``encode_prompt`` (MLLM), ``prepare_latents`` (seeded noise, image-to-image noising),
+the denoising loop (``sampling.denoise``) and ``decode`` (DC-AE). The stages trust
+``check_inputs``; the public building blocks a caller may use alone (``encode_prompt``,
+``sample``, ``encode_image``) check their own inputs through it.
 """
 from __future__ import annotations
 
@@ -12,21 +18,23 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable
 
-import numpy as np
 import torch
 from PIL import Image
 
 from ..devices import resolve_device
 from ..errors import InvalidParameterError
 from ..ladder.conditioning import LadderConditioning
+from ..loading.build import load_model
 from ..modeling.model import TBACModel
 from ..modeling.vae import decode_latents, encode_images
 from ..params import SamplingParams, check_batch, check_size
-from ..processing.images import images_to_uint8, pil_to_tensor, to_pil_rgb
+from ..processing.images import image_batch, images_per_prompt, images_to_uint8
 from .placement import MemoryModePlacement, Placement
-from .sampling import StepCallback, denoise, initial_noise
+from .masking import InpaintBlend, inpaint_blend
+from .sampling import StepCallback, denoise, initial_noise, make_schedule
 
 TILED_DECODE_ABOVE = 1024 * 1024  # pixels per image; DC-AE decodes larger images tile by tile
+DEFAULTS = SamplingParams()
 
 
 @dataclass
@@ -36,6 +44,19 @@ class GenerationOutput:
     latents: torch.Tensor  # [B, C, h, w] float32
 
 
+@dataclass(frozen=True)
+class CheckedInputs:
+    """A job's inputs after ``check_inputs``: normalised, validated, ready for the stages."""
+
+    prompts: list[str]
+    images: list[list[Image.Image]] | None  # one list of PIL RGB images per prompt (editing)
+    negative_prompt: str
+    block_rungs: list[int]  # one MLLM rung per DiT block
+    layers: str  # the layer spec as given (a label carried by the conditioning)
+    width: int | None  # None: not a sampling job (encode only)
+    height: int | None
+
+
 class TBACPipeline:
     """Runs a ``TBACModel``: encode, sample, decode, with a placement and a conditioning cache.
 
@@ -43,6 +64,7 @@ class TBACPipeline:
     library's ``memory`` mode ``full`` / ``offload-mllm`` / ``sequential`` on ``device``.
     ``cache_size``: how many recent conditionings are kept, so re-running an unchanged prompt
     does not run the MLLM again (0 disables; bounded so long queues keep memory flat).
+    Thread safety: MLLM runs on one model are serialised (``model.mllm_lock``).
     """
 
     def __init__(self, model: TBACModel, *, memory: str = "full", device=None, cache_size: int = 8,
@@ -60,22 +82,82 @@ class TBACPipeline:
     @classmethod
     def from_pretrained(cls, checkpoint_dir, *, memory: str = "full", device=None, cache_size: int = 8,
                         compile_dit: bool = False, **load_kwargs) -> "TBACPipeline":
-        """Load a checkpoint; outside ``full`` mode parts are read to the CPU and moved on use."""
+        """Load a checkpoint (``load_model``'s arguments); outside ``full`` mode parts are read to the CPU."""
         device = resolve_device(device)
         load_device = device if memory == "full" else torch.device("cpu")
-        model = TBACModel.from_pretrained(checkpoint_dir, device=load_device, **load_kwargs)
+        model = load_model(checkpoint_dir, device=load_device, **load_kwargs)
         return cls(model, memory=memory, device=device, cache_size=cache_size, compile_dit=compile_dit)
 
-    # -- building blocks -------------------------------------------------------------------
-    def encode(self, prompt, images=None, negative_prompt: str = "", layers="default",
-               keep_all_rungs: bool = False, check_cancel: Callable[[], None] | None = None) -> LadderConditioning:
-        """``TBACModel.encode`` with the MLLM placed per the memory mode and recent results reused."""
-        key = (_freeze(prompt), _images_key(images), negative_prompt, _freeze(layers), keep_all_rungs)
+    @property
+    def vae_scale_factor(self) -> int:
+        return self.model.vae_scale_factor
+
+    # -- 1. checking -------------------------------------------------------------------------
+    def check_inputs(
+        self,
+        prompt,
+        images=None,
+        negative_prompt: str = "",
+        *,
+        layers="default",
+        params: SamplingParams | None = None,
+        width: int | None = None,
+        height: int | None = None,
+        init_image: torch.Tensor | None = None,
+    ) -> CheckedInputs:
+        """Validate and normalise every input of a job before any work is done.
+
+        Prompts must be text; images are normalised to PIL RGB (``processing.images``); the layer
+        spec is parsed; with ``params`` (a sampling job) the parameters, the size (the model's
+        trained size when not given; ``init_image``'s [B, H, W, 3] size for image-to-image) and the
+        batch (prompts x ``num_images_per_prompt``) are checked too.
+        """
+        prompts = _prompt_list(prompt)
+        if not isinstance(negative_prompt, str):
+            raise InvalidParameterError(f"negative_prompt must be a string, got {type(negative_prompt).__name__}.")
+        block_rungs = self.model.block_rungs(layers)
+        if params is not None:
+            if not isinstance(params, SamplingParams):
+                raise InvalidParameterError(f"params must be a SamplingParams, got {type(params).__name__}.")
+            params.validate(img2img=init_image is not None)
+            if init_image is not None:
+                height, width = init_image.shape[1:3]
+            width, height = self.resolve_size(width, height)
+            check_batch(len(prompts) * params.num_images_per_prompt)
+        per_prompt_images = images_per_prompt(images, len(prompts))
+        return CheckedInputs(prompts, per_prompt_images, negative_prompt, block_rungs, str(layers), width, height)
+
+    def resolve_size(self, width: int | None, height: int | None) -> tuple[int, int]:
+        """Fill in the model's trained size and refuse impossible ones, before any work is done."""
+        size = self.model.config.default_image_size
+        width = size if width is None else width
+        height = size if height is None else height
+        check_size(width, height, self.vae_scale_factor)
+        return width, height
+
+    # -- 2. encoding ---------------------------------------------------------------------------
+    def encode_prompt(self, prompt, images=None, negative_prompt: str = "", layers="default",
+                      keep_all_rungs: bool = False,
+                      check_cancel: Callable[[], None] | None = None) -> LadderConditioning:
+        """Prompts (and input images for editing) -> ``LadderConditioning``, reusing recent results.
+
+        ``images``: None, one image or a flat list (shared by every prompt), or one list per prompt.
+        """
+        inputs = self.check_inputs(prompt, images, negative_prompt, layers=layers)
+        return self._encode(inputs, keep_all_rungs, check_cancel)
+
+    encode = encode_prompt  # the name the ComfyUI nodes call
+
+    def _encode(self, inputs: CheckedInputs, keep_all_rungs: bool = False,
+                check_cancel: Callable[[], None] | None = None) -> LadderConditioning:
+        key = (tuple(inputs.prompts), _images_key(inputs.images), inputs.negative_prompt,
+               tuple(inputs.block_rungs), inputs.layers, keep_all_rungs)
         if key in self._cache:
             self._cache.move_to_end(key)
             return self._cache[key]
-        with self.placement.use("mllm"):
-            cond = self.model.encode(prompt, images=images, negative_prompt=negative_prompt, layers=layers,
+        with self.model.mllm_lock, self.placement.use("mllm"):
+            cond = self.model.encode(inputs.prompts, images=inputs.images, negative_prompt=inputs.negative_prompt,
+                                     layers=inputs.layers, block_rungs=inputs.block_rungs,
                                      keep_all_rungs=keep_all_rungs, check_cancel=check_cancel)
         if self.cache_size > 0:
             self._cache[key] = cond
@@ -86,19 +168,36 @@ class TBACPipeline:
     def clear_cache(self) -> None:
         self._cache.clear()
 
-    def resolve_size(self, width: int | None, height: int | None) -> tuple[int, int]:
-        """Fill in the model's trained size and refuse impossible ones, before any work is done."""
-        size = self.model.config.default_image_size
-        width = size if width is None else width
-        height = size if height is None else height
-        check_size(width, height, self.model.vae_scale)
-        return width, height
+    def encode_image(self, images) -> torch.Tensor:
+        """Images (PIL, arrays, or [B, H, W, 3] float tensor in 0..1) -> latents, for image-to-image."""
+        pixels = image_batch(images)  # [B, H, W, 3]
+        check_size(pixels.shape[2], pixels.shape[1], self.vae_scale_factor)
+        return self._encode_pixels(pixels)
 
+    def _encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        with self.placement.use("vae") as vae:
+            return encode_images(vae, pixels)  # [B, C, H/f, W/f]
+
+    # -- 3. latents and the denoising loop -------------------------------------------------------
     def latent_shape(self, batch: int, width: int, height: int) -> tuple[int, int, int, int]:
-        factor = self.model.vae_scale
-        check_size(width, height, factor)
-        check_batch(batch)
+        factor = self.vae_scale_factor
         return (batch, self.model.latent_channels, height // factor, width // factor)
+
+    def prepare_latents(self, batch: int, width: int, height: int, params: SamplingParams, scheduler,
+                        init_latents: torch.Tensor | None = None, device=None) -> torch.Tensor:
+        """Seeded starting latents [batch, C, h, w] float32 on ``device``.
+
+        Noise is drawn on the CPU (the same seed gives the same image on every device). With
+        ``init_latents`` ([1 or batch, C, h, w]) and ``params.denoise < 1`` it is image-to-image: the
+        init latents are noised to the sigma of the first step that runs.
+        """
+        noise = initial_noise(params.seed, self.latent_shape(batch, width, height))
+        latents = noise.to(device=device, dtype=torch.float32)
+        if init_latents is None or params.denoise >= 1.0:
+            return latents
+        sigma = scheduler.sigmas[params.first_step()].to(device=device, dtype=torch.float32)
+        init = init_latents.to(device=device, dtype=torch.float32).expand(batch, -1, -1, -1)
+        return (1.0 - sigma) * init + sigma * latents
 
     def sample(
         self,
@@ -106,53 +205,59 @@ class TBACPipeline:
         *,
         width: int | None = None,
         height: int | None = None,
-        params: SamplingParams = SamplingParams(),
+        params: SamplingParams = DEFAULTS,
         init_latents: torch.Tensor | None = None,
         callback: StepCallback | None = None,
         check_cancel: Callable[[], None] | None = None,
         noise_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Denoise from seeded noise (or from ``init_latents`` with ``params.denoise < 1``).
+        """Denoise from seeded noise (or from ``init_latents`` [1 or B, C, h, w] with ``params.denoise < 1``).
 
-        ``noise_mask`` (with ``init_latents``): only where it is 1 may the latents change (inpainting).
+        ``noise_mask`` (with ``init_latents``; any ``masking`` layout): only where it is 1 may the image
+        change (inpainting, masked edits).
         """
-        params.validate()
+        if not isinstance(params, SamplingParams):
+            raise InvalidParameterError(f"params must be a SamplingParams, got {type(params).__name__}.")
+        params.validate(img2img=init_latents is not None)
         cond.check_model(self.model.identity)
-        width, height = self.resolve_size(width, height)
         if init_latents is not None:
-            height, width = (d * self.model.vae_scale for d in init_latents.shape[-2:])
-        shape = self.latent_shape(cond.batch_size * params.num_images_per_prompt, width, height)
-        noise = initial_noise(params.seed, shape)
-        if init_latents is not None and init_latents.shape[0] != shape[0]:
-            if init_latents.shape[0] != 1:
-                raise InvalidParameterError(
-                    f"init latents have batch {init_latents.shape[0]}; expected 1 or {shape[0]}."
-                )
-            init_latents = init_latents.expand(shape[0], -1, -1, -1)
-        with self.placement.use("dit") as dit:
-            return denoise(
-                dit, cond, noise, self.model.scheduler_config, params,
-                init_latents=init_latents, callback=callback, check_cancel=check_cancel, noise_mask=noise_mask,
-            )
+            height, width = (d * self.vae_scale_factor for d in init_latents.shape[-2:])
+        width, height = self.resolve_size(width, height)
+        batch = cond.batch_size * params.num_images_per_prompt
+        check_batch(batch)
+        if init_latents is not None and init_latents.shape[0] not in (1, batch):
+            raise InvalidParameterError(f"init latents have batch {init_latents.shape[0]}; expected 1 or {batch}.")
+        inpaint = None
+        if noise_mask is not None:
+            inpaint = inpaint_blend(noise_mask, init_latents, initial_noise(params.seed, self.latent_shape(
+                batch, width, height)))
+        return self.run_sampler(cond, width, height, params, init_latents, callback, check_cancel, inpaint)
 
+    def run_sampler(self, cond: LadderConditioning, width: int, height: int, params: SamplingParams,
+                    init_latents: torch.Tensor | None = None, callback: StepCallback | None = None,
+                    check_cancel: Callable[[], None] | None = None,
+                    inpaint: InpaintBlend | None = None) -> torch.Tensor:
+        """The sampling stage on checked inputs (``check_inputs``/``sample`` validated them): the DiT
+        is placed, the schedule set, latents prepared and denoised -> [B * images_per_prompt, C, h, w]."""
+        with self.placement.use("dit") as dit:
+            scheduler, timesteps = make_schedule(params, self.model.scheduler_config, dit.device,
+                                                 img2img=init_latents is not None)
+            batch = cond.batch_size * params.num_images_per_prompt
+            latents = self.prepare_latents(batch, width, height, params, scheduler, init_latents, dit.device)
+            return denoise(dit, cond, latents, scheduler, timesteps, params,
+                           callback=callback, check_cancel=check_cancel, inpaint=inpaint)
+
+    # -- 4. decoding ---------------------------------------------------------------------------
     def decode(self, latents: torch.Tensor, tiled: bool | None = None) -> torch.Tensor:
         """Latents -> images [B, H, W, 3] float in 0..1 on the CPU.
 
         ``tiled``: decode tile by tile (bounded memory for large images); None = above 1024x1024.
         """
-        pixels = latents.shape[-1] * latents.shape[-2] * self.model.vae_scale**2
+        pixels = latents.shape[-1] * latents.shape[-2] * self.vae_scale_factor**2
         tiled = pixels > TILED_DECODE_ABOVE if tiled is None else tiled
         with self.placement.use("vae") as vae:
             vae.enable_tiling() if tiled else vae.disable_tiling()
             return decode_latents(vae, latents)
-
-    def encode_image(self, images) -> torch.Tensor:
-        """Images (PIL, or [B, H, W, 3] tensor in 0..1) -> latents, for image-to-image."""
-        tensor = _as_image_batch(images)
-        factor = self.model.vae_scale
-        check_size(tensor.shape[2], tensor.shape[1], factor)
-        with self.placement.use("vae") as vae:
-            return encode_images(vae, tensor)
 
     # -- one-call jobs ---------------------------------------------------------------------
     def generate(
@@ -162,26 +267,28 @@ class TBACPipeline:
         *,
         width: int | None = None,
         height: int | None = None,
-        steps: int = 30,
-        guidance_scale: float = 4.5,
-        sampler: str = "dpm++",
-        seed: int = 0,
-        num_images_per_prompt: int = 1,
+        steps: int = DEFAULTS.steps,
+        guidance_scale: float = DEFAULTS.guidance_scale,
+        sampler: str = DEFAULTS.sampler,
+        seed: int = DEFAULTS.seed,
+        num_images_per_prompt: int = DEFAULTS.num_images_per_prompt,
         layers="default",
         init_image=None,
-        denoise: float = 1.0,
+        denoise: float = DEFAULTS.denoise,
         callback: StepCallback | None = None,
         check_cancel: Callable[[], None] | None = None,
     ) -> GenerationOutput:
+        """Text-to-image; with ``init_image`` (one image, or one per output) image-to-image at ``denoise``."""
         params = SamplingParams(steps, guidance_scale, 1.0, sampler, seed, num_images_per_prompt, denoise)
-        params.validate()
-        if init_image is None:
-            self.resolve_size(width, height)
-        cond = self.encode(prompt, negative_prompt=negative_prompt, layers=layers, check_cancel=check_cancel)
-        init_latents = self.encode_image(init_image) if init_image is not None else None
-        latents = self.sample(cond, width=width, height=height, params=params, init_latents=init_latents,
-                              callback=callback, check_cancel=check_cancel)
-        return self._output(latents, check_cancel)
+        init_pixels = image_batch(init_image) if init_image is not None else None  # [1 or B, H, W, 3]
+        inputs = self.check_inputs(prompt, None, negative_prompt, layers=layers, params=params,
+                                   width=width, height=height, init_image=init_pixels)
+        if init_pixels is not None and init_pixels.shape[0] not in (1, len(inputs.prompts) * num_images_per_prompt):
+            raise InvalidParameterError(
+                f"Got {init_pixels.shape[0]} init images for {len(inputs.prompts) * num_images_per_prompt} outputs; "
+                f"give one init image, or one per output image."
+            )
+        return self._run(inputs, params, init_pixels, callback, check_cancel)
 
     def edit(
         self,
@@ -191,27 +298,26 @@ class TBACPipeline:
         *,
         width: int | None = None,
         height: int | None = None,
-        steps: int = 30,
-        guidance_scale: float = 4.5,
-        image_guidance_scale: float = 1.5,
-        sampler: str = "dpm++",
-        seed: int = 0,
-        num_images_per_prompt: int = 1,
+        steps: int = DEFAULTS.steps,
+        guidance_scale: float = DEFAULTS.guidance_scale,
+        image_guidance_scale: float = DEFAULTS.image_guidance_scale,
+        sampler: str = DEFAULTS.sampler,
+        seed: int = DEFAULTS.seed,
+        num_images_per_prompt: int = DEFAULTS.num_images_per_prompt,
         layers="default",
         callback: StepCallback | None = None,
         check_cancel: Callable[[], None] | None = None,
     ) -> GenerationOutput:
         """Instruction editing: ``images`` is one list of input images per prompt (or one shared list)."""
         params = SamplingParams(steps, guidance_scale, image_guidance_scale, sampler, seed, num_images_per_prompt)
-        params.validate()
-        self.resolve_size(width, height)
-        cond = self.encode(prompt, images=images, negative_prompt=negative_prompt, layers=layers,
-                           check_cancel=check_cancel)
-        latents = self.sample(cond, width=width, height=height, params=params,
-                              callback=callback, check_cancel=check_cancel)
-        return self._output(latents, check_cancel)
+        inputs = self.check_inputs(prompt, images, negative_prompt, layers=layers, params=params,
+                                   width=width, height=height)
+        return self._run(inputs, params, None, callback, check_cancel)
 
-    def _output(self, latents: torch.Tensor, check_cancel=None) -> GenerationOutput:
+    def _run(self, inputs: CheckedInputs, params: SamplingParams, init_pixels, callback, check_cancel):
+        cond = self._encode(inputs, check_cancel=check_cancel)
+        init_latents = self._encode_pixels(init_pixels) if init_pixels is not None else None
+        latents = self.run_sampler(cond, inputs.width, inputs.height, params, init_latents, callback, check_cancel)
         if check_cancel is not None:
             check_cancel()
         tensors = self.decode(latents)
@@ -219,39 +325,32 @@ class TBACPipeline:
         return GenerationOutput(images, tensors, latents)
 
 
-def _freeze(value):
-    return tuple(value) if isinstance(value, (list, tuple)) else value
+def _prompt_list(prompt) -> list[str]:
+    prompts = [prompt] if isinstance(prompt, str) else prompt
+    if not isinstance(prompts, (list, tuple)):
+        raise InvalidParameterError(
+            f"prompt must be a string or a list of strings, got {type(prompt).__name__}."
+        )
+    if not prompts:
+        raise InvalidParameterError("No prompt given: pass at least one prompt (it may be empty).")
+    for item in prompts:
+        if not isinstance(item, str):
+            raise InvalidParameterError(f"Prompts must be strings, got {type(item).__name__}.")
+    return list(prompts)
 
 
-def _images_key(images):
-    """A content hash of input images, so equal pixels hit the conditioning cache."""
-    if images is None:
+def _images_key(per_prompt_images: list[list[Image.Image]] | None):
+    """A content hash of normalised input images (PIL RGB), so equal pixels hit the conditioning cache.
+
+    Hashing after normalisation keys exactly what the MLLM sees: size, mode and pixels of each
+    image, grouped per prompt.
+    """
+    if per_prompt_images is None:
         return None
-    if not isinstance(images, (list, tuple)):
-        images = [images]
     digest = hashlib.sha256()
-    for item in images:
-        for image in item if isinstance(item, (list, tuple)) else [item]:
-            digest.update(b"|")
-            if isinstance(image, torch.Tensor):
-                digest.update(str(tuple(image.shape)).encode())
-                digest.update(image.detach().cpu().contiguous().numpy().tobytes())
-            elif isinstance(image, Image.Image):
-                digest.update(f"{image.mode}{image.size}".encode())
-                digest.update(image.tobytes())
-            else:
-                digest.update(np.asarray(image).tobytes())
+    for images in per_prompt_images:
+        for image in images:
+            digest.update(f"|{image.mode}{image.size}".encode())
+            digest.update(image.tobytes())
         digest.update(b"/")
     return digest.hexdigest()
-
-
-def _as_image_batch(images) -> torch.Tensor:
-    if isinstance(images, torch.Tensor):
-        tensor = images if images.ndim == 4 else images[None]
-        return tensor.float().clamp(0, 1)
-    if not isinstance(images, (list, tuple)):
-        images = [images]
-    tensors = [pil_to_tensor(to_pil_rgb(img)) for img in images]
-    if len({tuple(t.shape) for t in tensors}) != 1:
-        raise InvalidParameterError("Images of one batch must share one size; resize them first.")
-    return torch.stack(tensors)

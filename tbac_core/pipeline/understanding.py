@@ -2,7 +2,8 @@
 
 TBAC-UniImage never trains its MLLM, so the loaded checkpoint still answers questions about images
 as Qwen2.5-VL-Instruct does. This module reuses the already loaded ``model.mllm`` (nothing is
-loaded twice) and decodes with transformers' ``generate``.
+loaded twice) and decodes with transformers' ``generate``. The entry points take a ``TBACPipeline``,
+whose placement brings the MLLM to its compute device (``placement.use("mllm")``).
 
 * LM head: the core rebuilds it from the tied input embedding over the base vocabulary only
   (``tbac_core.modeling.mllm.attach_lm_head``), so the metaquery and padding rows TBAC appended to the
@@ -33,8 +34,11 @@ from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaLis
 
 from ..errors import InvalidParameterError
 from ..modeling.mllm import vision_dtype
+from ..modeling.model import TBACModel
 from ..params import GenerationSettings
+from ..processing.images import image_list
 from ..processing.prompting import QWEN_DEFAULT_SYSTEM_PROMPT, PromptBuilder
+from .tbac_pipeline import TBACPipeline
 
 PRESETS: dict[str, str | None] = {
     "describe in detail": "Describe this image in detail.",
@@ -68,7 +72,7 @@ def resolve_question(preset: str, question: str = "") -> str:
 
 
 # -- images --------------------------------------------------------------------------------------
-def pixel_budget(model, num_images: int, max_pixels: int | None = None) -> tuple[int, int]:
+def pixel_budget(model: TBACModel, num_images: int, max_pixels: int | None = None) -> tuple[int, int]:
     """``(min_pixels, max_pixels)`` per image for a question showing ``num_images`` images.
 
     From the saved processor settings, ``max_pixels`` capped at ``MAX_IMAGE_PIXELS`` (or the given
@@ -94,7 +98,7 @@ def pixel_budget(model, num_images: int, max_pixels: int | None = None) -> tuple
     return low, max(low, high)
 
 
-def understanding_prompts(model, min_pixels: int, max_pixels: int) -> PromptBuilder:
+def understanding_prompts(model: TBACModel, min_pixels: int, max_pixels: int) -> PromptBuilder:
     """A PromptBuilder sharing the model's tokenizer, with a dynamic-resolution image processor.
 
     Same processor class (the PIL path) and normalisation as TBAC's, only the pixel range differs.
@@ -169,24 +173,23 @@ def _generation_config(settings: GenerationSettings, stop_ids: list[int], pad_id
     return GenerationConfig(**values)
 
 
-def check_lm_head(model) -> None:
+def check_lm_head(model: TBACModel) -> None:
     """Refuse to decode if the LM head covers more than the base vocabulary (see module doc)."""
     head = model.mllm.get_output_embeddings()
     rows = getattr(head, "out_features", None) or head.weight.shape[0]
     if rows != model.base_vocab:
         raise RuntimeError(
             f"The MLLM's LM head has {rows} output rows but the base vocabulary has {model.base_vocab}: it "
-            f"could generate TBAC's metaquery rows. Load the model with TBACModel.from_pretrained."
+            f"could generate TBAC's metaquery rows. Load the model with tbac_core.load_model."
         )
 
 
-def _model_and_placement(model):
-    """Accept a ``TBACModel`` or a ``TBACPipeline`` (whose memory mode then places the MLLM)."""
-    from .tbac_pipeline import TBACPipeline
-
-    if isinstance(model, TBACPipeline):
-        return model.model, model.placement
-    return model, None
+def _check_pipeline(pipe) -> None:
+    if not isinstance(pipe, TBACPipeline):
+        raise InvalidParameterError(
+            f"Understanding runs on a TBACPipeline (it places the MLLM), got {type(pipe).__name__}; wrap a "
+            f"loaded model as TBACPipeline(model)."
+        )
 
 
 def _rope_state_owners(mllm) -> list:
@@ -209,19 +212,9 @@ def _check_request(question, system_prompt, settings) -> None:
         )
 
 
-def _image_list(images) -> list:
-    if images is None:
-        return []
-    if isinstance(images, torch.Tensor) and images.ndim == 4:
-        return list(images)  # a ComfyUI IMAGE batch [B, H, W, C]: several images, one question
-    if not isinstance(images, (list, tuple)):
-        return [images]
-    return list(images)
-
-
 @torch.no_grad()
 def generate_answer_ids(
-    model,
+    pipe: TBACPipeline,
     question: str,
     images=None,
     *,
@@ -236,11 +229,12 @@ def generate_answer_ids(
     The ids are exactly what ``generate`` produced after the prompt, the stop token included when
     one was produced. Arguments as for ``answer``.
     """
-    model, placement = _model_and_placement(model)
+    _check_pipeline(pipe)
     _check_request(question, system_prompt, settings)
+    model = pipe.model
     check_lm_head(model)
 
-    pil = [model.prompts.prepare_image(img) for img in _image_list(images)]
+    pil = [model.prompts.prepare_image(img) for img in image_list(images)]
     builder = understanding_prompts(model, *pixel_budget(model, len(pil), max_pixels))
     # An empty or whitespace-only system prompt falls back to Qwen's default, as None does.
     system = system_prompt if system_prompt and system_prompt.strip() else QWEN_DEFAULT_SYSTEM_PROMPT
@@ -251,8 +245,7 @@ def generate_answer_ids(
     if check_cancel is not None:
         check_cancel()
 
-    with placement.use("mllm") if placement is not None else nullcontext():
-        mllm = model.mllm
+    with model.mllm_lock, pipe.placement.use("mllm") as mllm:
         device = mllm.get_input_embeddings().weight.device
         kwargs = {
             "input_ids": inputs["input_ids"].to(device),  # [1, S]
@@ -283,9 +276,8 @@ def generate_answer_ids(
     return inputs, sequences[0, prompt_length:].tolist()
 
 
-def decode_answer(model, new_ids: list[int]) -> str:
+def decode_answer(model: TBACModel, new_ids: list[int]) -> str:
     """Text of the generated ids up to the first stop token, special tokens dropped."""
-    model, _ = _model_and_placement(model)
     ids = model.prompts.ids
     for index, token in enumerate(new_ids):
         if token in (ids.im_end, ids.pad):
@@ -295,7 +287,7 @@ def decode_answer(model, new_ids: list[int]) -> str:
 
 
 def answer_batch(
-    model,
+    pipe: TBACPipeline,
     questions: list[str],
     images: list | None = None,
     *,
@@ -313,6 +305,7 @@ def answer_batch(
     decoding.) ``callback(done, total)`` counts over all questions: total = questions x
     ``max_new_tokens``. Every question is checked before the first one runs.
     """
+    _check_pipeline(pipe)
     questions = list(questions)
     if not questions:
         raise InvalidParameterError("No question given: pass at least one question.")
@@ -330,15 +323,15 @@ def answer_batch(
         offset = index * settings.max_new_tokens
         row_callback = None if callback is None else (lambda done, _, offset=offset: callback(offset + done, total))
         _, new_ids = generate_answer_ids(
-            model, question, imgs, system_prompt=system_prompt, settings=settings,
+            pipe, question, imgs, system_prompt=system_prompt, settings=settings,
             callback=row_callback, check_cancel=check_cancel, max_pixels=max_pixels,
         )
-        answers.append(decode_answer(model, new_ids))
+        answers.append(decode_answer(pipe.model, new_ids))
     return answers
 
 
 def answer(
-    model,
+    pipe: TBACPipeline,
     question: str,
     images=None,
     *,
@@ -351,15 +344,15 @@ def answer(
     """Answer ``question`` about ``images``: None, one image, a list of images (PIL, numpy or torch
     [H, W, C]) or a ComfyUI IMAGE batch [B, H, W, C] (several images, one question).
 
-    ``model``: a ``TBACModel`` (used where its MLLM is) or a ``TBACPipeline`` (its memory mode
-    brings the MLLM to the device). ``system_prompt``: None or empty = Qwen2.5-VL's default.
+    ``pipe``: a ``TBACPipeline`` (its placement brings the MLLM to the device).
+    ``system_prompt``: None or empty = Qwen2.5-VL's default.
     ``callback(done_tokens, max_new_tokens)`` runs after every generated token; ``check_cancel()``
     runs before the prompt is read and after every token, and what it raises propagates.
     ``max_pixels``: per-image pixel budget (default: the processor's, capped at MAX_IMAGE_PIXELS).
     The answer is the text up to ``<|im_end|>``, special tokens dropped, stripped.
     """
     _, new_ids = generate_answer_ids(
-        model, question, images, system_prompt=system_prompt, settings=settings,
+        pipe, question, images, system_prompt=system_prompt, settings=settings,
         callback=callback, check_cancel=check_cancel, max_pixels=max_pixels,
     )
-    return decode_answer(model, new_ids)
+    return decode_answer(pipe.model, new_ids)

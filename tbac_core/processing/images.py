@@ -1,24 +1,87 @@
-"""Conversions between the image types users hand us and PIL RGB images.
+"""The one normaliser of image inputs, and conversions between image types and PIL RGB images.
 
-Inputs may be PIL images of any mode (RGBA, greyscale, 16-bit, palette), numpy arrays or torch
-tensors laid out ``[H, W, C]`` (ComfyUI's IMAGE convention, floats in 0..1) or ``[H, W]``.
+One image may be a PIL image of any mode (RGBA, greyscale, 16-bit, palette; its EXIF orientation
+is applied), a numpy array or a torch tensor laid out ``[H, W, C]`` (ComfyUI's IMAGE convention,
+floats in 0..1) or ``[H, W]``. The images of one prompt may be one image, a list of images or an
+image batch ``[B, H, W, C]``; a job's images (``images_per_prompt``) are None, one list shared by
+every prompt, or one list per prompt. The pipeline normalises its inputs once, at its boundary,
+with these functions; everything after it sees PIL RGB images.
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from ..errors import InvalidParameterError
 
 MAX_INPUT_PIXELS = 64 * 1024 * 1024  # refuse absurd inputs before converting them
 MAX_ASPECT_RATIO = 200  # Qwen2-VL's image processor refuses more extreme aspect ratios
+EXIF_ORIENTATION = 0x0112
+
+
+def image_list(images) -> list:
+    """The images of one prompt as a list: None -> [], one image -> [it], a batch [B, H, W, C] -> B images."""
+    if images is None:
+        return []
+    if isinstance(images, (torch.Tensor, np.ndarray)) and images.ndim == 4:
+        return list(images)  # a ComfyUI IMAGE batch [B, H, W, C]: several images
+    if isinstance(images, (list, tuple)):
+        return list(images)
+    return [images]
+
+
+def images_per_prompt(images, num_prompts: int) -> list[list[Image.Image]] | None:
+    """A job's input images as one list of PIL RGB images per prompt, or None for text-to-image.
+
+    ``images``: None (or only Nones); one image or a flat list (shared by every prompt); an image
+    batch; or one list (or batch) per prompt, each with at least one image.
+    """
+    items = [item for item in image_list(images) if item is not None]
+    if not items:
+        return None
+    nested = all(isinstance(item, (list, tuple)) for item in items)
+    if not nested:
+        shared = [to_pil_rgb(item) for item in items]
+        return [shared] * num_prompts  # the same objects: each input image is processed once
+    if len(items) != num_prompts:
+        raise InvalidParameterError(
+            f"Got image lists for {len(items)} prompts but {num_prompts} prompts; give one list of input "
+            f"images per prompt, or one flat list shared by all prompts."
+        )
+    per_prompt = [[to_pil_rgb(image) for image in image_list(item)] for item in items]
+    if any(not imgs for imgs in per_prompt):
+        raise InvalidParameterError("Every prompt of an edit batch needs at least one input image.")
+    return per_prompt
+
+
+def image_batch(images) -> torch.Tensor:
+    """Images (PIL, arrays, or a float tensor [B, H, W, 3] / [H, W, 3] in 0..1) -> float32 [B, H, W, 3].
+
+    Float tensors keep their precision (no round trip through 8 bits); everything else goes
+    through ``to_pil_rgb``. All images must share one size.
+    """
+    if isinstance(images, torch.Tensor) and images.is_floating_point():
+        tensor = images if images.ndim == 4 else images[None]
+        if tensor.ndim != 4 or tensor.shape[-1] != 3 or 0 in tensor.shape:
+            raise InvalidParameterError(f"An image tensor must be [B, H, W, 3] in 0..1, got {tuple(images.shape)}.")
+        tensor = tensor.detach().float()
+        if not torch.isfinite(tensor).all():
+            raise InvalidParameterError("Image contains NaN or infinite values.")
+        return tensor.clamp(0, 1)
+    items = image_list(images)
+    if not items:
+        raise InvalidParameterError("No image given: pass at least one image.")
+    tensors = [pil_to_tensor(to_pil_rgb(image)) for image in items]
+    if len({tuple(t.shape) for t in tensors}) != 1:
+        raise InvalidParameterError("Images of one batch must share one size; resize them first.")
+    return torch.stack(tensors)
 
 
 def to_pil_rgb(image) -> Image.Image:
     """Return an 8-bit RGB PIL image for ``image`` (PIL, numpy or torch), refusing garbage."""
     if isinstance(image, Image.Image):
-        pil = _pil_to_rgb(image)
+        pil = _pil_to_rgb(_upright(image))
     elif isinstance(image, (np.ndarray, torch.Tensor)):
         pil = Image.fromarray(_array_to_uint8(image))
     else:
@@ -27,6 +90,8 @@ def to_pil_rgb(image) -> Image.Image:
             f"tensor laid out [H, W, C] (RGB, floats in 0..1 or uint8)."
         )
     width, height = pil.size
+    if width == 0 or height == 0:
+        raise InvalidParameterError(f"Input image of {width}x{height} pixels is empty.")
     if width * height > MAX_INPUT_PIXELS:
         raise InvalidParameterError(
             f"Input image of {width}x{height} pixels is larger than the {MAX_INPUT_PIXELS} pixels allowed; "
@@ -38,6 +103,13 @@ def to_pil_rgb(image) -> Image.Image:
             f"Qwen2.5-VL image processor cannot handle; crop it first."
         )
     return pil
+
+
+def _upright(image: Image.Image) -> Image.Image:
+    """Apply the EXIF orientation (phone photos are stored sideways with a rotate tag)."""
+    if image.getexif().get(EXIF_ORIENTATION, 1) in (None, 1):
+        return image  # no copy: equal inputs stay the same object (processed once per encode)
+    return ImageOps.exif_transpose(image)
 
 
 def _pil_to_rgb(image: Image.Image) -> Image.Image:

@@ -8,18 +8,13 @@ Exports load lazily (torch on first use), so the command line registers ``train`
 """
 from .._exports import lazy_exports
 
-_EXPORTS = {
-    "Example": ".data",
-    "TrainingData": ".data",
-    "scan_folder": ".data",
-    "FlowMatchingObjective": ".flow",
-    "DEFAULT_LORA_TARGETS": ".parts",
-    "MetaqueryRows": ".parts",
-    "TrainableParts": ".parts",
-    "TrainConfig": ".trainer",
-    "Trainer": ".trainer",
-    "TrainResult": ".trainer",
-    "TrainingDivergedError": "..errors",
+_EXPORTS = {  # module -> the names it exports
+    ".data": ("Example", "TrainingData", "scan_folder"),
+    ".shards": ("ShardStream", "write_shards"),
+    ".flow": ("FlowMatchingObjective",),
+    ".parts": ("DEFAULT_LORA_TARGETS", "MetaqueryRows", "TrainableParts"),
+    ".trainer": ("TrainConfig", "Trainer", "TrainResult"),
+    "..errors": ("TrainingDivergedError",),
 }
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
-__all__ = sorted(_EXPORTS)
+__all__ = sorted(name for names in _EXPORTS.values() for name in names)

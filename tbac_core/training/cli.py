@@ -4,11 +4,14 @@
     python -m tbac_core train --data my_images --out runs/cats --resume latest      # continue
     python -m tbac_core train --data my_images --out runs/lora --dit lora --lora-rank 16
     python -m tbac_core train ... --export models/tbac/cats-merged    # also write a standalone checkpoint
+    accelerate launch --num_processes 8 -m tbac_core train --data my_images --out runs/cats    # 8 GPUs
 
 ``--data`` folders hold images with same-named .txt captions, and/or edit triples
 (``NAME_source.png`` + ``NAME.txt`` instruction + ``NAME_target.png``). The run folder gets
 ``checkpoint-NNNNNN/`` (resumable), ``final/`` (the trained parts: apply it on the base model with
 ``tbac_core.loading.adapters.apply_adapter`` or the loader) and ``samples/step-NNNNNN.png`` grids.
+Under ``accelerate launch`` each process trains its slice of every global batch (--batch-size);
+on a machine without GPUs add --multi_gpu (accelerate then starts gloo CPU processes).
 """
 from __future__ import annotations
 
@@ -27,7 +30,8 @@ def add_parser(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     data = parser.add_argument_group("data and output")
     data.add_argument("--data", action="append", required=True, metavar="DIR",
-                      help="Folder of images + .txt captions and/or edit triples; repeatable.")
+                      help="Folder of images + .txt captions and/or edit triples, or WebDataset tar shards "
+                      "(.tar/.tar.gz files or a quoted glob such as 'shards/*.tar', streamed); repeatable.")
     data.add_argument("--out", "-o", required=True, metavar="DIR", help="Run folder (checkpoints, final, samples).")
     data.add_argument("--resolution", type=int, default=None, help="Training size in pixels (default: the model's).")
     data.add_argument("--resume", default=None, metavar="latest|DIR",
@@ -48,7 +52,9 @@ def add_parser(subparsers) -> None:
                        "spec such as 'default' or 'final' (every block reads the last layer).")
     opt = parser.add_argument_group("optimisation")
     opt.add_argument("--steps", type=int, default=1000)
-    opt.add_argument("--batch-size", type=int, default=16)
+    opt.add_argument("--batch-size", type=int, default=16,
+                     help="Global batch per step, over all processes of accelerate launch and accumulation.")
+    opt.add_argument("--grad-accum", type=int, default=1, help="Gradient-accumulation micro-steps per step.")
     opt.add_argument("--lr", type=float, default=1e-4, help="Peak learning rate (official: 1e-4).")
     opt.add_argument("--min-lr-ratio", type=float, default=0.1, help="Cosine floor as a share of --lr.")
     opt.add_argument("--warmup", type=int, default=100, help="Linear warm-up steps.")
@@ -83,6 +89,7 @@ def train_config_from_args(args: argparse.Namespace):
         train_connector=not args.no_connector, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
         layers=args.layers,
         max_steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr, min_lr_ratio=args.min_lr_ratio,
+        gradient_accumulation=args.grad_accum,
         warmup_steps=args.warmup, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
         resolution=args.resolution, caption_dropout=args.caption_dropout, timestep_shift=args.timestep_shift,
         mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing, seed=args.seed,
@@ -102,6 +109,7 @@ def run_train(ctx) -> int:
     import torch
 
     from ..loading import apply_adapter
+    from .distributed import is_main_process, launch_device
     from .export import export_checkpoint
     from .trainer import Trainer
 
@@ -110,16 +118,19 @@ def run_train(ctx) -> int:
         torch.set_num_threads(args.threads)
     config = train_config_from_args(args)
     config.validate()
+    args.device = launch_device(args.device)  # under accelerate launch: this process's GPU
+    if not is_main_process():
+        ctx = None  # only the main process reports
     folder = resolve_model_dir(args.model)
     _log(ctx, f"Loading {folder} ...")
     model = load_model(args, folder)
     trainer = Trainer(model, config)
-    _log(ctx, f"{len(trainer.data)} examples ({trainer.data.num_edits} edits); training "
+    _log(ctx, f"{trainer.data.describe()}; training "
               f"{trainer.parts.num_trainable():,} parameters ({', '.join(trainer.parts.named_groups())}); "
               f"rungs per DiT block {trainer.block_rungs}.")
     result = trainer.train()
     _log(ctx, f"Done: {result.steps} steps in {result.seconds:.0f}s; trained parts in {result.final_dir}.")
-    if args.export:
+    if args.export and trainer.is_main_process:
         del trainer, model
         base = load_model(args, folder)
         apply_adapter(base, result.final_dir)
@@ -129,6 +140,8 @@ def run_train(ctx) -> int:
 
 
 def _log(ctx, message: str) -> None:
+    if ctx is None:
+        return
     log = getattr(ctx, "log", None)
     if log is not None:
         log(message)

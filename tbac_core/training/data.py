@@ -22,6 +22,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 from PIL import Image
@@ -105,14 +106,20 @@ def scan_folder(folder: str | os.PathLike) -> list[Example]:
     return examples
 
 
-def load_square(path: Path, size: int) -> Image.Image:
-    """Open an image as RGB, resize its short side to ``size`` and centre-crop a square."""
+def load_square(path: Path | BinaryIO, size: int, where: str | None = None) -> Image.Image:
+    """Open an image (a file, or a binary stream named ``where``) as RGB, resize its short side to
+    ``size`` and centre-crop a square."""
     try:
         with Image.open(path) as handle:
             image = to_pil_rgb(handle)
             image.load()
-    except (OSError, ValueError) as exc:
-        raise InvalidParameterError(f"Cannot read training image {path}: {exc}") from exc
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise InvalidParameterError(f"Cannot read training image {where or path}: {exc}") from exc
+    return square_crop(image, size)
+
+
+def square_crop(image: Image.Image, size: int) -> Image.Image:
+    """Resize an RGB image's short side to ``size`` and centre-crop a square."""
     width, height = image.size
     scale = size / min(width, height)
     if (width, height) != (size, size):
@@ -180,6 +187,24 @@ class TrainingData:
             epoch, offset = divmod(position, count)
             indices.append(int(self.order(epoch, seed)[offset]))
         return indices
+
+    def batch_for(self, step: int, batch_size: int, seed: int, positions: list[int]) -> Batch:
+        """The examples at ``positions`` (0..batch_size-1) of the global batch of ``step``."""
+        indices = self.batch_indices(step, batch_size, seed)
+        return self.batch([indices[p] for p in positions])
+
+    def sample_captions(self, count: int) -> list[str]:
+        """The first ``count`` distinct text-to-image captions (default sample prompts)."""
+        captions: list[str] = []
+        for example in self.examples:
+            if not example.is_edit and example.text not in captions:
+                captions.append(example.text)
+            if len(captions) == count:
+                break
+        return captions
+
+    def describe(self) -> str:
+        return f"{len(self)} examples ({self.num_edits} edits)"
 
     def batch(self, indices: list[int]) -> Batch:
         examples = [self.examples[i] for i in indices]

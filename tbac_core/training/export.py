@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..errors import InvalidParameterError
+from ..io.files import atomic_path, atomic_write_json
 from ..loading.checkpoint import (
     CONFIG_NAME,
     CONNECTOR_PREFIX,
@@ -56,10 +57,9 @@ def write_checkpoint(folder: str | os.PathLike, tensors: dict[str, torch.Tensor]
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     config = {**config, "model_type": MODEL_TYPE}
-    tmp = folder / (SINGLE_FILE_NAME + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, folder / SINGLE_FILE_NAME)
-    (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    with atomic_path(folder / SINGLE_FILE_NAME) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+    atomic_write_json(folder / CONFIG_NAME, config)
     return folder
 
 

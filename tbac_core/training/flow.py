@@ -27,6 +27,15 @@ class NoisedBatch:
     sigmas: torch.Tensor  # [B]
 
 
+@dataclass
+class NoiseDraws:
+    indices: torch.Tensor  # [B] long, schedule points
+    noise: torch.Tensor  # [B, C, h, w] float32, on the CPU
+
+    def select(self, positions: list[int]) -> "NoiseDraws":
+        return NoiseDraws(self.indices[positions], self.noise[positions])
+
+
 class FlowMatchingObjective:
     def __init__(self, scheduler_config: dict, shift: float | None = None):
         self.num_train_timesteps = int(scheduler_config.get("num_train_timesteps", 1000))
@@ -38,15 +47,27 @@ class FlowMatchingObjective:
 
     def noise(self, latents: torch.Tensor, generator: torch.Generator) -> NoisedBatch:
         """Noise ``latents`` at uniformly drawn schedule points; randomness from a CPU ``generator``."""
-        batch = latents.shape[0]
-        u = torch.rand(batch, generator=generator)
+        return self.apply(latents, self.draw(latents.shape[0], tuple(latents.shape[1:]), generator))
+
+    def draw(self, count: int, latent_shape: tuple[int, ...], generator: torch.Generator) -> "NoiseDraws":
+        """The random part of ``noise`` for ``count`` images, drawn once per global batch.
+
+        Drawing for the whole global batch and slicing it (``NoiseDraws.select``) gives every
+        example the same noise whichever process or micro-batch it lands in.
+        """
+        u = torch.rand(count, generator=generator)
         indices = (u * self.num_train_timesteps).long().clamp(max=self.num_train_timesteps - 1)
-        noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(latents.device)
-        sigmas = self.sigmas[indices].to(latents.device)
+        noise = torch.randn((count, *latent_shape), generator=generator, dtype=torch.float32)
+        return NoiseDraws(indices, noise)
+
+    def apply(self, latents: torch.Tensor, draws: "NoiseDraws") -> NoisedBatch:
+        batch = latents.shape[0]
+        noise = draws.noise.to(latents.device)
+        sigmas = self.sigmas[draws.indices].to(latents.device)
         x0 = latents.float()
         sigma = sigmas.view(batch, *([1] * (latents.ndim - 1)))
         noisy = (1.0 - sigma) * x0 + sigma * noise
-        return NoisedBatch(noisy, noise - x0, self.timesteps[indices].to(latents.device), sigmas)
+        return NoisedBatch(noisy, noise - x0, self.timesteps[draws.indices].to(latents.device), sigmas)
 
     @staticmethod
     def loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

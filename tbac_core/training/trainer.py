@@ -1,8 +1,8 @@
 """Ladder-side diffusion tuning: the training loop.
 
-    from tbac_core import TBACModel
+    from tbac_core import load_model
     from tbac_core.training import TrainConfig, Trainer
-    model = TBACModel.from_pretrained("models/tbac/TBAC-UniImage-3B", dtype="fp32")
+    model = load_model("models/tbac/TBAC-UniImage-3B", dtype="fp32")
     Trainer(model, TrainConfig(data=["my_images"], output_dir="runs/cats", max_steps=2000)).train()
 
 One step: a batch of captions (and input images, for edit triples) goes through the SAME
@@ -12,14 +12,18 @@ the metaquery rows), a ``LadderConditioning`` mapping rungs onto DiT blocks, the
 caption projection per block -- and the ladder DiT predicts the flow velocity of noised target
 latents (``flow.FlowMatchingObjective``).
 
-Everything random (batch order, caption dropout, timesteps, noise) derives from (seed, step), so
-a resumed run continues exactly as if it had not stopped.
+Everything random (batch order, caption dropout, timesteps, noise) derives from (seed, step) and
+is drawn for the whole global batch, so a resumed run continues exactly as if it had not stopped,
+and ``accelerate launch --num_processes N`` trains on the same global batches as one process
+(``training.distributed``): each process takes its slice, gradients are averaged, the main
+process alone logs and saves. A checkpoint holds no per-process state, so it resumes with any N.
 """
 from __future__ import annotations
 
 import json
 import logging
 import math
+import os
 import re
 import shutil
 import time
@@ -32,21 +36,24 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from ..errors import InvalidParameterError, TrainingDivergedError
+from ..io.files import atomic_write
 from ..ladder.conditioning import LadderConditioning, RungSource
 from ..ladder.layer_spec import parse_layer_spec
 from ..loading.adapters import read_adapter_config, read_adapter_tensors, write_adapter
 from ..modeling.dit import mask_to_bias
 from ..modeling.mllm import metaquery_rung_states
-from ..modeling.model import metaquery_positions
 from ..modeling.vae import encode_images
+from ..processing.prompt_layout import metaquery_positions
 from .data import Batch, TrainingData
-from .flow import FlowMatchingObjective
+from .distributed import DataParallel, make_accelerator
+from .flow import FlowMatchingObjective, NoiseDraws
 from .parts import (
     DEFAULT_LORA_TARGETS,
     TrainableParts,
     enable_gradient_checkpointing,
     eval_mode,
 )
+from .shards import ShardStream, is_shard_path
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +67,8 @@ FINAL_NAME = "final"
 class TrainConfig:
     """Settings of one training run (defaults follow the official recipe where it has one)."""
 
-    data: list[str]  # folders of image/caption pairs and/or edit triples (see ``training.data``)
+    data: list[str]  # folders of image/caption pairs and/or edit triples (``training.data``), or tar shards
+    # (``training.shards``: .tar/.tar.gz files or glob patterns, streamed)
     output_dir: str
     # what is trained
     dit_mode: str = "full"  # full | lora | frozen
@@ -72,7 +80,8 @@ class TrainConfig:
     layers: str = "default"  # which rung feeds which DiT block (a layer spec); "final" = single-layer
     # optimisation
     max_steps: int = 1000
-    batch_size: int = 16
+    batch_size: int = 16  # the global batch per optimisation step (all processes and micro-steps together)
+    gradient_accumulation: int = 1  # micro-steps per optimisation step
     learning_rate: float = 1e-4
     min_lr_ratio: float = 0.1  # cosine decays to learning_rate * min_lr_ratio (official: 1e-4 -> 1e-5)
     warmup_steps: int = 100
@@ -103,6 +112,7 @@ class TrainConfig:
         checks = [
             (self.max_steps >= 1, "max_steps must be >= 1"),
             (self.batch_size >= 1, "batch_size must be >= 1"),
+            (self.gradient_accumulation >= 1, "gradient_accumulation must be >= 1"),
             (self.learning_rate > 0 and math.isfinite(self.learning_rate), "learning_rate must be a positive number"),
             (0.0 <= self.min_lr_ratio <= 1.0, "min_lr_ratio must be in 0..1"),
             (self.warmup_steps >= 0, "warmup_steps must be >= 0"),
@@ -127,6 +137,19 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
 
 
+def open_training_data(paths: list[str], resolution: int) -> TrainingData | ShardStream:
+    """Folders of files (``TrainingData``) or tar shards (``ShardStream``); one kind per run."""
+    shards = [is_shard_path(p) for p in paths]
+    if all(shards):
+        return ShardStream.from_paths(paths, resolution)
+    if any(shards):
+        raise InvalidParameterError(
+            f"Training data mixes folders and tar shards ({', '.join(map(str, paths))}); use one kind per run "
+            f"(training.shards.write_shards turns a folder into shards)."
+        )
+    return TrainingData.from_folders(paths, resolution)
+
+
 def _step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + step + 1)
 
@@ -137,9 +160,12 @@ class Trainer:
     ``train()`` runs to ``max_steps`` and writes ``output_dir/final`` (the trained parts). While
     training, the metaquery rows live in a separate parameter substituted by a hook; ``finish()``
     writes them into the embedding and removes the hook (then export or keep using the model).
+    ``accelerator``: an ``accelerate.Accelerator`` (default: this process's, as set up by
+    ``accelerate launch``; a plain run is one process).
     """
 
-    def __init__(self, model, config: TrainConfig, data: TrainingData | None = None):
+    def __init__(self, model, config: TrainConfig, data: TrainingData | ShardStream | None = None,
+                 accelerator=None):
         config.validate()
         self.model = model
         self.config = config
@@ -148,11 +174,19 @@ class Trainer:
         identity = model.identity
         self.block_rungs = parse_layer_spec(config.layers, identity.num_rungs, identity.num_dit_blocks)
         self.resolution = config.resolution or model.config.default_image_size
-        if self.resolution % model.vae_scale:
+        if self.resolution % model.vae_scale_factor:
             raise InvalidParameterError(
-                f"resolution {self.resolution} is not a multiple of the VAE factor {model.vae_scale}."
+                f"resolution {self.resolution} is not a multiple of the VAE factor {model.vae_scale_factor}."
             )
-        self.data = data if data is not None else TrainingData.from_folders(config.data, self.resolution)
+        self.data = data if data is not None else open_training_data(config.data, self.resolution)
+        self.accelerator = accelerator if accelerator is not None else make_accelerator()
+        self.parallel = DataParallel(self.accelerator, config.batch_size, config.gradient_accumulation)
+        if self.parallel.num_processes > 1 and self.accelerator.device.type != "cpu" \
+                and self.device != self.accelerator.device:
+            raise InvalidParameterError(
+                f"Process {self.parallel.rank} has its model on {self.device}, but accelerate gave it "
+                f"{self.accelerator.device}; load the model on the launcher's device (--device auto)."
+            )
         self.objective = FlowMatchingObjective(model.scheduler_config, config.timestep_shift)
         self.parts = TrainableParts(
             model, dit_mode=config.dit_mode, train_metaqueries=config.train_metaqueries,
@@ -179,6 +213,12 @@ class Trainer:
     # -- setup helpers -----------------------------------------------------------------------
     def _autocast_dtype(self) -> torch.dtype | None:
         choice = self.config.mixed_precision
+        launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")  # accelerate launch --mixed_precision
+        if launcher == "fp16":
+            raise InvalidParameterError("Train with --mixed_precision bf16 or no: float16 needs loss scaling, which "
+                                        "this trainer does not do.")
+        if choice == "auto" and launcher == "bf16":
+            choice = "bf16"
         if choice == "no" or (choice == "auto" and self.device.type != "cuda"):
             return None
         if self.device.type != "cuda":
@@ -195,13 +235,11 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     def _default_sample_prompts(self) -> list[str]:
-        prompts: list[str] = []
-        for example in self.data.examples:
-            if not example.is_edit and example.text not in prompts:
-                prompts.append(example.text)
-            if len(prompts) == 4:
-                break
-        return prompts
+        return self.data.sample_captions(4)
+
+    @property
+    def is_main_process(self) -> bool:
+        return self.parallel.is_main
 
     # -- one step ----------------------------------------------------------------------------
     def block_conditions(self, texts: list[str], sources: list[list[Image.Image]]) -> list[torch.Tensor]:
@@ -227,7 +265,9 @@ class Trainer:
         Text-to-image: the caption becomes "" with probability ``caption_dropout``. Edits: one draw
         u per example; caption "" if u < 0.2, input images black if 0.1 <= u < 0.3.
         """
-        draws = torch.rand(len(batch.texts), generator=generator).tolist()
+        return self._dropout(batch, torch.rand(len(batch.texts), generator=generator).tolist())
+
+    def _dropout(self, batch: Batch, draws: list[float]) -> tuple[list[str], list[list[Image.Image]]]:
         texts, sources = [], []
         for text, imgs, u in zip(batch.texts, batch.sources, draws):
             if imgs:
@@ -244,9 +284,18 @@ class Trainer:
         with torch.no_grad():
             return encode_images(self.model.vae, batch.targets).to(self.device)
 
+    def latent_shape(self) -> tuple[int, int, int]:
+        side = self.resolution // self.model.vae_scale_factor
+        return (self.model.latent_channels, side, side)
+
     def loss_for(self, batch: Batch, generator: torch.Generator) -> torch.Tensor:
-        texts, sources = self.apply_dropout(batch, generator)
-        noised = self.objective.noise(self.target_latents(batch), generator)
+        """Loss of ``batch`` with its dropout and noise drawn from ``generator`` (as one step does)."""
+        dropout = torch.rand(len(batch.texts), generator=generator).tolist()
+        return self._loss(batch, dropout, self.objective.draw(len(batch.texts), self.latent_shape(), generator))
+
+    def _loss(self, batch: Batch, dropout: list[float], noise: NoiseDraws) -> torch.Tensor:
+        texts, sources = self._dropout(batch, dropout)
+        noised = self.objective.apply(self.target_latents(batch), noise)
         dit = self.model.dit
         with self._autocast():
             conditions = self.block_conditions(texts, sources)
@@ -255,14 +304,23 @@ class Trainer:
         return self.objective.loss(prediction, noised.target)
 
     def train_step(self) -> dict:
+        """One optimisation step on the global batch of ``self.step``: this process's micro-batches,
+        gradients averaged over the processes, then the same clip and update everywhere."""
         config = self.config
         generator = _step_generator(config.seed, self.step)
-        batch = self.data.batch(self.data.batch_indices(self.step, config.batch_size, config.seed))
-        loss = self.loss_for(batch, generator)
-        if not torch.isfinite(loss):
-            self._diverged("loss", loss.item())
-        loss.backward()
+        dropout = torch.rand(config.batch_size, generator=generator)  # [B] for the whole global batch
+        noise = self.objective.draw(config.batch_size, self.latent_shape(), generator)
+        micro_steps = self.parallel.micro_positions()
+        local_loss = torch.zeros((), device=self.device)
+        for positions in micro_steps:
+            batch = self.data.batch_for(self.step, config.batch_size, config.seed, positions)
+            loss = self._loss(batch, dropout[positions].tolist(), noise.select(positions))
+            self.accelerator.backward(loss / len(micro_steps))
+            local_loss = local_loss + loss.detach()
         params = self.parts.parameters()
+        loss_value = self.parallel.average(params, local_loss / len(micro_steps))
+        if not math.isfinite(loss_value):
+            self._diverged("loss", loss_value)
         max_norm = config.grad_clip if config.grad_clip > 0 else float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
         if not math.isfinite(grad_norm):
@@ -271,7 +329,7 @@ class Trainer:
         self.lr_schedule.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        record = {"step": self.step, "loss": loss.item(), "grad_norm": grad_norm,
+        record = {"step": self.step, "loss": loss_value, "grad_norm": grad_norm,
                   "lr": self.optimizer.param_groups[0]["lr"]}
         self.history.append(record)
         return record
@@ -288,8 +346,10 @@ class Trainer:
     # -- the loop ----------------------------------------------------------------------------
     def train(self) -> TrainResult:
         config = self.config
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        if config.cache_latents and self.data.latents is None:
+        main = self.is_main_process
+        if main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+        if config.cache_latents and isinstance(self.data, TrainingData) and self.data.latents is None:
             logger.info("Encoding %d target images once (the VAE is frozen)...", len(self.data))
             self.data.cache_latents(lambda images: encode_images(self.model.vae, images))
         if config.resume:
@@ -300,15 +360,16 @@ class Trainer:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=config.max_steps, initial=self.step, unit="step", disable=not config.progress,
-                   desc="train", dynamic_ncols=True)
+                   desc="train", dynamic_ncols=True) if main else None
         try:
             while self.step < config.max_steps:
                 record = self.train_step()
                 losses.append(record["loss"])
-                bar.update(1)
-                bar.set_postfix(loss=f"{record['loss']:.4f}", grad=f"{record['grad_norm']:.2f}",
-                                lr=f"{record['lr']:.2e}", refresh=False)
-                if config.log_every and self.step % config.log_every == 0:
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", grad=f"{record['grad_norm']:.2f}",
+                                    lr=f"{record['lr']:.2e}", refresh=False)
+                if main and config.log_every and self.step % config.log_every == 0:
                     recent = losses[-config.log_every:]
                     logger.info("step %d/%d: loss %.4f (mean of last %d), grad norm %.3f, lr %.2e", self.step,
                                 config.max_steps, sum(recent) / len(recent), len(recent), record["grad_norm"],
@@ -318,11 +379,15 @@ class Trainer:
                 if config.sample_every and self.step % config.sample_every == 0:
                     self.save_samples()
         finally:
-            bar.close()
-        final_dir = self.save_adapter(self.output_dir / FINAL_NAME)
-        self._write_json(final_dir / TRAINER_STATE, self._trainer_state())
+            if bar is not None:
+                bar.close()
+        final_dir = self.output_dir / FINAL_NAME
+        if main:
+            self.save_adapter(final_dir)
+            self._write_json(final_dir / TRAINER_STATE, self._trainer_state())
         if config.sample_every and self.step % config.sample_every:
             self.save_samples()
+        self.parallel.wait()
         return TrainResult(self.step, losses, final_dir, time.perf_counter() - started, list(self.history))
 
     def finish(self) -> None:
@@ -341,17 +406,24 @@ class Trainer:
 
     def _trainer_state(self) -> dict:
         config = asdict(self.config)
-        return {"step": self.step, "config": config, "lr_schedule": self.lr_schedule.state_dict(),
-                "history_tail": self.history[-100:]}
+        # The data position is global (examples_seen of the global batches), not per process.
+        return {"step": self.step, "examples_seen": self.step * self.config.batch_size,
+                "num_processes": self.parallel.num_processes, "config": config,
+                "lr_schedule": self.lr_schedule.state_dict(), "history_tail": self.history[-100:]}
 
     def save_checkpoint(self) -> Path:
-        """``output_dir/checkpoint-NNNNNN``: the adapter files + optimizer state + trainer state."""
+        """``output_dir/checkpoint-NNNNNN``: the adapter files + optimizer state + trainer state.
+
+        Written by the main process only (every process holds the same state); the others wait.
+        """
         folder = self.output_dir / f"checkpoint-{self.step:06d}"
-        self.save_adapter(folder)
-        tensors, meta = _optimizer_to_tensors(self.optimizer)
-        save_file(tensors, str(folder / OPTIMIZER_STATE), metadata={"meta": json.dumps(meta)})
-        self._write_json(folder / TRAINER_STATE, self._trainer_state())  # written last: marks it complete
-        self._prune_checkpoints()
+        if self.is_main_process:
+            self.save_adapter(folder)
+            tensors, meta = _optimizer_to_tensors(self.optimizer)
+            save_file(tensors, str(folder / OPTIMIZER_STATE), metadata={"meta": json.dumps(meta)})
+            self._write_json(folder / TRAINER_STATE, self._trainer_state())  # written last: marks it complete
+            self._prune_checkpoints()
+        self.parallel.wait()
         return folder
 
     def _checkpoints(self) -> list[Path]:
@@ -413,7 +485,7 @@ class Trainer:
         return output.images
 
     def save_samples(self) -> Path | None:
-        if not self.sample_prompts:
+        if not self.sample_prompts or not self.is_main_process:
             return None
         images = self.sample_images(self.sample_prompts)
         path = self.output_dir / "samples" / f"step-{self.step:06d}.png"
@@ -424,9 +496,7 @@ class Trainer:
 
     @staticmethod
     def _write_json(path: Path, data: dict) -> None:
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
-        tmp.replace(path)
+        atomic_write(path, (json.dumps(data, indent=2, default=str) + "\n").encode("utf-8"))
 
 
 def image_grid(images: list[Image.Image], columns: int | None = None) -> Image.Image:

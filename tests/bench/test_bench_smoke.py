@@ -69,11 +69,10 @@ def test_random_tiny_checkpoint_has_the_official_format(tiny_random, fixture_roo
 
 
 def test_random_tiny_checkpoint_loads_and_generates(tiny_random, fixture_root):
-    from tbac_core import TBACPipeline
-    from tbac_core.modeling.model import TBACModel
+    from tbac_core import TBACPipeline, load_model
 
     spec, checkpoint = tiny_random
-    model = TBACModel.from_pretrained(checkpoint, device="cpu", dtype="fp32")
+    model = load_model(checkpoint, device="cpu", dtype="fp32")
     output = TBACPipeline(model, cache_size=0).generate("a red cat", steps=2, seed=1)
     assert output.tensors.shape == (1, 64, 64, 3)
     assert torch.isfinite(output.latents).all() and output.tensors.std() > 0.01  # not a flat image

@@ -42,7 +42,7 @@ bridge, native, generate = pack.nodes.comfy_bridge, pack.nodes.native, pack.node
 SamplingParams = pack.tbac_core.params.SamplingParams
 assert bridge.IN_COMFYUI
 
-tbac = pack.tbac_core.modeling.TBACModel.from_pretrained(
+tbac = pack.tbac_core.load_model(
     fixture_root / "checkpoint", device="cpu", dtype="float32", models_dirs=[fixture_root])
 model = bridge.ManagedModel(tbac, bridge.devices_for("cpu"), "tbac-tiny")
 patcher = native.native_model(model)
@@ -52,7 +52,7 @@ figures = {}
 
 def native_inputs(cond):
     (positive, negative, image_only) = native.TBACToConditioning.execute(model, cond, 1).args
-    latent = torch.zeros(1, tbac.latent_channels, SIZE // tbac.vae_scale, SIZE // tbac.vae_scale)
+    latent = torch.zeros(1, tbac.latent_channels, SIZE // tbac.vae_scale_factor, SIZE // tbac.vae_scale_factor)
     return positive, negative, image_only, latent, comfy.sample.prepare_noise(latent, SEED)
 
 

@@ -18,8 +18,8 @@ from tbac_core.errors import (
     NonFiniteOutputError,
 )
 from tbac_core.loading.folders import list_checkpoints, resolve_checkpoint
-from tbac_core.modeling.model import metaquery_positions
 from tbac_core.params import SamplingParams, check_size
+from tbac_core.processing.prompt_layout import metaquery_positions
 
 SPECIAL = ["<|im_end|>", "<|im_start|>", "<|vision_start|>", "<|vision_end|>", "<|img0|>", "<|img7|>",
            "<|image_pad|>", "<|video_pad|>", "<|endoftext|>", "<|pad_token_3|>", "assistant\n", "\n"]

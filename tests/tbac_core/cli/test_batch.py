@@ -61,7 +61,7 @@ def test_batch_resume_skips_done_rows(pipe, tmp_path, monkeypatch, capsys):
     assert main(argv, pipeline=pipe) == 0
     before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.png")}
 
-    sampled = CountCalls(monkeypatch, pipe, "sample")
+    sampled = CountCalls(monkeypatch, pipe, "run_sampler")
     encoded = CountCalls(monkeypatch, pipe.model, "encode")
     assert main(argv, pipeline=pipe) == 0
     assert (sampled.calls, encoded.calls) == (0, 0)  # nothing ran again

@@ -11,6 +11,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from tbac_core.errors import CheckpointError, ComponentNotFoundError
+from tbac_core.loading import load_model
 from tbac_core.loading.checkpoint import INDEX_NAME
 from tbac_core.modeling.model import TBACModel
 
@@ -56,13 +57,13 @@ def _same_weights(a: TBACModel, b: TBACModel) -> None:
 
 
 def test_loads_without_component_weights(tmp_path, fixture_root, pipe):
-    model = TBACModel.from_pretrained(make_checkpoint(tmp_path, fixture_root), device="cpu", dtype="fp32")
+    model = load_model(make_checkpoint(tmp_path, fixture_root), device="cpu", dtype="fp32")
     _same_weights(model, pipe.model)
     assert model.identity == pipe.model.identity or model.identity.fingerprint == pipe.model.identity.fingerprint
 
 
 def test_loads_target_dtype_directly(checkpoint_dir):
-    model = TBACModel.from_pretrained(checkpoint_dir, device="cpu", dtype="bf16")
+    model = load_model(checkpoint_dir, device="cpu", dtype="bf16")
     dtypes = {p.dtype for p in model.mllm.parameters()} | {p.dtype for p in model.dit.parameters()}
     assert dtypes == {torch.bfloat16}
     assert not any(p.device.type == "meta" for p in model.mllm.parameters())
@@ -78,16 +79,16 @@ def test_sharded_checkpoint(tmp_path, fixture_root, golden_tensors, pipe):
         save_file({k: golden_tensors[k] for k in part}, str(ckpt / name))
         weight_map.update({k: name for k in part})
     (ckpt / INDEX_NAME).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    model = TBACModel.from_pretrained(ckpt, device="cpu", dtype="fp32")
+    model = load_model(ckpt, device="cpu", dtype="fp32")
     _same_weights(model, pipe.model)
 
     (ckpt / "model-00002-of-00002.safetensors").unlink()
     with pytest.raises(CheckpointError, match="Missing shard.*model-00002-of-00002"):
-        TBACModel.from_pretrained(ckpt, device="cpu")
+        load_model(ckpt, device="cpu")
 
     save_file({k: golden_tensors[k] for k in keys[1::2][:-3]}, str(ckpt / "model-00002-of-00002.safetensors"))
     with pytest.raises(CheckpointError, match="lacks 3 tensor"):
-        TBACModel.from_pretrained(ckpt, device="cpu")
+        load_model(ckpt, device="cpu")
 
 
 def test_new_transformers_key_layout(tmp_path, fixture_root, golden_tensors, pipe):
@@ -99,7 +100,7 @@ def test_new_transformers_key_layout(tmp_path, fixture_root, golden_tensors, pip
         elif key.startswith("model.mllm_backbone.model."):
             key = key.replace("model.mllm_backbone.model.", "model.mllm_backbone.model.language_model.")
         renamed[key] = value
-    model = TBACModel.from_pretrained(make_checkpoint(tmp_path, fixture_root, tensors=renamed), device="cpu",
+    model = load_model(make_checkpoint(tmp_path, fixture_root, tensors=renamed), device="cpu",
                                       dtype="fp32")
     _same_weights(model, pipe.model)
 
@@ -107,21 +108,21 @@ def test_new_transformers_key_layout(tmp_path, fixture_root, golden_tensors, pip
 def test_wrong_model_type(tmp_path, fixture_root):
     ckpt = make_checkpoint(tmp_path, fixture_root, config={"model_type": "qwen2_5_vl"})
     with pytest.raises(CheckpointError, match="model_type 'qwen2_5_vl'.*tbacuniimage"):
-        TBACModel.from_pretrained(ckpt, device="cpu")
+        load_model(ckpt, device="cpu")
 
 
 def test_missing_folder_and_config(tmp_path):
     with pytest.raises(CheckpointError, match="Checkpoint folder not found"):
-        TBACModel.from_pretrained(tmp_path / "nope")
+        load_model(tmp_path / "nope")
     with pytest.raises(CheckpointError, match="No config.json"):
-        TBACModel.from_pretrained(tmp_path)
+        load_model(tmp_path)
 
 
 def test_pickle_weights_refused(tmp_path, fixture_root):
     ckpt = make_checkpoint(tmp_path, fixture_root, tensors={})
     (ckpt / "pytorch_model.bin").write_bytes(b"\x80\x04not really a pickle")
     with pytest.raises(CheckpointError, match="pickle-based.*pytorch_model.bin.*refused"):
-        TBACModel.from_pretrained(ckpt, device="cpu")
+        load_model(ckpt, device="cpu")
 
 
 def test_corrupt_safetensors(tmp_path, fixture_root):
@@ -129,7 +130,7 @@ def test_corrupt_safetensors(tmp_path, fixture_root):
     data = (ckpt / "model.safetensors").read_bytes()
     (ckpt / "model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="model.safetensors.*truncated or corrupt"):
-        TBACModel.from_pretrained(ckpt, device="cpu")
+        load_model(ckpt, device="cpu")
 
 
 @pytest.mark.parametrize(
@@ -153,7 +154,7 @@ def test_strict_keys(tmp_path, fixture_root, golden_tensors, edit, message):
         tensors["lm_head.weight"] = torch.zeros(2)
     ckpt = make_checkpoint(tmp_path, fixture_root, tensors=tensors)
     with pytest.raises(CheckpointError, match=message) as info:
-        TBACModel.from_pretrained(ckpt, device="cpu")
+        load_model(ckpt, device="cpu")
     assert str(ckpt) in str(info.value)
 
 
@@ -163,7 +164,7 @@ def test_missing_component_folder_says_where_it_looked(tmp_path, fixture_root):
     shutil.copy(fixture_root / "checkpoint" / "config.json", ckpt)
     shutil.copy(fixture_root / "checkpoint" / "model.safetensors", ckpt)
     with pytest.raises(ComponentNotFoundError, match="'tiny-Qwen2.5-VL-Instruct' \\(looked in .*lonely"):
-        TBACModel.from_pretrained(ckpt, device="cpu")
+        load_model(ckpt, device="cpu")
 
 
 def test_missing_tokenizer_says_where_it_looked(tmp_path, fixture_root):
@@ -174,7 +175,7 @@ def test_missing_tokenizer_says_where_it_looked(tmp_path, fixture_root):
     (ckpt / "config.json").write_text(json.dumps(config))
     shutil.copy(fixture_root / "checkpoint" / "model.safetensors", ckpt)
     with pytest.raises(ComponentNotFoundError, match="No Qwen2.5 tokenizer found. Looked in: .*ckpt"):
-        TBACModel.from_pretrained(ckpt, device="cpu", models_dirs=[fixture_root])
+        load_model(ckpt, device="cpu", models_dirs=[fixture_root])
 
 
 def test_builtin_architecture_is_the_published_one(tmp_path, fixture_root):
@@ -218,8 +219,7 @@ def test_builtin_architecture_is_the_published_one(tmp_path, fixture_root):
     (ckpt / "config.json").write_text(json.dumps(config))
     shutil.copy(fixture_root / "checkpoint" / "model.safetensors", ckpt)
     with pytest.raises(CheckpointError, match="embedding .* has 382 rows, but vocab_size 151936"):
-        TBACModel.from_pretrained(ckpt, device="cpu",
-                                  tokenizer_dir=fixture_root / "tiny-Qwen2.5-VL-Instruct")
+        load_model(ckpt, device="cpu", tokenizer_dir=fixture_root / "tiny-Qwen2.5-VL-Instruct")
 
 
 def test_plain_tokenizer_folder_and_builtin_image_processor(tmp_path, fixture_root, pipe):
@@ -229,9 +229,109 @@ def test_plain_tokenizer_folder_and_builtin_image_processor(tmp_path, fixture_ro
     for name in ("tokenizer.json", "preprocessor_config.json", "chat_template.json", "special_tokens_map.json",
                  "added_tokens.json"):
         (qwen / name).unlink()
-    model = TBACModel.from_pretrained(ckpt, device="cpu", dtype="fp32")
+    model = load_model(ckpt, device="cpu", dtype="fp32")
     image = Image.open(fixture_root / "goldens" / "edit_input_0.png").convert("RGB")
-    ours = model.encode("Replace the red square with a blue circle", images=[image])
-    reference = pipe.model.encode("Replace the red square with a blue circle", images=[image])
+    ours = model.encode("Replace the red square with a blue circle", images=[[image]])
+    reference = pipe.model.encode("Replace the red square with a blue circle", images=[[image]])
     for branch in ("positive", "negative", "image_negative"):
         assert torch.equal(getattr(ours.sources[0], branch), getattr(reference.sources[0], branch))
+
+
+# -- tokenizer / MLLM config agreement, image-processor precedence ----------------------------
+@pytest.mark.parametrize("key, field_name", [("image_token_id", "image_pad"),
+                                             ("vision_start_token_id", "vision_start"),
+                                             ("vision_end_token_id", "vision_end")])
+def test_tokenizer_ids_must_match_the_mllm_config(tmp_path, fixture_root, key, field_name):
+    ckpt = make_checkpoint(tmp_path, fixture_root)
+    mllm_config = tmp_path / "tiny-Qwen2.5-VL-Instruct" / "config.json"
+    raw = json.loads(mllm_config.read_text())
+    tokenizer_id = raw[key]
+    raw[key] = 151655  # the real Qwen2.5-VL id in front of the tiny tokenizer: the bench's mistake
+    mllm_config.write_text(json.dumps(raw))
+    with pytest.raises(CheckpointError) as caught:
+        load_model(ckpt, device="cpu")
+    message = str(caught.value)
+    for part in (field_name, key, str(tokenizer_id), "151655", str(mllm_config),
+                 str(tmp_path / "tiny-Qwen2.5-VL-Instruct")):
+        assert part in message
+
+
+def _preprocessor(folder: Path, max_pixels: int, fixture_root: Path) -> None:
+    settings = json.loads((fixture_root / "tiny-Qwen2.5-VL-Instruct" / "preprocessor_config.json").read_text())
+    settings.update(max_pixels=max_pixels, size={"shortest_edge": 3136, "longest_edge": max_pixels})
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "preprocessor_config.json").write_text(json.dumps(settings))
+
+
+def test_preprocessor_precedence_user_then_component_then_checkpoint(tmp_path, fixture_root):
+    ckpt = make_checkpoint(tmp_path, fixture_root)
+    component = tmp_path / "tiny-Qwen2.5-VL-Instruct"
+    user = tmp_path / "user-tokenizer"
+    shutil.copytree(component, user)
+    _preprocessor(user, 200704, fixture_root)
+    _preprocessor(ckpt, 100352, fixture_root)
+    max_pixels = lambda model: model.prompts.processor_settings["max_pixels"]  # noqa: E731
+
+    assert max_pixels(load_model(ckpt, device="cpu", tokenizer_dir=user)) == 200704  # the user's folder wins
+    assert max_pixels(load_model(ckpt, device="cpu")) == 50176  # then the MLLM component folder
+    (component / "preprocessor_config.json").unlink()
+    assert max_pixels(load_model(ckpt, device="cpu")) == 100352  # then the checkpoint folder
+    (user / "preprocessor_config.json").unlink()
+    # A user's tokenizer folder without settings does not hide the checkpoint's.
+    assert max_pixels(load_model(ckpt, device="cpu", tokenizer_dir=user)) == 100352
+    (ckpt / "preprocessor_config.json").unlink()
+    from tbac_core.loading.builtin_configs import QWEN25_VL_IMAGE_PROCESSOR
+    assert load_model(ckpt, device="cpu").prompts.processor_settings == QWEN25_VL_IMAGE_PROCESSOR
+
+
+def test_out_of_memory_is_not_reported_as_a_corrupt_file(checkpoint_dir, monkeypatch):
+    """Only read/format errors become "file corrupt"; a failing move to the device raises as itself."""
+    from tbac_core.loading.checkpoint import CheckpointFiles
+
+    files = CheckpointFiles.open(checkpoint_dir)
+    real_to = torch.Tensor.to
+
+    def to(self, *args, **kwargs):
+        if args and isinstance(args[0], (str, torch.device)):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_to(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "to", to)
+    with pytest.raises(torch.OutOfMemoryError, match="out of memory"):
+        files.load_component("vae", torch.float32, "cpu")
+
+
+def test_listing_skips_folders_with_hostile_configs(tmp_path, checkpoint_dir):
+    """One malformed config.json under the model root (deeply nested, not an object, not UTF-8) must not
+    hide the others: listing reports what it can read and skips the rest."""
+    from tbac_core.loading import list_checkpoints
+    from tbac_core.loading.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, list_adapters
+
+    root = tmp_path / "tbac"
+    root.mkdir()
+    (root / "good").symlink_to(checkpoint_dir, target_is_directory=True)
+    for name, text in (("deep", "[" * 100_000 + "]" * 100_000), ("list", "[1, 2]"), ("bytes", None)):
+        folder = root / name
+        folder.mkdir(parents=True)
+        if text is None:
+            (folder / "config.json").write_bytes(b"\xff\xfe\x00garbage")
+        else:
+            (folder / "config.json").write_text(text)
+        (folder / ADAPTER_CONFIG).write_text(text or "{")
+        (folder / ADAPTER_WEIGHTS).write_bytes(b"")
+    assert list(list_checkpoints([root])) == ["good"]
+    assert list_adapters(root) == []
+
+
+def test_index_with_a_malformed_weight_map_is_a_checkpoint_error(tmp_path, checkpoint_dir):
+    import shutil
+
+    from tbac_core.loading import load_model
+
+    folder = tmp_path / "ckpt"
+    shutil.copytree(checkpoint_dir, folder)
+    (folder / "model.safetensors").unlink()
+    for text in ('{"weight_map": [1, 2]}', '{"weight_map": {"a": 3}}', "[" * 5000 + "]" * 5000, '{"metadata": {}}'):
+        (folder / INDEX_NAME).write_text(text)
+        with pytest.raises(CheckpointError, match="index"):
+            load_model(folder, device="cpu", dtype="fp32")

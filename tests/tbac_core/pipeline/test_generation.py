@@ -8,7 +8,7 @@ from PIL import Image
 from tbac_core.errors import IncompatibleConditioningError, InvalidParameterError
 from tbac_core.ladder.conditioning import ModelIdentity
 from tbac_core.params import SamplingParams
-from tbac_core.pipeline.sampling import denoise, initial_noise
+from tbac_core.pipeline.sampling import denoise, initial_noise, make_schedule
 
 STEPS = 3
 
@@ -20,7 +20,8 @@ def _image(seed: int, size=(64, 64)) -> Image.Image:
 
 
 def _run(pipe, cond, noise, params):
-    return denoise(pipe.model.dit, cond, noise, pipe.model.scheduler_config, params)
+    scheduler, timesteps = make_schedule(params, pipe.model.scheduler_config, pipe.model.dit.device)
+    return denoise(pipe.model.dit, cond, noise, scheduler, timesteps, params)
 
 
 @pytest.mark.parametrize("image_guidance", [1.0, 1.5])

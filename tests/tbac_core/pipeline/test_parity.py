@@ -12,8 +12,9 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from tbac_core.modeling.model import _images_per_prompt
 from tbac_core.params import SamplingParams
+from tbac_core.processing.images import images_per_prompt
+from tbac_core.processing.prompt_layout import conditioning_rows
 
 ATOL = 1e-4
 CASES = ["t2i", "edit", "edit_textcfg"]
@@ -62,8 +63,8 @@ def run(request, pipe, manifest, fixture_root):
 
 def test_input_ids_and_mask(run, pipe):
     model, case, golden = pipe.model, run["case"], run["golden"]
-    rows = model.conditioning_rows(run["prompts"], _images_per_prompt(run["images"], len(run["prompts"])),
-                                   run["call"]["negative_prompt"])
+    rows = conditioning_rows(model.prompts, run["prompts"], images_per_prompt(run["images"], len(run["prompts"])),
+                             run["call"]["negative_prompt"])
     batch = model.prompts.build_batch(rows, model.config.system_prompt, model.metaquery_suffix())
     index = _golden_rows(case, run["prompts"])
     if not case["image_cfg_branch"] and case["call"]["image"] is not None:

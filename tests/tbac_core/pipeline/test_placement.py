@@ -52,8 +52,8 @@ def test_conditioning_cache_reuses_and_is_bounded(pipe, monkeypatch):
 
 
 def test_compile_switch_compiles_the_dit_blocks(checkpoint_dir):
-    from tbac_core.modeling.model import TBACModel
+    from tbac_core import load_model
 
-    model = TBACModel.from_pretrained(checkpoint_dir, device="cpu", dtype="fp32")
+    model = load_model(checkpoint_dir, device="cpu", dtype="fp32")
     TBACPipeline(model, compile_dit=True, device="cpu")
     assert all(block._compiled_call_impl is not None for block in model.dit.transformer.transformer_blocks)

@@ -12,8 +12,8 @@ import transformers
 from PIL import Image
 
 from tbac_core.errors import InvalidParameterError
-from tbac_core.modeling.model import TBACModel
-from tbac_core.pipeline import understanding
+from tbac_core.loading import load_model
+from tbac_core.pipeline import TBACPipeline, understanding
 from tbac_core.pipeline.understanding import (
     MAX_IMAGE_PIXELS,
     MAX_TOTAL_IMAGE_PIXELS,
@@ -106,25 +106,25 @@ def test_lm_head_covers_only_the_base_vocabulary(model):
     check_lm_head(model)
 
 
-def _hot_sampling_ids(model, seed: int) -> torch.Tensor:
+def _hot_sampling_ids(pipe, seed: int) -> torch.Tensor:
     """8 questions x 48 tokens sampled from an almost uniform distribution (temperature 50)."""
     settings = GenerationSettings(max_new_tokens=48, do_sample=True, temperature=50.0, top_p=1.0, top_k=0,
                                   repetition_penalty=1.0)
-    rows = [generate_answer_ids(model, f"question {i}", [_image(i)] if i % 2 else [],
+    rows = [generate_answer_ids(pipe, f"question {i}", [_image(i)] if i % 2 else [],
                                 settings=dataclasses.replace(settings, seed=seed * 8 + i))[1]
             for i in range(8)]
     return torch.tensor([token for row in rows for token in row])
 
 
-def test_sampling_never_emits_added_rows(model):
-    ids = _hot_sampling_ids(model, seed=0)
+def test_sampling_never_emits_added_rows(pipe, model):
+    ids = _hot_sampling_ids(pipe, seed=0)
     assert len(ids) > 300 and len(set(ids.tolist())) > 150  # the whole base vocabulary is reachable...
     assert int(ids.max()) < model.base_vocab  # ...but never a metaquery/padding row
 
 
 def test_a_full_embedding_head_would_emit_added_rows(checkpoint_dir, monkeypatch):
     """Control for the test above: with the whole embedding as head, the same sampling hits added rows."""
-    model = TBACModel.from_pretrained(checkpoint_dir, device="cpu", dtype="float32")
+    model = load_model(checkpoint_dir, device="cpu", dtype="float32")
     embedding = model.mllm.get_input_embeddings().weight
     full = torch.nn.Linear(embedding.shape[1], embedding.shape[0], bias=False)
     full.weight = embedding
@@ -132,7 +132,7 @@ def test_a_full_embedding_head_would_emit_added_rows(checkpoint_dir, monkeypatch
     with pytest.raises(RuntimeError, match="metaquery"):
         check_lm_head(model)
     monkeypatch.setattr(understanding, "check_lm_head", lambda model: None)
-    ids = _hot_sampling_ids(model, seed=0)
+    ids = _hot_sampling_ids(TBACPipeline(model), seed=0)
     assert int((ids >= model.base_vocab).sum()) > 0  # about 8 * 48 * 10 / 382 = 10 expected
 
 
@@ -146,11 +146,11 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_greedy_matches_stock_transformers_generate(model, reference_mllm, qwen_dir, case):
+def test_greedy_matches_stock_transformers_generate(pipe, model, reference_mllm, qwen_dir, case):
     question, image_specs, system_prompt, penalty = CASES[case]
     images = [_image(seed, size) for seed, size in image_specs]
     settings = dataclasses.replace(GREEDY, repetition_penalty=penalty)
-    ours, new_ids = generate_answer_ids(model, question, images, system_prompt=system_prompt, settings=settings)
+    ours, new_ids = generate_answer_ids(pipe, question, images, system_prompt=system_prompt, settings=settings)
 
     ref = reference_inputs(qwen_dir, question, images, system_prompt)
     assert ours["input_ids"].tolist() == ref["input_ids"].tolist()
@@ -167,18 +167,18 @@ def test_greedy_matches_stock_transformers_generate(model, reference_mllm, qwen_
     expected = expected[0, ref["input_ids"].shape[1]:].tolist()
     assert new_ids == expected
     assert len(set(expected)) > 1  # a real sequence, not one token repeated
-    text = answer(model, question, images, system_prompt=system_prompt, settings=settings)
+    text = answer(pipe, question, images, system_prompt=system_prompt, settings=settings)
     stop = [i for i, t in enumerate(expected) if t in (model.prompts.ids.im_end, model.prompts.ids.pad)]
     kept = expected[: stop[0]] if stop else expected
     assert text == model.prompts.tokenizer.decode(kept, skip_special_tokens=True).strip()
 
 
-def test_answer_batch_answers_each_question_on_its_own(model):
+def test_answer_batch_answers_each_question_on_its_own(pipe, model):
     questions = ["What is shown?", "Hello there, who are you?", "Compare the two pictures."]
     images = [[_image(5, (84, 56))], None, [_image(6), _image(7, (56, 112))]]
     progress = []
-    together = answer_batch(model, questions, images, settings=GREEDY, callback=lambda *a: progress.append(a))
-    alone = [answer(model, q, imgs, settings=GREEDY) for q, imgs in zip(questions, images)]
+    together = answer_batch(pipe, questions, images, settings=GREEDY, callback=lambda *a: progress.append(a))
+    alone = [answer(pipe, q, imgs, settings=GREEDY) for q, imgs in zip(questions, images)]
     assert together == alone
     assert len(set(together)) == 3
     assert all(total == 3 * TOKENS for _, total in progress)
@@ -186,25 +186,32 @@ def test_answer_batch_answers_each_question_on_its_own(model):
     assert done == sorted(done) and len(set(done)) == len(done) and done[-1] > 2 * TOKENS
     progress.clear()
     with pytest.raises(InvalidParameterError, match="question is empty"):  # refused before any work
-        answer_batch(model, ["fine", "fine too", " "], settings=GREEDY, callback=lambda *a: progress.append(a))
+        answer_batch(pipe, ["fine", "fine too", " "], settings=GREEDY, callback=lambda *a: progress.append(a))
     assert progress == []
 
 
-def test_pipeline_comfy_batch_tensor_and_model_agree(pipe, model):
+def test_a_bare_model_is_refused(model):
+    with pytest.raises(InvalidParameterError, match="TBACPipeline"):
+        answer(model, "What is this?")
+    with pytest.raises(InvalidParameterError, match="TBACPipeline"):
+        answer_batch(model, ["What is this?"])
+
+
+def test_pipeline_comfy_batch_tensor_and_list_agree(pipe, model):
     images = [_image(8), _image(9)]
-    expected = answer(model, "What is this?", images, settings=GREEDY)
+    expected = answer(pipe, "What is this?", images, settings=GREEDY)
     assert answer(pipe, "What is this?", images, settings=GREEDY) == expected
     batch = torch.stack([torch.from_numpy(np.array(img)).float() / 255 for img in images])
-    assert answer(model, "What is this?", batch, settings=GREEDY) == expected  # IMAGE [B, H, W, C]
+    assert answer(pipe, "What is this?", batch, settings=GREEDY) == expected  # IMAGE [B, H, W, C]
 
 
 # -- sampling, progress, cancellation ------------------------------------------------------
-def test_sampling_seed_repeats_differs_and_leaves_global_rng_alone(model):
+def test_sampling_seed_repeats_differs_and_leaves_global_rng_alone(pipe, model):
     images = [_image(10)]
 
     def sample(seed):
         settings = GenerationSettings(max_new_tokens=TOKENS, do_sample=True, temperature=1.5, seed=seed)
-        return generate_answer_ids(model, "Tell me a story.", images, settings=settings)[1]
+        return generate_answer_ids(pipe, "Tell me a story.", images, settings=settings)[1]
 
     torch.manual_seed(1234)
     before = torch.get_rng_state()
@@ -213,14 +220,14 @@ def test_sampling_seed_repeats_differs_and_leaves_global_rng_alone(model):
     assert sample(7) == first
     assert sample(8) != first
     assert sample(2**64 - 1) == sample(2**64 - 1)
-    greedy = generate_answer_ids(model, "Tell me a story.", images, settings=GREEDY)[1]
+    greedy = generate_answer_ids(pipe, "Tell me a story.", images, settings=GREEDY)[1]
     assert first != greedy
 
 
-def test_progress_callback_and_cancellation(model):
+def test_progress_callback_and_cancellation(pipe, model):
     calls = []
     settings = GenerationSettings(max_new_tokens=12, repetition_penalty=1.0)
-    answer(model, "Count.", [_image(11)], settings=settings, callback=lambda done, total: calls.append((done, total)))
+    answer(pipe, "Count.", [_image(11)], settings=settings, callback=lambda done, total: calls.append((done, total)))
     assert calls and calls == [(i, 12) for i in range(1, len(calls) + 1)]
 
     checks = []
@@ -232,23 +239,23 @@ def test_progress_callback_and_cancellation(model):
 
     progress = []
     with pytest.raises(Cancelled, match="cancelled by the test"):
-        answer(model, "Count.", [_image(11)], settings=settings, check_cancel=cancel_at_third_token,
+        answer(pipe, "Count.", [_image(11)], settings=settings, check_cancel=cancel_at_third_token,
                callback=lambda done, total: progress.append(done))
     assert progress == [1, 2]
     with pytest.raises(Cancelled):
-        answer(model, "Count.", check_cancel=lambda: (_ for _ in ()).throw(Cancelled("now")))
+        answer(pipe, "Count.", check_cancel=lambda: (_ for _ in ()).throw(Cancelled("now")))
     # The interrupted run left no M-RoPE state behind: the next answer is as before.
-    first = answer(model, "Count.", [_image(11)], settings=settings)
-    assert answer(model, "Count.", [_image(11)], settings=settings) == first
+    first = answer(pipe, "Count.", [_image(11)], settings=settings)
+    assert answer(pipe, "Count.", [_image(11)], settings=settings) == first
     for owner in understanding._rope_state_owners(model.mllm):
         assert owner.rope_deltas is None
 
 
 # -- prompts and bad input -----------------------------------------------------------------
 @pytest.mark.parametrize("num_images", [0, 1, 2])
-def test_special_tokens_in_question_keep_the_structure(model, num_images):
+def test_special_tokens_in_question_keep_the_structure(pipe, model, num_images):
     images = [_image(12 + i) for i in range(num_images)]
-    inputs, new_ids = generate_answer_ids(model, SPECIAL_QUESTION, images, settings=GREEDY)
+    inputs, new_ids = generate_answer_ids(pipe, SPECIAL_QUESTION, images, settings=GREEDY)
     ids = inputs["input_ids"][0].tolist()
     special = model.prompts.ids
     image_tokens = sum(int(g.prod()) // 4 for g in inputs["image_grid_thw"]) if num_images else 0
@@ -270,31 +277,31 @@ def test_special_tokens_in_question_keep_the_structure(model, num_images):
     assert len(new_ids) >= 1
 
 
-def test_default_system_prompt_is_qwens_not_tbacs(model):
+def test_default_system_prompt_is_qwens_not_tbacs(pipe, model):
     one_token = dataclasses.replace(GREEDY, max_new_tokens=1)
-    inputs, _ = generate_answer_ids(model, "hi", settings=one_token)
+    inputs, _ = generate_answer_ids(pipe, "hi", settings=one_token)
     text = model.prompts.tokenizer.decode(inputs["input_ids"][0])
     assert text.startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nhi")
     assert model.config.system_prompt not in text
     for blank in ("", "   "):
-        same, _ = generate_answer_ids(model, "hi", system_prompt=blank, settings=one_token)
+        same, _ = generate_answer_ids(pipe, "hi", system_prompt=blank, settings=one_token)
         assert torch.equal(same["input_ids"], inputs["input_ids"])
 
 
-def test_bad_questions_are_refused_clearly(model):
+def test_bad_questions_are_refused_clearly(pipe, model):
     for question in ("", "  \n"):
         with pytest.raises(InvalidParameterError, match="question is empty"):
-            answer(model, question)
+            answer(pipe, question)
     with pytest.raises(InvalidParameterError, match="strings"):
-        answer(model, None)
+        answer(pipe, None)
     with pytest.raises(InvalidParameterError, match="one list"):
-        answer_batch(model, ["a", "b"], [[_image(1)]])
+        answer_batch(pipe, ["a", "b"], [[_image(1)]])
     with pytest.raises(InvalidParameterError, match="Unsupported image type"):
-        answer(model, "what?", ["not an image"])
+        answer(pipe, "what?", ["not an image"])
     with pytest.raises(InvalidParameterError, match="aspect ratio"):
-        answer(model, "what?", [Image.new("RGB", (3000, 10))])
+        answer(pipe, "what?", [Image.new("RGB", (3000, 10))])
     with pytest.raises(InvalidParameterError, match="settings"):
-        answer(model, "what?", settings={"max_new_tokens": 3})
+        answer(pipe, "what?", settings={"max_new_tokens": 3})
 
 
 @pytest.mark.parametrize("field, value, message", [
@@ -336,16 +343,16 @@ def test_pixel_budget_follows_the_processor_and_is_capped(model):
             pixel_budget(model, 1, max_pixels=bad)
 
 
-def test_huge_and_tiny_images_are_resized_within_the_budget(model):
+def test_huge_and_tiny_images_are_resized_within_the_budget(pipe, model):
     huge = Image.new("RGB", (4000, 3000), (10, 200, 30))
     tiny = Image.new("RGB", (5, 9), (200, 10, 30))
     two_tokens = dataclasses.replace(GREEDY, max_new_tokens=2)
-    inputs, _ = generate_answer_ids(model, "what?", [huge, tiny], settings=two_tokens)
+    inputs, _ = generate_answer_ids(pipe, "what?", [huge, tiny], settings=two_tokens)
     pixels = [int(h * w) * 14 * 14 for _, h, w in inputs["image_grid_thw"].tolist()]
     assert all(3136 <= p <= 50176 for p in pixels)
     t, h, w = inputs["image_grid_thw"][0].tolist()
     assert abs(w / h - 4 / 3) < 0.2  # aspect ratio kept
-    inputs, _ = generate_answer_ids(model, "what?", [huge], settings=dataclasses.replace(GREEDY, max_new_tokens=1),
+    inputs, _ = generate_answer_ids(pipe, "what?", [huge], settings=dataclasses.replace(GREEDY, max_new_tokens=1),
                                     max_pixels=3136 * 4)
     assert int(inputs["image_grid_thw"][0].prod()) * 14 * 14 <= 3136 * 4
 

@@ -7,9 +7,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from training_support import config, load
 
-from tbac_core.demo.scenes import split_scenes, write_caption_folder, write_edit_folder
 from tbac_core.errors import InvalidParameterError
+from tbac_core.loading import load_model
 from tbac_core.loading.adapters import (
     ADAPTER_CONFIG,
     AdapterError,
@@ -17,30 +18,9 @@ from tbac_core.loading.adapters import (
     list_adapters,
 )
 from tbac_core.modeling.mllm import metaquery_rung_states
-from tbac_core.modeling.model import TBACModel, metaquery_positions
-from tbac_core.training import TrainConfig, Trainer, TrainingDivergedError, scan_folder
+from tbac_core.processing.prompt_layout import metaquery_positions
+from tbac_core.training import Trainer, TrainingDivergedError, scan_folder
 from tbac_core.training.flow import FlowMatchingObjective
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    """4 caption pairs + 2 edit triples at the fixture's 64x64 size."""
-    folder = tmp_path_factory.mktemp("data")
-    train, _ = split_scenes(24, 0)
-    write_caption_folder(folder, train[:4], 64, 1, seed=0)
-    write_edit_folder(folder / "edits", train, 64, 2, seed=0)
-    return folder
-
-
-def load(checkpoint_dir) -> TBACModel:
-    return TBACModel.from_pretrained(checkpoint_dir, dtype="fp32", device="cpu")
-
-
-def config(tmp_path, data_dir, **overrides) -> TrainConfig:
-    settings = dict(data=[str(data_dir)], output_dir=str(tmp_path / "run"), max_steps=4, batch_size=4,
-                    learning_rate=1e-3, warmup_steps=0, save_every=0, sample_every=0, progress=False)
-    settings.update(overrides)
-    return TrainConfig(**settings)
 
 
 def fixed_loss(trainer: Trainer, indices=(0, 1, 2, 3)) -> float:
@@ -90,15 +70,6 @@ def test_edit_triples_train_through_the_vision_path(checkpoint_dir, data_dir, tm
     result = trainer.train()
     assert len(result.losses) == 2 and all(torch.isfinite(torch.tensor(result.losses)))
     assert (result.final_dir / ADAPTER_CONFIG).is_file()
-
-
-@pytest.fixture
-def one_thread():
-    """CPU kernels split reductions across threads in run-dependent ways; one thread is exact."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_resume_continues_exactly(checkpoint_dir, data_dir, tmp_path, one_thread):
@@ -250,8 +221,8 @@ def test_train_cli_subcommand(checkpoint_dir, data_dir, tmp_path):
     assert list_adapters(out) == ["final"]
     assert (out / "samples" / "step-000002.png").is_file()
     # A standalone checkpoint in the official format; the fixture's components sit next to its base.
-    merged = TBACModel.from_pretrained(tmp_path / "merged", dtype="fp32", device="cpu",
-                                       models_dirs=[checkpoint_dir.parent])
+    merged = load_model(tmp_path / "merged", dtype="fp32", device="cpu",
+                        models_dirs=[checkpoint_dir.parent])
     trained = load(checkpoint_dir)
     apply_adapter(trained, out / "final")
     for key, value in trained.dit.transformer.state_dict().items():

@@ -1,0 +1,89 @@
+"""Two CPU processes (gloo, started by ``accelerate launch``) train exactly like one; resume across N."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from training_support import config, load
+
+from tbac_core.loading.adapters import read_adapter_tensors
+from tbac_core.training import Trainer
+
+ROOT = Path(__file__).resolve().parents[3]
+STEPS = 2
+LAUNCH_TIMEOUT_S = 120
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def two_process_run(checkpoint_dir, data_dir, tmp_path_factory) -> Path:
+    """``accelerate launch`` of the train CLI: 2 processes x 2 accumulation micro-steps of 1 example."""
+    out = tmp_path_factory.mktemp("two") / "run"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+               OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(free_port()), "-m", "tbac_core", "train",
+               "--model", str(checkpoint_dir), "--dtype", "fp32", "--data", str(data_dir), "--out", str(out),
+               "--steps", str(STEPS), "--batch-size", "4", "--grad-accum", "2", "--lr", "1e-3", "--warmup", "0",
+               "--save-every", "1", "--keep", "0", "--sample-every", "0", "--threads", "1"]
+    done = subprocess.run(command, env=env, cwd=str(ROOT), capture_output=True, text=True,
+                          timeout=LAUNCH_TIMEOUT_S)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def one_process_run(checkpoint_dir, data_dir, tmp_path_factory):
+    """The same run in this process, no accumulation: losses and trained tensors after each step."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        settings = dict(max_steps=STEPS, save_every=1, keep_checkpoints=0)
+        trainer = Trainer(load(checkpoint_dir), config(tmp_path_factory.mktemp("one"), data_dir, **settings))
+        result = trainer.train()
+    finally:
+        torch.set_num_threads(threads)
+    states = [read_adapter_tensors(result.final_dir.parent / "checkpoint-000001"), read_adapter_tensors(result.final_dir)]
+    return result.losses, states
+
+
+def assert_close(got: dict, expected: dict) -> None:
+    assert got.keys() == expected.keys()
+    for key, value in expected.items():
+        assert torch.allclose(got[key], value, atol=1e-5, rtol=1e-4), (key, (got[key] - value).abs().max())
+
+
+def history(folder: Path) -> list[float]:
+    state = json.loads((folder / "trainer_state.json").read_text())
+    return [h["loss"] for h in state["history_tail"]]
+
+
+def test_two_processes_train_like_one(two_process_run, one_process_run):
+    losses, states = one_process_run
+    state = json.loads((two_process_run / "final" / "trainer_state.json").read_text())
+    assert state["num_processes"] == 2 and state["examples_seen"] == STEPS * 4
+    assert history(two_process_run / "final") == pytest.approx(losses, rel=1e-5)
+    assert_close(read_adapter_tensors(two_process_run / "checkpoint-000001"), states[0])
+    assert_close(read_adapter_tensors(two_process_run / "final"), states[1])
+
+
+def test_two_process_checkpoint_resumes_in_one_process(two_process_run, one_process_run, checkpoint_dir,
+                                                       data_dir, tmp_path, one_thread):
+    losses, states = one_process_run
+    resumed = Trainer(load(checkpoint_dir), config(tmp_path, data_dir, max_steps=STEPS,
+                                                   resume=str(two_process_run / "checkpoint-000001")))
+    result = resumed.train()
+    assert resumed.step == STEPS and result.losses == pytest.approx(losses[1:], rel=1e-5)
+    assert_close(resumed.parts.state_dict(), states[1])
