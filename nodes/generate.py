@@ -8,7 +8,6 @@ by the VAE's scaling factor (f = 32 for TBAC-UniImage-3B, C = 32).
 from __future__ import annotations
 
 from ..tbac_core import processing
-from ..tbac_core.pipeline import composite_pixels
 from ..tbac_core.errors import InvalidParameterError
 from ..tbac_core.ladder import LAYER_SPEC_SYNTAX
 from ..tbac_core.params import (
@@ -22,6 +21,7 @@ from ..tbac_core.params import (
     SIZE_STEP,
     SamplingParams,
 )
+from ..tbac_core.pipeline import composite_pixels
 from . import comfy_bridge as bridge
 from .comfy_bridge import LADDER_CONDITIONING, TBAC_MODEL, io
 from .loader import MODEL_TOOLTIP, ROOT_CATEGORY
@@ -219,8 +219,14 @@ class TBACDecode(io.ComfyNode):
         if cancel is not None:  # decoding is one call: the last chance to stop before it
             cancel()
         images = model.pipeline.decode(latents, tiled=TILING_CHOICES[tiling])
-        if original_images is not None and latent.get("noise_mask") is not None:
-            images = composite_pixels(images, original_images, latent["noise_mask"])
+        mask = latent.get("noise_mask")
+        if original_images is not None and mask is not None:
+            if original_images.shape[1:3] != images.shape[1:3]:  # 'TBAC Encode Image' cropped it: crop alike
+                factor = model.pipeline.vae_scale_factor
+                if mask.shape[-2:] == original_images.shape[1:3]:
+                    mask = processing.crop_to_multiple(mask.reshape(-1, *mask.shape[-2:])[..., None], factor)[..., 0]
+                original_images = processing.crop_to_multiple(original_images, factor)
+            images = composite_pixels(images, original_images, mask)
         return io.NodeOutput(images)
 
 

@@ -29,8 +29,8 @@ from ..modeling.model import TBACModel
 from ..modeling.vae import decode_latents, encode_images
 from ..params import SamplingParams, check_batch, check_size
 from ..processing.images import image_batch, images_per_prompt, images_to_uint8
-from .placement import MemoryModePlacement, Placement
 from .masking import InpaintBlend, inpaint_blend
+from .placement import MemoryModePlacement, Placement
 from .sampling import StepCallback, denoise, initial_noise, make_schedule
 
 TILED_DECODE_ABOVE = 1024 * 1024  # pixels per image; DC-AE decodes larger images tile by tile

@@ -28,10 +28,11 @@ import comfy.samplers  # noqa: E402
 import comfy.utils  # noqa: E402
 import folder_paths  # noqa: E402, F401
 import latent_preview  # noqa: E402
-import nodes as core_nodes  # noqa: E402
 import torch  # noqa: E402
 from comfy_extras.nodes_custom_sampler import Guider_DualCFG  # noqa: E402
 from PIL import Image  # noqa: E402
+
+import nodes as core_nodes  # noqa: E402
 
 spec = importlib.util.spec_from_file_location("tbac_native_check", pack_root / "__init__.py",
                                               submodule_search_locations=[str(pack_root)])
