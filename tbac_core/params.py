@@ -24,6 +24,8 @@ MAX_GUIDANCE_UI = 30.0  # upper end of the guidance sliders (the library takes a
 # -- memory and precision ----------------------------------------------------------------------------
 MEMORY_MODES = ("full", "offload-mllm", "sequential")
 DTYPE_CHOICES = ("auto", "fp32", "bf16", "fp16")
+# Stored weight formats of tbac_core.quantization: fp8 e4m3 (safetensors) and GGUF block types.
+QUANTIZATION_FORMATS = ("fp8", "q8_0", "q5_k", "q4_k")
 
 # -- understanding ---------------------------------------------------------------------------------
 MAX_NEW_TOKENS = 8192
