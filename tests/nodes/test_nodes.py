@@ -143,7 +143,7 @@ def test_pack_imports_as_comfyui_loads_it():
         assert isinstance(extension, sys.modules["comfy_api.v0_0_2"].ComfyExtension)
         classes = asyncio.run(extension.get_node_list())
         ids = [cls.GET_SCHEMA().node_id for cls in classes]
-        assert sorted(ids) == sorted(NODE_IDS) and len(ids) == 12
+        assert sorted(ids) == sorted(NODE_IDS) and len(ids) == 15
         assert all(cls.__module__.startswith(f"{name}.nodes.") for cls in classes)
         assert sys.modules[f"{name}.tbac_core"] is not sys.modules.get("tbac_core")  # its own copy of the library
         assert sys.path == path_before
