@@ -16,6 +16,7 @@ from ..errors import InvalidParameterError, NonFiniteOutputError
 from ..ladder.conditioning import LadderConditioning
 from ..modeling.dit import LadderDiT, mask_to_bias
 from ..params import SAMPLERS, SamplingParams
+from .masking import InpaintBlend
 
 
 @dataclass(frozen=True)
@@ -107,10 +108,12 @@ def denoise(
     params: SamplingParams,
     callback: StepCallback | None = None,
     check_cancel: Callable[[], None] | None = None,
+    inpaint: InpaintBlend | None = None,
 ) -> torch.Tensor:
     """The denoising loop -> final latents [B * images_per_prompt, C, h, w] (float32).
 
-    Inputs are trusted (the pipeline's ``check_inputs`` validated them).
+    Inputs are trusted (the pipeline's ``check_inputs`` validated them). With ``inpaint`` only the
+    masked region is denoised (the rest follows the noised input latents and ends equal to them).
     """
     device = dit.device
     branches = guidance_branches(cond, params.image_guidance_scale)
@@ -130,9 +133,14 @@ def denoise(
     mask_bias = mask_to_bias(mask.to(device), dit.dtype)
 
     latents = latents.to(device=device, dtype=torch.float32)
+    if inpaint is not None:
+        inpaint = inpaint.to(device)
+        first = len(scheduler.sigmas) - 1 - len(timesteps)  # index of the first sigma that runs
     for index, t in enumerate(timesteps):
         if check_cancel is not None:
             check_cancel()
+        if inpaint is not None:
+            latents = inpaint.before_step(latents, scheduler.sigmas[first + index].to(device=device))
         model_input = torch.cat([latents] * len(branches)).to(dit.dtype)
         timestep = t.expand(model_input.shape[0]).to(device)
         prediction = dit(model_input, timestep, block_conditions, mask_bias).float()
@@ -141,6 +149,8 @@ def denoise(
         latents = scheduler.step(guided, t, latents).prev_sample
         if callback is not None:
             callback(StepInfo(index, len(timesteps), t, latents, previous, model_input, timestep, prediction, guided))
+    if inpaint is not None:
+        latents = inpaint.finish(latents)
     if not torch.isfinite(latents).all():
         raise NonFiniteOutputError(
             "Sampling produced NaN/inf latents, so the image would be black or garbage. Lower the "
