@@ -15,6 +15,7 @@ from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteSchedul
 from ..errors import InvalidParameterError, NonFiniteOutputError
 from ..ladder.conditioning import LadderConditioning
 from ..modeling.dit import LadderDiT, mask_to_bias
+from ..modeling.step_cache import FirstBlockCache
 from ..params import SAMPLERS, SamplingParams
 
 
@@ -81,6 +82,11 @@ def combine_guidance(predictions: torch.Tensor, branches: tuple[str, ...], param
     return uncond + g * (full - uncond)
 
 
+def guided_step_count(total: int, guidance_cutoff: float) -> int:
+    """How many of the ``total`` steps evaluate every guidance branch (the rest: positive only)."""
+    return int(round(total * guidance_cutoff))
+
+
 def make_schedule(params: SamplingParams, scheduler_config: dict, device, img2img: bool = False):
     """A fresh scheduler with its timesteps set -> (scheduler, the timesteps to run).
 
@@ -128,15 +134,29 @@ def denoise(
     else:
         mask = torch.ones(rows, block_conditions[0].shape[1], dtype=torch.long)
     mask_bias = mask_to_bias(mask.to(device), dit.dtype)
+    # Also step-invariant: each block's cross-attention keys/values of its condition.
+    all_branches_kv = dit.precompute_conditions(block_conditions, mask_bias)
+    # Guidance truncation: after the cutoff only the positive branch (the last rows) runs.
+    positive_rows = slice(rows - rows // len(branches), rows)
+    guided_steps = guided_step_count(len(timesteps), params.guidance_cutoff)
+    positive_kv = all_branches_kv
+    if guided_steps < len(timesteps) and len(branches) > 1:
+        positive_kv = dit.precompute_conditions(
+            [condition[positive_rows] for condition in block_conditions], mask_bias[positive_rows]
+        )
+    step_cache = FirstBlockCache(params.cache_threshold) if params.cache_threshold > 0 else None
 
     latents = latents.to(device=device, dtype=torch.float32)
-    for index, t in enumerate(timesteps):
+    timesteps_on_device = timesteps.to(device)
+    for index, t in enumerate(timesteps_on_device):
         if check_cancel is not None:
             check_cancel()
-        model_input = torch.cat([latents] * len(branches)).to(dit.dtype)
-        timestep = t.expand(model_input.shape[0]).to(device)
-        prediction = dit(model_input, timestep, block_conditions, mask_bias).float()
-        guided = combine_guidance(prediction, branches, params)
+        step_branches = branches if index < guided_steps else branches[-1:]
+        conditions = all_branches_kv if index < guided_steps else positive_kv
+        model_input = torch.cat([latents] * len(step_branches)).to(dit.dtype)
+        timestep = t.expand(model_input.shape[0])
+        prediction = dit(model_input, timestep, conditions, step_cache=step_cache).float()
+        guided = combine_guidance(prediction, step_branches, params) if len(step_branches) > 1 else prediction
         previous = latents
         latents = scheduler.step(guided, t, latents).prev_sample
         if callback is not None:
