@@ -53,6 +53,11 @@ class CrossAttentionKV:
     value: torch.Tensor  # [B, heads, N, head_dim]
     attention_mask: torch.Tensor | None  # [B, heads, 1, N] additive bias, or None
 
+    def select_rows(self, rows: slice) -> CrossAttentionKV:
+        """The keys/values of some batch rows (e.g. the positive guidance branch alone)."""
+        mask = None if self.attention_mask is None else self.attention_mask[rows]
+        return CrossAttentionKV(self.key[rows], self.value[rows], mask)
+
 
 class PrecomputedKVAttnProcessor:
     """diffusers' ``SanaAttnProcessor2_0`` that also takes a ``CrossAttentionKV`` as the encoder states.

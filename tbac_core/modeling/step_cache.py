@@ -42,6 +42,12 @@ class FirstBlockCache:
         """Block 0's output [B, L, D] -> the estimated output of the last block."""
         return hidden_states + self.rest_residual
 
+    def keep_rows(self, rows: slice) -> None:
+        """Keep the cached residuals of these batch rows only (guidance truncation drops branches)."""
+        if self.first_residual is not None:
+            self.first_residual = self.first_residual[rows]
+            self.rest_residual = self.rest_residual[rows]
+
     def store(self, first_residual: torch.Tensor, rest_residual: torch.Tensor) -> None:
         """Remember a full step's residuals (the reference of the steps that follow)."""
         self.first_residual = first_residual

@@ -139,11 +139,7 @@ def denoise(
     # Guidance truncation: after the cutoff only the positive branch (the last rows) runs.
     positive_rows = slice(rows - rows // len(branches), rows)
     guided_steps = guided_step_count(len(timesteps), params.guidance_cutoff)
-    positive_kv = all_branches_kv
-    if guided_steps < len(timesteps) and len(branches) > 1:
-        positive_kv = dit.precompute_conditions(
-            [condition[positive_rows] for condition in block_conditions], mask_bias[positive_rows]
-        )
+    positive_kv = [kv.select_rows(positive_rows) for kv in all_branches_kv]
     step_cache = FirstBlockCache(params.cache_threshold) if params.cache_threshold > 0 else None
 
     latents = latents.to(device=device, dtype=torch.float32)
@@ -151,6 +147,8 @@ def denoise(
     for index, t in enumerate(timesteps_on_device):
         if check_cancel is not None:
             check_cancel()
+        if index == guided_steps and step_cache is not None:
+            step_cache.keep_rows(positive_rows)  # the positive rows' residuals stay valid references
         step_branches = branches if index < guided_steps else branches[-1:]
         conditions = all_branches_kv if index < guided_steps else positive_kv
         model_input = torch.cat([latents] * len(step_branches)).to(dit.dtype)

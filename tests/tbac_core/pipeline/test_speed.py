@@ -144,6 +144,16 @@ def test_guidance_cutoff_zero_is_the_positive_branch_alone(pipe, conds):
     torch.testing.assert_close(truncated, unguided, atol=1e-5, rtol=0)
 
 
+def test_step_cache_survives_guidance_cutoff(pipe, conds):
+    """After the cutoff the cache keeps the positive rows' residuals instead of starting over."""
+    last_block = pipe.model.dit.transformer.transformer_blocks[-1]
+    params = SamplingParams(steps=STEPS, cache_threshold=1.0, guidance_cutoff=0.5)
+    with _Counter(last_block) as last:
+        result = _run(pipe, conds["t2i"], params)
+    assert last.rows == [2 * conds["t2i"].batch_size]  # only the first step ran the remaining blocks
+    assert torch.isfinite(result).all()
+
+
 @pytest.mark.parametrize("field,value", [("cache_threshold", -0.1), ("cache_threshold", 2.0),
                                          ("cache_threshold", float("nan")), ("guidance_cutoff", 1.5),
                                          ("guidance_cutoff", -0.5), ("guidance_cutoff", "half")])
