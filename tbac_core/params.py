@@ -25,6 +25,8 @@ MAX_CACHE_THRESHOLD = 1.0  # First-Block-Cache relative L1 change; above ~0.3 ne
 # -- memory and precision ----------------------------------------------------------------------------
 MEMORY_MODES = ("full", "offload-mllm", "sequential")
 DTYPE_CHOICES = ("auto", "fp32", "bf16", "fp16")
+# Stored weight formats of tbac_core.quantization: fp8 e4m3 (safetensors) and GGUF block types.
+QUANTIZATION_FORMATS = ("fp8", "q8_0", "q5_k", "q4_k")
 
 # -- understanding ---------------------------------------------------------------------------------
 MAX_NEW_TOKENS = 8192

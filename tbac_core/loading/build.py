@@ -13,7 +13,6 @@ from pathlib import Path
 import torch
 from accelerate import init_empty_weights
 from diffusers import AutoencoderDC, SanaTransformer2DModel
-from safetensors import safe_open
 from transformers import AutoTokenizer
 
 from ..devices import resolve_device, resolve_dtype
@@ -30,6 +29,7 @@ from ..modeling.mllm import (
 )
 from ..modeling.model import TBACModel
 from ..processing.prompting import PromptBuilder, SpecialIds, make_image_processor
+from ..quantization.hook import load_component_state, open_checkpoint_files
 from . import builtin_configs
 from .checkpoint import CheckpointFiles, read_checkpoint_config
 from .components import ComponentConfigs, TBACConfig, search_dirs
@@ -56,6 +56,7 @@ def load_model(
     tokenizer_dir: str | os.PathLike | None = None,
     models_dirs: list[str | os.PathLike] | None = None,
     name: str | None = None,
+    quantization: str | None = None,
 ) -> TBACModel:
     """Load a TBAC-UniImage checkpoint folder into a ``TBACModel``.
 
@@ -64,7 +65,10 @@ def load_model(
     (DC-AE overflows in float16). ``tokenizer_dir``: a Qwen2.5 tokenizer folder to use instead of
     the one in the checkpoint or MLLM folder. ``models_dirs``: extra folders searched for the
     component folders (besides the checkpoint's parent and ``$TBAC_MODELS_DIR``). ``name``: the
-    model's display name (default: the folder's name).
+    model's display name (default: the folder's name). ``quantization``: ``"fp8"``, ``"q8_0"``,
+    ``"q5_k"`` or ``"q4_k"`` stores the linears of the MLLM's decoder layers and the DiT's blocks
+    quantised, converted while loading; a folder written by ``quantize`` (fp8 safetensors or
+    ``model.gguf``) is read as stored without it (see ``tbac_core.quantization``).
 
     Image-processor settings (``preprocessor_config.json``) are taken from the first of, in order:
     the user's ``tokenizer_dir``, the MLLM component folder, the checkpoint folder; without any,
@@ -74,7 +78,7 @@ def load_model(
     checkpoint_dir = Path(checkpoint_dir)
     raw_config = read_checkpoint_config(checkpoint_dir)
     config = TBACConfig.from_dict(raw_config, str(checkpoint_dir / "config.json"))
-    files = CheckpointFiles.open(checkpoint_dir)
+    files = open_checkpoint_files(checkpoint_dir)  # safetensors, or model.gguf
     components = ComponentConfigs.resolve(config, checkpoint_dir, search_dirs(models_dirs))
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
@@ -93,9 +97,9 @@ def load_model(
     # Cheap checks first (headers and configs), then the weights.
     mllm, base_vocab = _build_mllm(files, components.mllm, config)
     check_special_tokens(prompts.ids, components.mllm, tokenizer_path, components.mllm_dir)
-    _load_mllm_weights(mllm, base_vocab, files, dtype, device)
+    _load_mllm_weights(mllm, base_vocab, files, dtype, device, quantization)
     fingerprint = _metaquery_fingerprint(files, base_vocab, config.num_metaqueries)
-    dit = _load_dit(files, components.transformer, mllm, dtype, device)
+    dit = _load_dit(files, components.transformer, mllm, dtype, device, quantization)
     vae = _load_vae(files, components.vae, vae_dtype, device)
     identity = ModelIdentity(
         name=name or checkpoint_dir.name,
@@ -215,17 +219,19 @@ def _build_mllm(files: CheckpointFiles, mllm_config: dict, config: TBACConfig):
     return model, base_vocab
 
 
-def _load_mllm_weights(model, base_vocab: int, files: CheckpointFiles, dtype, device) -> None:
-    load_strict(model, files.load_component("mllm", dtype, device), files.describe(), rename=canonical_key)
+def _load_mllm_weights(model, base_vocab: int, files: CheckpointFiles, dtype, device, quantization=None) -> None:
+    state = load_component_state(files, "mllm", model, dtype, device, quantization, rename=canonical_key)
+    load_strict(model, state, files.describe(), rename=canonical_key)
     attach_lm_head(model, base_vocab)
     model.to(device)
 
 
-def _load_dit(files: CheckpointFiles, transformer_config: dict, mllm, dtype, device) -> LadderDiT:
+def _load_dit(files: CheckpointFiles, transformer_config: dict, mllm, dtype, device, quantization=None) -> LadderDiT:
     with init_empty_weights():
         transformer = SanaTransformer2DModel.from_config(transformer_config)
         connector = Connector(text_model(mllm).norm.weight.shape[0], transformer.config.caption_channels)
-    load_strict(transformer, files.load_component("dit", dtype, device), files.describe())
+    load_strict(transformer, load_component_state(files, "dit", transformer, dtype, device, quantization),
+                files.describe())
     load_strict(connector, files.load_component("connector", dtype, device), files.describe())
     dit = LadderDiT(transformer, connector).to(device)
     return dit.eval().requires_grad_(False)
@@ -241,6 +247,5 @@ def _load_vae(files: CheckpointFiles, vae_config: dict, dtype, device) -> Autoen
 def _metaquery_fingerprint(files: CheckpointFiles, base_vocab: int, num_metaqueries: int) -> str:
     """A hash of the checkpoint's metaquery rows: adapters and conditionings name their base by it."""
     key = next(k for k in files.components["mllm"] if canonical_key(k[len("model.mllm_backbone."):]) == EMBED_KEY)
-    with safe_open(str(files.key_to_file[key]), framework="pt", device="cpu") as handle:
-        rows = handle.get_slice(key)[base_vocab: base_vocab + num_metaqueries]
+    rows = files.read_rows(key, base_vocab, base_vocab + num_metaqueries)
     return fingerprint_tensor(rows)

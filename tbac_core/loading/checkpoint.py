@@ -143,8 +143,11 @@ def _keys_from_index(index_path: Path) -> dict[str, Path]:
 SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn,
 }
+# Kept as stored by ``load_component``: fp8 weights and their float32 per-tensor scales (tbac_core.quantization).
+KEEP_STORED_DTYPE = (torch.float8_e4m3fn,)
+SCALE_SUFFIX = ".scale_weight"
 
 
 def iter_safetensors(path: Path, keys: list[str]):
@@ -279,10 +282,16 @@ class CheckpointFiles:
             # Read errors become a CheckpointError inside iter_safetensors; casting and moving
             # (out of memory, a device error) raise as what they are.
             for key, tensor in iter_safetensors(path, keys):
-                if dtype is not None and tensor.is_floating_point():
+                if (dtype is not None and tensor.is_floating_point() and tensor.dtype not in KEEP_STORED_DTYPE
+                        and not key.endswith(SCALE_SUFFIX)):
                     tensor = tensor.to(dtype=dtype)
                 state[key[len(prefix):]] = tensor.to(device)
         return state
+
+    def read_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` of one tensor (full key) in its stored dtype, read through the header."""
+        with safe_open(str(self.key_to_file[key]), framework="pt", device="cpu") as handle:
+            return handle.get_slice(key)[start:stop]
 
     def shapes(self, component: str) -> dict[str, tuple[int, ...]]:
         """Shapes of one component's tensors (prefix stripped), read from the headers only."""

@@ -305,7 +305,11 @@ def test_listing_skips_folders_with_hostile_configs(tmp_path, checkpoint_dir):
     """One malformed config.json under the model root (deeply nested, not an object, not UTF-8) must not
     hide the others: listing reports what it can read and skips the rest."""
     from tbac_core.loading import list_checkpoints
-    from tbac_core.loading.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, list_adapters
+    from tbac_core.loading.adapters import (
+        ADAPTER_CONFIG,
+        ADAPTER_WEIGHTS,
+        list_adapters,
+    )
 
     root = tmp_path / "tbac"
     root.mkdir()

@@ -1,0 +1,168 @@
+"""TBAC checkpoints as ``.gguf``: a folder with ``config.json`` and ``model.gguf`` holding every tensor.
+
+Tensor names are the official checkpoint keys (``model.transformer.transformer_blocks.0.attn1.to_q.weight``).
+The selected linear weights are GGML blocks (Q8_0 / Q4_K / Q5_K); every other tensor keeps its
+dtype (F32 / F16 / BF16). A row padded to whole blocks records its true width under
+``tbac.in_features.<key>``. The ``gguf`` package reads and writes the container (an optional
+dependency: ``pip install "tbac-uniimage[gguf]"``); the blocks are (de)quantised by ``ggml``.
+
+``GGUFCheckpointFiles`` answers like ``loading.checkpoint.CheckpointFiles`` (``components``,
+``shapes``, ``load_component``, ``read_rows``, ``describe``), so the loader reads either.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import CheckpointError
+from ..loading.checkpoint import COMPONENT_PREFIXES
+from .ggml import FORMAT_BY_GGML_TYPE, padded_width
+from .swap import BlockQuantizedWeight
+
+GGUF_NAME = "model.gguf"
+ARCHITECTURE = "tbacuniimage"
+IN_FEATURES_KEY = "tbac.in_features."
+FORMAT_KEY = "tbac.quantization"
+_PLAIN_TYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def require_gguf():
+    try:
+        import gguf
+    except ImportError as exc:
+        raise CheckpointError('Reading or writing .gguf needs the gguf package: pip install "tbac-uniimage[gguf]" '
+                              "(or pip install gguf).") from exc
+    return gguf
+
+
+def is_gguf_checkpoint(checkpoint_dir: str | os.PathLike) -> bool:
+    return (Path(checkpoint_dir) / GGUF_NAME).is_file()
+
+
+@dataclass
+class GGUFCheckpointFiles:
+    directory: Path
+    path: Path
+    reader: object
+    tensors: dict = field(default_factory=dict)  # key -> gguf ReaderTensor
+    in_features: dict = field(default_factory=dict)  # padded key -> true width
+    components: dict[str, list[str]] = field(default_factory=dict)
+
+    @classmethod
+    def open(cls, checkpoint_dir: str | os.PathLike) -> "GGUFCheckpointFiles":
+        gguf = require_gguf()
+        directory = Path(checkpoint_dir)
+        path = directory / GGUF_NAME
+        try:
+            reader = gguf.GGUFReader(str(path))
+        except Exception as exc:  # the reader raises ValueError/IndexError/struct errors on bad files
+            raise CheckpointError(f"Cannot read {path} as GGUF ({type(exc).__name__}: {exc}). The file is "
+                                  f"truncated or corrupt: convert or download it again.") from exc
+        files = cls(directory, path, reader)
+        architecture = files._field("general.architecture")
+        if architecture != ARCHITECTURE:
+            raise CheckpointError(f"{path} is a GGUF of architecture {architecture!r}; this loader reads "
+                                  f"TBAC-UniImage GGUF files (architecture '{ARCHITECTURE}', written by "
+                                  f"'python -m tbac_core quantize').")
+        size = path.stat().st_size
+        for tensor in reader.tensors:
+            if int(tensor.data_offset) + int(tensor.n_bytes) > size:
+                raise CheckpointError(f"{path}: tensor {tensor.name} lies past the end of the file "
+                                      f"({size} bytes); the file is truncated: convert or download it again.")
+            files.tensors[tensor.name] = tensor
+        for name in reader.fields:
+            if name.startswith(IN_FEATURES_KEY):
+                files.in_features[name[len(IN_FEATURES_KEY):]] = int(files._field(name))
+        files.components = {name: [k for k in files.tensors if k.startswith(prefix)]
+                            for name, prefix in COMPONENT_PREFIXES.items()}
+        empty = [name for name, keys in files.components.items() if not keys]
+        if empty:
+            raise CheckpointError(f"{path} has no weights for: {', '.join(empty)}. This is not a complete "
+                                  f"TBAC-UniImage checkpoint.")
+        return files
+
+    def _field(self, name: str):
+        field_ = self.reader.fields.get(name)
+        return None if field_ is None else field_.contents()
+
+    @property
+    def key_to_file(self) -> dict[str, Path]:
+        return {key: self.path for key in self.tensors}
+
+    @property
+    def quantization(self) -> str | None:
+        return self._field(FORMAT_KEY)
+
+    def describe(self) -> str:
+        return f"{self.directory} ({GGUF_NAME})"
+
+    def _shape(self, key: str) -> tuple[int, ...]:
+        tensor = self.tensors[key]
+        shape = tuple(int(n) for n in reversed(tensor.shape.tolist()))  # GGUF lists the fastest dimension first
+        if tensor.tensor_type in FORMAT_BY_GGML_TYPE:
+            shape = (*shape[:-1], self.in_features.get(key, shape[-1]))
+        return shape
+
+    def shapes(self, component: str) -> dict[str, tuple[int, ...]]:
+        prefix = COMPONENT_PREFIXES[component]
+        return {key[len(prefix):]: self._shape(key) for key in self.components[component]}
+
+    def _read(self, key: str, dtype: torch.dtype | None, device):
+        tensor = self.tensors[key]
+        try:
+            raw = torch.from_numpy(np.array(tensor.data, copy=True).view(np.uint8).reshape(-1))
+        except Exception as exc:
+            raise CheckpointError(f"{self.path}: cannot read tensor {key} ({type(exc).__name__}: {exc}); the "
+                                  f"file is truncated or corrupt.") from exc
+        shape = self._shape(key)
+        fmt = FORMAT_BY_GGML_TYPE.get(int(tensor.tensor_type))
+        if fmt is not None:
+            if padded_width(shape[-1], fmt) != int(tensor.shape[0]):
+                raise CheckpointError(f"{self.path}: tensor {key} records width {shape[-1]} but stores "
+                                      f"{int(tensor.shape[0])} values per row; the file is corrupt.")
+            return BlockQuantizedWeight(raw.reshape(shape[0], -1).to(device), fmt, shape)
+        type_name = tensor.tensor_type.name
+        if type_name not in _PLAIN_TYPES:
+            raise CheckpointError(f"{self.path}: tensor {key} has GGML type {type_name}; TBAC GGUF files use "
+                                  f"{', '.join(FORMAT_BY_GGML_TYPE[t].name.upper() for t in FORMAT_BY_GGML_TYPE)} "
+                                  f"or {', '.join(_PLAIN_TYPES)}.")
+        value = raw.view(_PLAIN_TYPES[type_name]).reshape(shape)
+        if dtype is not None:
+            value = value.to(dtype)
+        return value.to(device)
+
+    def load_component(self, component: str, dtype: torch.dtype | None, device="cpu") -> dict:
+        """One component's tensors, prefix stripped; quantised weights as ``BlockQuantizedWeight``."""
+        prefix = COMPONENT_PREFIXES[component]
+        return {key[len(prefix):]: self._read(key, dtype, device) for key in self.components[component]}
+
+    def read_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` of a plain tensor in its stored dtype (the metaquery fingerprint)."""
+        return self._read(key, None, "cpu")[start:stop]
+
+
+def write_gguf(path: Path, tensors: dict, quantization: str) -> None:
+    """Write ``tensors`` (full keys -> tensor or ``BlockQuantizedWeight``) as one ``.gguf`` file."""
+    gguf = require_gguf()
+    types = gguf.GGMLQuantizationType
+    writer = gguf.GGUFWriter(str(path), ARCHITECTURE)
+    writer.add_string(FORMAT_KEY, quantization)
+    for key, value in tensors.items():
+        if isinstance(value, BlockQuantizedWeight):
+            if padded_width(value.shape[1], value.format) != value.shape[1]:
+                writer.add_uint32(IN_FEATURES_KEY + key, value.shape[1])
+            writer.add_tensor(key, value.data.numpy(), raw_dtype=types(value.format.ggml_type))
+        elif value.dtype == torch.bfloat16:
+            writer.add_tensor(key, value.contiguous().view(torch.int16).numpy().view(np.uint16), raw_dtype=types.BF16)
+        elif value.dtype in (torch.float32, torch.float16):
+            writer.add_tensor(key, value.contiguous().numpy())
+        else:
+            raise CheckpointError(f"Cannot store tensor {key} of dtype {value.dtype} in GGUF.")
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()

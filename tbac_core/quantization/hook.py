@@ -1,0 +1,28 @@
+"""The loader's one entry into quantisation: which files to read, and a component's state ready to load."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ..loading.checkpoint import CheckpointFiles
+from .gguf_checkpoint import GGUFCheckpointFiles, is_gguf_checkpoint
+from .swap import quantize_state, swap_linears
+
+
+def open_checkpoint_files(checkpoint_dir: str | os.PathLike):
+    """``GGUFCheckpointFiles`` for a folder with ``model.gguf``, else the safetensors ``CheckpointFiles``."""
+    if is_gguf_checkpoint(checkpoint_dir):
+        return GGUFCheckpointFiles.open(checkpoint_dir)
+    return CheckpointFiles.open(checkpoint_dir)
+
+
+def load_component_state(files, component: str, module: torch.nn.Module, dtype, device,
+                         quantization: str | None = None, rename=None) -> dict:
+    """Read one component for the meta-device ``module``; its linears become quantised where the file
+    (or ``quantization``, applied while loading) says so. The result goes to ``load_strict``."""
+    state = files.load_component(component, dtype, device)
+    if quantization:
+        state = quantize_state(component, state, quantization)
+    swap_linears(module, state, files.describe(), rename=rename)
+    return state
