@@ -1,10 +1,11 @@
 """The pack's nodes (V3 schema) and the ComfyUI extension that lists them."""
 from __future__ import annotations
 
-from . import generate, ladder, loader, understand
+from . import generate, ladder, loader, native, understand
 from .comfy_bridge import ComfyExtension, io
 
-NODES: list[type[io.ComfyNode]] = [loader.TBACModelLoader, *generate.NODES, *understand.NODES, *ladder.NODES]
+NODES: list[type[io.ComfyNode]] = [loader.TBACModelLoader, *generate.NODES, *understand.NODES, *ladder.NODES,
+                                   *native.NODES]
 
 
 class TBACExtension(ComfyExtension):

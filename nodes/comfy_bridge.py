@@ -38,6 +38,10 @@ from comfy_api.v0_0_2 import ComfyExtension, io
 
 IN_COMFYUI = "comfy.model_management" in sys.modules and "folder_paths" in sys.modules
 if IN_COMFYUI:
+    import comfy.cli_args
+    import comfy.conds
+    import comfy.latent_formats
+    import comfy.model_base
     import comfy.model_management
     import comfy.model_patcher
     import comfy.utils
@@ -46,13 +50,15 @@ if IN_COMFYUI:
 from ..tbac_core.devices import resolve_device
 from ..tbac_core.errors import InvalidParameterError
 from ..tbac_core.loading import MODELS_DIR_ENV
-from ..tbac_core.pipeline import PARTS, TBACPipeline
+from ..tbac_core.pipeline import PARTS, PreviewProjections, TBACPipeline
 
 __all__ = [
     "ComfyExtension", "io", "TBAC_MODEL", "LADDER_CONDITIONING", "IN_COMFYUI", "MODELS_DIR_ENV",
     "ADAPTERS_DIR_ENV", "OUTPUT_DIR_ENV", "DEVICE_CHOICES", "model_roots", "adapter_roots",
     "output_directory", "comfy_tokenizer_dir", "Devices", "devices_for", "intermediate_device",
-    "ComfyPlacement", "ManagedModel", "Progress", "cancel_check",
+    "ComfyPlacement", "ManagedModel", "Progress", "cancel_check", "preview_max_size", "PREVIEW_FORMAT",
+    "NativeBaseModel", "NativeLatentFormat", "FLOW_MODEL_TYPE", "model_patcher", "cross_attention_cond",
+    "regular_cond",
 ]
 
 logger = logging.getLogger(__name__)
@@ -219,6 +225,12 @@ class ManagedModel:
         self.name = name
         self.devices = devices
         self.pipeline = TBACPipeline(model, placement=ComfyPlacement(model, devices), cache_size=0)
+        self._previews = PreviewProjections()
+
+    def preview_projection(self):
+        """The latent -> RGB projection for live previews, fitted from the DC-AE on first use."""
+        with self.pipeline.placement.use("vae"):
+            return self._previews.get(self.model)
 
     @property
     def identity(self):
@@ -228,20 +240,71 @@ class ManagedModel:
         return f"ManagedModel({self.name!r}, compute={self.devices.compute})"
 
 
-# -- progress and cancellation ----------------------------------------------------------------
+# -- native models (what core KSampler drives) -----------------------------------------------
+# Base classes for ``nodes/native.py``; outside ComfyUI plain stand-ins, so the module imports
+# everywhere (its nodes then refuse to run: a native MODEL only means something inside ComfyUI).
+NativeBaseModel = comfy.model_base.BaseModel if IN_COMFYUI else torch.nn.Module
+NativeLatentFormat = comfy.latent_formats.LatentFormat if IN_COMFYUI else object
+FLOW_MODEL_TYPE = comfy.model_base.ModelType.FLOW if IN_COMFYUI else None
+
+
+def model_patcher(model: torch.nn.Module, devices: Devices):
+    """A ``ModelPatcher`` (ComfyUI's MODEL value) around a native model."""
+    return comfy.model_patcher.ModelPatcher(model, load_device=devices.compute, offload_device=devices.offload["dit"])
+
+
+def cross_attention_cond(tensor: torch.Tensor):
+    """A conditioning input that core batches as cross-attention context ([B, N, D])."""
+    return comfy.conds.CONDCrossAttn(tensor)
+
+
+def regular_cond(tensor: torch.Tensor):
+    """A conditioning input that core batches along dim 0."""
+    return comfy.conds.CONDRegular(tensor)
+
+
+# -- progress, previews and cancellation -----------------------------------------------------
+PREVIEW_FORMAT = "JPEG"  # what ComfyUI's own latent previews send
+PREVIEW_SIZE_OUTSIDE_COMFYUI = 512  # ComfyUI's default --preview-size
+
+
+def preview_max_size() -> int | None:
+    """The longest preview side, or None when the user turned previews off (``--preview-method none``)."""
+    if IN_COMFYUI:
+        args = comfy.cli_args.args
+        if args.preview_method == comfy.cli_args.LatentPreviewMethod.NoPreviews:
+            return None
+        return args.preview_size
+    return PREVIEW_SIZE_OUTSIDE_COMFYUI
+
+
+def progress_bar(total: int):
+    """ComfyUI's progress bar (``update_absolute(value, total, preview)``), or None outside ComfyUI."""
+    return comfy.utils.ProgressBar(total) if IN_COMFYUI else None
+
+
 class Progress:
-    """The progress bar of one node run (ComfyUI's bar inside ComfyUI, nothing elsewhere)."""
+    """The progress bar of one node run (ComfyUI's bar inside ComfyUI, nothing elsewhere).
 
-    def __init__(self, total: int):
-        self._bar = comfy.utils.ProgressBar(total) if IN_COMFYUI else None
+    ``preview``: ``StepInfo -> PIL image`` for live previews (None: progress only). A preview goes to
+    the bar as ComfyUI's ``(format, image, max_size)`` tuple, as its own samplers send them.
+    """
 
-    def update(self, done: int, total: int) -> None:
+    def __init__(self, total: int, preview: Callable | None = None):
+        self._bar = progress_bar(total)
+        self._preview = preview if self._bar is not None else None
+        self._max_size = preview_max_size()
+
+    def update(self, done: int, total: int, preview=None) -> None:
         if self._bar is not None:
-            self._bar.update_absolute(done, total)
+            self._bar.update_absolute(done, total, preview)
 
     def sampler_callback(self, info) -> None:
-        """``callback`` for ``TBACPipeline.sample``: one tick per denoising step."""
-        self.update(info.index + 1, info.total)
+        """``callback`` for ``TBACPipeline.sample``: one tick (and preview) per denoising step."""
+        preview = None
+        if self._preview is not None and self._max_size is not None:
+            preview = (PREVIEW_FORMAT, self._preview(info, self._max_size), self._max_size)
+        self.update(info.index + 1, info.total, preview)
 
     def token_callback(self, done_tokens: int, max_tokens: int) -> None:
         """``callback`` for understanding: one tick per generated token."""

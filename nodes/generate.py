@@ -21,6 +21,7 @@ from ..tbac_core.params import (
     SIZE_STEP,
     SamplingParams,
 )
+from ..tbac_core.pipeline import composite_pixels
 from . import comfy_bridge as bridge
 from .comfy_bridge import LADDER_CONDITIONING, TBAC_MODEL, io
 from .loader import MODEL_TOOLTIP, ROOT_CATEGORY
@@ -38,11 +39,6 @@ def tbac_latents(model, latent: dict):
     samples = latent.get("samples") if isinstance(latent, dict) else None
     if samples is None or samples.ndim != 4:
         raise InvalidParameterError("Expected a LATENT holding a 'samples' tensor [B, C, h, w].")
-    if "noise_mask" in latent:
-        raise InvalidParameterError(
-            "This LATENT carries a noise mask (inpainting), which TBAC-UniImage sampling does not support; "
-            "remove the 'Set Latent Noise Mask' node."
-        )
     channels = model.model.latent_channels
     if samples.shape[1] != channels:
         raise InvalidParameterError(
@@ -145,9 +141,12 @@ class TBACSampler(io.ComfyNode):
                     "of the input. Ignored without a latent.")),
                 io.Latent.Input("latent", optional=True, tooltip=(
                     "Start from these TBAC latents (from 'TBAC Encode Image') instead of pure noise, for "
-                    "image-to-image; sets the size.")),
+                    "image-to-image; sets the size. With a noise mask ('Set Latent Noise Mask') only the masked "
+                    "region changes: inpainting, or with an edit conditioning an edit limited to the mask.")),
             ],
-            outputs=[io.Latent.Output("latent", tooltip="TBAC latents, prompts x images per prompt, in prompt order.")],
+            outputs=[io.Latent.Output("latent", tooltip=(
+                "TBAC latents, prompts x images per prompt, in prompt order (keeping the input's noise mask, as "
+                "core samplers do, so 'TBAC Decode' can paste the untouched pixels back)."))],
         )
 
     @classmethod
@@ -155,6 +154,7 @@ class TBACSampler(io.ComfyNode):
                 width: int, height: int, batch_size: int, sampler: str, denoise: float,
                 latent=None) -> io.NodeOutput:
         init_latents = None if latent is None else tbac_latents(model, latent)
+        noise_mask = None if latent is None else latent.get("noise_mask")
         params = SamplingParams(
             steps=steps,
             guidance_scale=guidance,
@@ -164,7 +164,7 @@ class TBACSampler(io.ComfyNode):
             num_images_per_prompt=batch_size,
             denoise=denoise if init_latents is not None else 1.0,  # the widget is ignored without a latent
         )
-        progress = bridge.Progress(steps)
+        progress = bridge.Progress(steps, preview=cls.previewer(model))
         latents = model.pipeline.sample(
             conditioning,
             width=width,
@@ -173,8 +173,22 @@ class TBACSampler(io.ComfyNode):
             init_latents=init_latents,
             callback=progress.sampler_callback,
             check_cancel=bridge.cancel_check(),
+            noise_mask=noise_mask,
         )
-        return io.NodeOutput({"samples": latents.to(bridge.intermediate_device())})
+        out = {"samples": latents.to(bridge.intermediate_device())}
+        if noise_mask is not None:
+            out["noise_mask"] = noise_mask
+        return io.NodeOutput(out)
+
+    @staticmethod
+    def previewer(model):
+        """``(StepInfo, max_size) -> PIL image`` for the live preview, or None when previews are off."""
+        if bridge.preview_max_size() is None:
+            return None
+        projection = model.preview_projection()
+        scale = model.pipeline.vae_scale_factor
+        steps = model.model.scheduler_config.get("num_train_timesteps", 1000)
+        return lambda info, max_size: projection.step_preview(info, scale, max_size, steps)
 
 
 class TBACDecode(io.ComfyNode):
@@ -190,18 +204,30 @@ class TBACDecode(io.ComfyNode):
                 io.Latent.Input("latent", tooltip="TBAC latents from 'TBAC Sampler' (or 'TBAC Encode Image')."),
                 io.Combo.Input("tiling", options=list(TILING_CHOICES), default="auto",
                                tooltip="Decode tile by tile to bound memory. auto: only above 1024x1024 pixels."),
+                io.Image.Input("original_images", optional=True, tooltip=(
+                    "For inpainting / masked edits: the images that were encoded. Outside the LATENT's noise mask "
+                    "their pixels are pasted back, so the untouched region is exactly the input.")),
             ],
             outputs=[io.Image.Output("images", tooltip=(
                 "Images [B, H, W, C] in 0..1: wire into Save Image, Preview Image or any image node."))],
         )
 
     @classmethod
-    def execute(cls, model, latent, tiling: str) -> io.NodeOutput:
+    def execute(cls, model, latent, tiling: str, original_images=None) -> io.NodeOutput:
         latents = tbac_latents(model, latent)
         cancel = bridge.cancel_check()
         if cancel is not None:  # decoding is one call: the last chance to stop before it
             cancel()
-        return io.NodeOutput(model.pipeline.decode(latents, tiled=TILING_CHOICES[tiling]))
+        images = model.pipeline.decode(latents, tiled=TILING_CHOICES[tiling])
+        mask = latent.get("noise_mask")
+        if original_images is not None and mask is not None:
+            if original_images.shape[1:3] != images.shape[1:3]:  # 'TBAC Encode Image' cropped it: crop alike
+                factor = model.pipeline.vae_scale_factor
+                if mask.shape[-2:] == original_images.shape[1:3]:
+                    mask = processing.crop_to_multiple(mask.reshape(-1, *mask.shape[-2:])[..., None], factor)[..., 0]
+                original_images = processing.crop_to_multiple(original_images, factor)
+            images = composite_pixels(images, original_images, mask)
+        return io.NodeOutput(images)
 
 
 class TBACEncodeImage(io.ComfyNode):

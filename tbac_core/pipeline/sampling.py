@@ -17,6 +17,7 @@ from ..ladder.conditioning import LadderConditioning
 from ..modeling.dit import LadderDiT, mask_to_bias
 from ..modeling.step_cache import FirstBlockCache
 from ..params import SAMPLERS, SamplingParams
+from .masking import InpaintBlend
 
 
 @dataclass(frozen=True)
@@ -113,10 +114,12 @@ def denoise(
     params: SamplingParams,
     callback: StepCallback | None = None,
     check_cancel: Callable[[], None] | None = None,
+    inpaint: InpaintBlend | None = None,
 ) -> torch.Tensor:
     """The denoising loop -> final latents [B * images_per_prompt, C, h, w] (float32).
 
-    Inputs are trusted (the pipeline's ``check_inputs`` validated them).
+    Inputs are trusted (the pipeline's ``check_inputs`` validated them). With ``inpaint`` only the
+    masked region is denoised (the rest follows the noised input latents and ends equal to them).
     """
     device = dit.device
     branches = guidance_branches(cond, params.image_guidance_scale)
@@ -143,10 +146,15 @@ def denoise(
     step_cache = FirstBlockCache(params.cache_threshold) if params.cache_threshold > 0 else None
 
     latents = latents.to(device=device, dtype=torch.float32)
+    if inpaint is not None:
+        inpaint = inpaint.to(device)
+        first = len(scheduler.sigmas) - 1 - len(timesteps)  # index of the first sigma that runs
     timesteps_on_device = timesteps.to(device)
     for index, t in enumerate(timesteps_on_device):
         if check_cancel is not None:
             check_cancel()
+        if inpaint is not None:
+            latents = inpaint.before_step(latents, scheduler.sigmas[first + index].to(device=device))
         if index == guided_steps and step_cache is not None:
             step_cache.keep_rows(positive_rows)  # the positive rows' residuals stay valid references
         step_branches = branches if index < guided_steps else branches[-1:]
@@ -159,6 +167,8 @@ def denoise(
         latents = scheduler.step(guided, t, latents).prev_sample
         if callback is not None:
             callback(StepInfo(index, len(timesteps), t, latents, previous, model_input, timestep, prediction, guided))
+    if inpaint is not None:
+        latents = inpaint.finish(latents)
     if not torch.isfinite(latents).all():
         raise NonFiniteOutputError(
             "Sampling produced NaN/inf latents, so the image would be black or garbage. Lower the "

@@ -29,6 +29,7 @@ from ..modeling.model import TBACModel
 from ..modeling.vae import decode_latents, encode_images
 from ..params import SamplingParams, check_batch, check_size
 from ..processing.images import image_batch, images_per_prompt, images_to_uint8
+from .masking import InpaintBlend, inpaint_blend
 from .placement import MemoryModePlacement, Placement
 from .sampling import StepCallback, denoise, initial_noise, make_schedule
 
@@ -208,8 +209,13 @@ class TBACPipeline:
         init_latents: torch.Tensor | None = None,
         callback: StepCallback | None = None,
         check_cancel: Callable[[], None] | None = None,
+        noise_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Denoise from seeded noise (or from ``init_latents`` [1 or B, C, h, w] with ``params.denoise < 1``)."""
+        """Denoise from seeded noise (or from ``init_latents`` [1 or B, C, h, w] with ``params.denoise < 1``).
+
+        ``noise_mask`` (with ``init_latents``; any ``masking`` layout): only where it is 1 may the image
+        change (inpainting, masked edits).
+        """
         if not isinstance(params, SamplingParams):
             raise InvalidParameterError(f"params must be a SamplingParams, got {type(params).__name__}.")
         params.validate(img2img=init_latents is not None)
@@ -221,11 +227,16 @@ class TBACPipeline:
         check_batch(batch)
         if init_latents is not None and init_latents.shape[0] not in (1, batch):
             raise InvalidParameterError(f"init latents have batch {init_latents.shape[0]}; expected 1 or {batch}.")
-        return self.run_sampler(cond, width, height, params, init_latents, callback, check_cancel)
+        inpaint = None
+        if noise_mask is not None:
+            inpaint = inpaint_blend(noise_mask, init_latents, initial_noise(params.seed, self.latent_shape(
+                batch, width, height)))
+        return self.run_sampler(cond, width, height, params, init_latents, callback, check_cancel, inpaint)
 
     def run_sampler(self, cond: LadderConditioning, width: int, height: int, params: SamplingParams,
                     init_latents: torch.Tensor | None = None, callback: StepCallback | None = None,
-                    check_cancel: Callable[[], None] | None = None) -> torch.Tensor:
+                    check_cancel: Callable[[], None] | None = None,
+                    inpaint: InpaintBlend | None = None) -> torch.Tensor:
         """The sampling stage on checked inputs (``check_inputs``/``sample`` validated them): the DiT
         is placed, the schedule set, latents prepared and denoised -> [B * images_per_prompt, C, h, w]."""
         with self.placement.use("dit") as dit:
@@ -234,7 +245,7 @@ class TBACPipeline:
             batch = cond.batch_size * params.num_images_per_prompt
             latents = self.prepare_latents(batch, width, height, params, scheduler, init_latents, dit.device)
             return denoise(dit, cond, latents, scheduler, timesteps, params,
-                           callback=callback, check_cancel=check_cancel)
+                           callback=callback, check_cancel=check_cancel, inpaint=inpaint)
 
     # -- 4. decoding ---------------------------------------------------------------------------
     def decode(self, latents: torch.Tensor, tiled: bool | None = None) -> torch.Tensor:

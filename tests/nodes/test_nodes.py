@@ -37,11 +37,11 @@ split_prompts = PACK.tbac_core.processing.split_prompts
 NODE_IDS = {
     "TBACModelLoader", "TBACLadderEncode", "TBACSampler", "TBACDecode", "TBACEncodeImage", "TBACUnderstand",
     "TBACLadderSelectLayers", "TBACLadderWeight", "TBACLadderMix", "TBACLadderInspect", "TBACLadderSave",
-    "TBACLadderLoad",
+    "TBACLadderLoad", "TBACNativeModel", "TBACToConditioning", "TBACFlowSigmas",
 }
 
 ROOT = Path(__file__).resolve().parents[2]
-CORE_TYPES = {"IMAGE", "LATENT", "MASK", "STRING", "INT", "FLOAT", "BOOLEAN", "CONDITIONING", "*"}
+CORE_TYPES = {"IMAGE", "LATENT", "MASK", "STRING", "INT", "FLOAT", "BOOLEAN", "CONDITIONING", "MODEL", "SIGMAS", "*"}
 STEPS = 3
 
 
@@ -143,7 +143,7 @@ def test_pack_imports_as_comfyui_loads_it():
         assert isinstance(extension, sys.modules["comfy_api.v0_0_2"].ComfyExtension)
         classes = asyncio.run(extension.get_node_list())
         ids = [cls.GET_SCHEMA().node_id for cls in classes]
-        assert sorted(ids) == sorted(NODE_IDS) and len(ids) == 12
+        assert sorted(ids) == sorted(NODE_IDS) and len(ids) == 15
         assert all(cls.__module__.startswith(f"{name}.nodes.") for cls in classes)
         assert sys.modules[f"{name}.tbac_core"] is not sys.modules.get("tbac_core")  # its own copy of the library
         assert sys.path == path_before
@@ -358,7 +358,7 @@ def _sample(model, cond, latent=None, **kwargs):
 
 def test_sampler_matches_the_library_and_drives_progress(model, pipe, monkeypatch):
     updates = []
-    monkeypatch.setattr(bridge.Progress, "update", lambda self, done, total: updates.append((done, total)))
+    monkeypatch.setattr(bridge.Progress, "update", lambda self, done, total, preview=None: updates.append((done, total)))
     cond = _encode(model, "a red cat\na green frog", one_prompt_per_line=True)
     latent = _sample(model, cond, batch_size=2, seed=2**64 - 1, sampler="euler")
     params = SamplingParams(steps=STEPS, seed=2**64 - 1, sampler="euler", num_images_per_prompt=2)
@@ -374,8 +374,8 @@ def test_sampler_refuses_bad_sizes_and_foreign_latents(model):
         _sample(model, cond, width=60)
     with pytest.raises(InvalidParameterError, match="has 4 channels"):
         _sample(model, cond, latent={"samples": torch.zeros(1, 4, 8, 8)}, denoise=0.5)
-    with pytest.raises(InvalidParameterError, match="noise mask"):
-        _sample(model, cond, latent={"samples": torch.zeros(1, 8, 8, 8), "noise_mask": torch.ones(1, 64, 64)})
+    with pytest.raises(InvalidParameterError, match="expected 1 or 1"):
+        _sample(model, cond, latent={"samples": torch.zeros(1, 8, 8, 8), "noise_mask": torch.ones(3, 64, 64)})
 
 
 def test_decode_encode_and_image_to_image(model, pipe):
@@ -413,7 +413,7 @@ def test_cancel_stops_sampling_and_propagates(model, monkeypatch):
     cond = _encode(model, "a cat")
     counter, steps = [], []
     monkeypatch.setattr(bridge, "cancel_check", lambda: _cancel_after(2, counter))
-    monkeypatch.setattr(bridge.Progress, "update", lambda self, done, total: steps.append(done))
+    monkeypatch.setattr(bridge.Progress, "update", lambda self, done, total, preview=None: steps.append(done))
     with pytest.raises(Interrupt):
         _sample(model, cond, steps=10)
     assert steps == [1, 2]  # stopped before the third step

@@ -175,7 +175,19 @@ def make_core_doubles(input_dir: Path, recorder: Recorder) -> dict:
             recorder.texts[node_id] = value
             return {"ui": {"text": (value,)}, "result": (value,)}
 
-    return {"LoadImage": LoadImage, "SaveImage": SaveImage, "PreviewImage": PreviewImage, "PreviewAny": PreviewAny}
+    class SetLatentNoiseMask:
+        @classmethod
+        def INPUT_TYPES(cls):
+            return {"required": {"samples": ("LATENT", {}), "mask": ("MASK", {})}}
+
+        RETURN_TYPES = ("LATENT",)
+        FUNCTION = "set_mask"
+
+        def set_mask(self, samples, mask):
+            return ({**samples, "noise_mask": mask.reshape((-1, 1, mask.shape[-2], mask.shape[-1]))},)
+
+    return {"LoadImage": LoadImage, "SaveImage": SaveImage, "PreviewImage": PreviewImage, "PreviewAny": PreviewAny,
+            "SetLatentNoiseMask": SetLatentNoiseMask}
 
 
 def _check_image(images) -> None:

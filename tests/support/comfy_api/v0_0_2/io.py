@@ -255,6 +255,21 @@ class Latent(ComfyTypeIO):
     pass
 
 
+@comfytype("CONDITIONING")
+class Conditioning(ComfyTypeIO):
+    pass
+
+
+@comfytype("MODEL")
+class Model(ComfyTypeIO):
+    pass
+
+
+@comfytype("SIGMAS")
+class Sigmas(ComfyTypeIO):
+    pass
+
+
 # -- schema ----------------------------------------------------------------------------------------
 class Hidden(str, Enum):
     unique_id = "UNIQUE_ID"

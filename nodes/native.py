@@ -1,0 +1,226 @@
+"""TBAC in ComfyUI's own sampling: a native MODEL for core KSampler, core CONDITIONING, flow sigmas.
+
+``TBAC Native Model`` wraps the ladder DiT as a ComfyUI ``BaseModel`` with flow-matching model
+sampling (``CONST`` + ``ModelSamplingDiscreteFlow`` with the checkpoint's ``flow_shift``), so core
+KSampler / KSamplerAdvanced / SamplerCustomAdvanced, their samplers, schedulers, CFG nodes and
+noise masks drive it. ``TBAC To Conditioning`` turns a ladder conditioning into core CONDITIONING:
+the per-block DiT conditions (connector + caption projection already applied) are laid side by side
+along the token axis, ``[B, blocks * N, D]``, which the native model splits back per block. The
+latent format carries the projection fitted for live previews, so core previews work too.
+
+Reaching our sampler's results natively: ``TBAC Flow Sigmas`` gives the exact schedule of our
+Euler sampler (core Euler + these sigmas = our Euler); the 3-way edit guidance
+``u + ig·(ui − u) + g·(c − ui)`` is core ``DualCFGGuider`` (style regular) with cond1 = positive,
+cond2 = image_only, negative = negative, cfg_conds = g, cfg_cond2_negative = ig.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..tbac_core.errors import InvalidParameterError
+from ..tbac_core.modeling import mask_to_bias
+from ..tbac_core.params import MAX_STEPS, SAMPLERS, SamplingParams
+from ..tbac_core.pipeline import make_scheduler
+from . import comfy_bridge as bridge
+from .comfy_bridge import LADDER_CONDITIONING, io
+from .generate import model_input
+from .loader import ROOT_CATEGORY
+
+DEFAULTS = SamplingParams()
+CATEGORY = f"{ROOT_CATEGORY}/native"
+# ComfyUI's Latent2RGB previews map -1..1 to 0..255; our projection gives 0..1.
+PREVIEW_RANGE_SCALE, PREVIEW_RANGE_SHIFT = 2.0, -1.0
+
+
+def _require_comfyui(what: str) -> None:
+    if not bridge.IN_COMFYUI:
+        raise InvalidParameterError(f"{what} makes a ComfyUI model value and only runs inside ComfyUI.")
+
+
+class TBACLatentFormat(bridge.NativeLatentFormat):
+    """TBAC latents as they travel in LATENT: already multiplied by the DC-AE's scaling factor."""
+
+    def __init__(self, channels: int, vae_scale: int, projection):
+        self.scale_factor = 1.0
+        self.shift_factor = 0.0
+        self.latent_channels = channels
+        self.latent_dimensions = 2
+        self.spacial_downscale_ratio = vae_scale
+        self.taesd_decoder_name = None
+        # The fitted projection, in core's layout: one row of 3 factors per channel, and a bias.
+        self.latent_rgb_factors = (projection.weight.T * PREVIEW_RANGE_SCALE).tolist()
+        self.latent_rgb_factors_bias = (projection.bias * PREVIEW_RANGE_SCALE + PREVIEW_RANGE_SHIFT).tolist()
+        self.latent_rgb_factors_reshape = None
+
+
+@dataclass
+class NativeModelConfig:
+    """The part of a ComfyUI model config that ``BaseModel`` reads (no weights to build: we bring ours)."""
+
+    latent_format: TBACLatentFormat
+    sampling_settings: dict  # {"shift": flow_shift, "multiplier": num_train_timesteps}
+    unet_config: dict = field(default_factory=lambda: {"disable_unet_model_creation": True})
+    manual_cast_dtype: torch.dtype | None = None
+    custom_operations: object = None
+    optimizations: dict = field(default_factory=dict)
+    memory_usage_factor: float = 2.0
+    supported_inference_dtypes: tuple = (torch.float32, torch.bfloat16, torch.float16)
+
+
+class LadderDiTDiffusionModel(torch.nn.Module):
+    """The ladder DiT with core's ``diffusion_model`` call: ``(x, t, context=[B, blocks*N, D], ...)``."""
+
+    def __init__(self, dit):
+        super().__init__()
+        self.dit = dit
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.dit.dtype
+
+    def forward(self, x, timesteps, context=None, control=None, transformer_options=None, attention_mask=None,
+                **unused):
+        blocks = list(context.to(self.dit.dtype).chunk(self.dit.num_blocks, dim=1))  # num_blocks x [B, N, D]
+        if attention_mask is None:
+            attention_mask = torch.ones(context.shape[0], blocks[0].shape[1], device=x.device)
+        bias = mask_to_bias(attention_mask.to(x.device), self.dit.dtype)
+        return self.dit(x, timesteps.to(x.device), blocks, bias)
+
+
+class TBACNativeDiT(bridge.NativeBaseModel):
+    """ComfyUI ``BaseModel`` of the ladder DiT: flow matching (the DiT predicts the velocity)."""
+
+    def __init__(self, dit, config: NativeModelConfig, device=None):
+        super().__init__(config, bridge.FLOW_MODEL_TYPE, device=device)
+        self.diffusion_model = LadderDiTDiffusionModel(dit)
+
+    def extra_conds(self, **kwargs):
+        out = {"c_crossattn": bridge.cross_attention_cond(kwargs["cross_attn"])}
+        if kwargs.get("attention_mask") is not None:
+            out["attention_mask"] = bridge.regular_cond(kwargs["attention_mask"])
+        return out
+
+
+def native_model(model):
+    """The ComfyUI MODEL (a ModelPatcher) of a ``ManagedModel``'s ladder DiT."""
+    tbac = model.model
+    config = NativeModelConfig(
+        latent_format=TBACLatentFormat(tbac.latent_channels, tbac.vae_scale_factor, model.preview_projection()),
+        sampling_settings={"shift": tbac.scheduler_config.get("flow_shift", 3.0),
+                           "multiplier": tbac.scheduler_config.get("num_train_timesteps", 1000)},
+    )
+    return bridge.model_patcher(TBACNativeDiT(tbac.dit, config, device=model.devices.offload["dit"]), model.devices)
+
+
+def core_conditioning(model, cond, branch: str, repeats: int = 1) -> list:
+    """One branch of a ladder conditioning as core CONDITIONING ``[[context [B, blocks*N, D], extras]]``."""
+    with model.pipeline.placement.use("dit") as dit:
+        blocks = cond.block_conditions(branch, dit.embed_condition)  # num_blocks x [B, N, D]
+    context = torch.cat(blocks, dim=1).float().repeat_interleave(repeats, dim=0).to(bridge.intermediate_device())
+    extras = {}
+    if cond.attention_mask is not None:
+        extras["attention_mask"] = cond.attention_mask.repeat_interleave(repeats, dim=0)
+    return [[context, extras]]
+
+
+class TBACNativeModel(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="TBACNativeModel",
+            display_name="TBAC Native Model",
+            category=CATEGORY,
+            description=(
+                "The ladder DiT as a ComfyUI MODEL with flow-matching sampling (the checkpoint's shift), for core "
+                "KSampler, KSamplerAdvanced and SamplerCustomAdvanced. Condition it with 'TBAC To Conditioning'; "
+                "its latents are TBAC latents (decode with 'TBAC Decode')."
+            ),
+            inputs=[model_input()],
+            outputs=[io.Model.Output("MODEL", tooltip="For core samplers, with 'TBAC To Conditioning'.")],
+        )
+
+    @classmethod
+    def execute(cls, model) -> io.NodeOutput:
+        _require_comfyui("TBAC Native Model")
+        return io.NodeOutput(native_model(model))
+
+
+class TBACToConditioning(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="TBACToConditioning",
+            display_name="TBAC To Conditioning",
+            category=CATEGORY,
+            description=(
+                "Turns a ladder conditioning into core CONDITIONING for the native model: positive, negative and, "
+                "for edits, image_only (negative prompt with the input images). Text-to-image and 2-way edits: "
+                "KSampler with positive + negative (edits: image_only as negative). 3-way edit guidance: "
+                "DualCFGGuider with cond1 = positive, cond2 = image_only, negative = negative, cfg_conds = guidance, "
+                "cfg_cond2_negative = image guidance, style regular."
+            ),
+            inputs=[
+                model_input(),
+                LADDER_CONDITIONING.Input("conditioning", tooltip="From 'TBAC Ladder Encode' or a ladder node."),
+                io.Int.Input("batch_size", default=DEFAULTS.num_images_per_prompt, min=1, max=64, tooltip=(
+                    "Images per prompt: repeats each prompt's conditioning to match a latent batch of "
+                    "prompts x batch_size (e.g. Empty Latent Image's batch).")),
+            ],
+            outputs=[
+                io.Conditioning.Output("positive", tooltip="The prompt (with the input images when editing)."),
+                io.Conditioning.Output("negative", tooltip="The negative prompt (with black images when editing)."),
+                io.Conditioning.Output("image_only", tooltip=(
+                    "Edits: the negative prompt with the real input images (text-to-image: same as negative).")),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, conditioning, batch_size: int) -> io.NodeOutput:
+        conditioning.check_model(model.identity)
+        positive = core_conditioning(model, conditioning, "positive", batch_size)
+        negative = core_conditioning(model, conditioning, "negative", batch_size)
+        image_only = (core_conditioning(model, conditioning, "image_negative", batch_size)
+                      if conditioning.has_image_guidance else negative)
+        return io.NodeOutput(positive, negative, image_only)
+
+
+class TBACFlowSigmas(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="TBACFlowSigmas",
+            display_name="TBAC Flow Sigmas",
+            category=CATEGORY,
+            description=(
+                "The noise schedule our 'TBAC Sampler' uses (the checkpoint's flow shift), as SIGMAS for "
+                "SamplerCustom / SamplerCustomAdvanced: core euler with these sigmas is our euler sampler."
+            ),
+            inputs=[
+                model_input(),
+                io.Int.Input("steps", default=DEFAULTS.steps, min=1, max=MAX_STEPS, tooltip="Denoising steps."),
+                io.Combo.Input("schedule", options=list(SAMPLERS), default="euler", tooltip=(
+                    "Whose schedule: euler (FlowMatchEulerDiscreteScheduler) or dpm++ (the official "
+                    "DPM-Solver++ flow sigmas).")),
+                io.Float.Input("denoise", default=1.0, min=0.01, max=1.0, step=0.01, tooltip=(
+                    "Keep only the last share of the steps, as 'TBAC Sampler' does for image-to-image.")),
+            ],
+            outputs=[io.Sigmas.Output("SIGMAS", tooltip="steps + 1 sigmas from 1 down to 0.")],
+        )
+
+    @classmethod
+    def execute(cls, model, steps: int, schedule: str, denoise: float) -> io.NodeOutput:
+        return io.NodeOutput(flow_sigmas(model.model.scheduler_config, schedule, steps, denoise))
+
+
+def flow_sigmas(scheduler_config: dict, schedule: str, steps: int, denoise: float = 1.0) -> torch.Tensor:
+    """Our sampler's sigmas [steps' + 1] (float32, CPU), the last share ``denoise`` of them."""
+    scheduler = make_scheduler(schedule, scheduler_config)
+    scheduler.set_timesteps(steps, device="cpu")
+    sigmas = scheduler.sigmas.float().cpu()
+    start = steps - int(round(steps * denoise))
+    return sigmas[start:]
+
+
+NODES = [TBACNativeModel, TBACToConditioning, TBACFlowSigmas]

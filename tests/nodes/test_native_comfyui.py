@@ -1,0 +1,51 @@
+"""The native model through the REAL ComfyUI code: core samplers vs our sampler (needs a ComfyUI checkout).
+
+Runs only when ``TBAC_COMFYUI_DIR`` points at a ComfyUI checkout; ``TBAC_COMFYUI_PYTHON`` is the
+Python of its environment (default: this one). CI has no ComfyUI, so there it is skipped.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+COMFYUI_DIR = os.environ.get("TBAC_COMFYUI_DIR")
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "tests" / "support" / "native_parity.py"
+PARITY = 1e-4
+
+pytestmark = pytest.mark.skipif(not COMFYUI_DIR, reason="set TBAC_COMFYUI_DIR to a ComfyUI checkout")
+
+
+@pytest.fixture(scope="module")
+def figures(fixture_root) -> dict:
+    python = os.environ.get("TBAC_COMFYUI_PYTHON", sys.executable)
+    run = subprocess.run([python, str(SCRIPT), COMFYUI_DIR, str(ROOT), str(fixture_root)], capture_output=True,
+                         text=True, timeout=900, cwd=COMFYUI_DIR,
+                         env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    lines = [line for line in run.stdout.splitlines() if line.startswith("FIGURES ")]
+    assert run.returncode == 0 and lines, run.stdout[-3000:] + run.stderr[-6000:]
+    return json.loads(lines[-1][len("FIGURES "):])
+
+
+def test_core_euler_on_the_native_model_matches_our_euler(figures):
+    assert figures["t2i_euler_max_diff"] < PARITY
+    assert figures["ksampler_shape"] == [1, 8, 8, 8]
+
+
+def test_core_dual_cfg_guider_gives_our_three_way_edit_guidance(figures):
+    assert figures["edit_3way_dualcfg_max_diff"] < PARITY
+
+
+def test_core_ksampler_honours_the_noise_mask(figures):
+    assert figures["ksampler_mask_outside_max_diff"] < 1e-6  # core blends in float32
+
+
+def test_previews_in_comfyui(figures):
+    assert figures["core_preview"] == ["JPEG", "RGB", [8, 8], 512]
+    assert figures["sampler_node_previews"] == [["JPEG", "RGB", [96, 64], 512]] * 2
+    assert figures["sampler_node_previews_when_off"] == [None, None]
