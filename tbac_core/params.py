@@ -20,6 +20,7 @@ MAX_BATCH = 64  # images per DiT call (prompts x num_images_per_prompt)
 DEFAULT_IMAGE_SIZE = 512  # TBAC-UniImage-3B's trained size; a checkpoint's config may say otherwise
 SIZE_STEP = 32  # TBAC-UniImage-3B's latent factor; every model's factor divides it
 MAX_GUIDANCE_UI = 30.0  # upper end of the guidance sliders (the library takes any finite value)
+MAX_CACHE_THRESHOLD = 1.0  # First-Block-Cache relative L1 change; above ~0.3 nearly every step is reused
 
 # -- memory and precision ----------------------------------------------------------------------------
 MEMORY_MODES = ("full", "offload-mllm", "sequential")
@@ -48,17 +49,30 @@ class SamplingParams:
     seed: int = 0
     num_images_per_prompt: int = 1
     denoise: float = 1.0  # < 1 with init latents: image-to-image
+    # Opt-in accelerations (approximate; the defaults are off and give the exact result).
+    cache_threshold: float = 0.0  # First-Block-Cache: reuse the DiT's residual below this change; 0 = off
+    guidance_cutoff: float = 1.0  # fraction of steps with every guidance branch, then positive only; 1 = off
 
     def validate(self, img2img: bool = False) -> None:
         """Refuse any field out of range; ``img2img``: ``denoise`` must also leave a step to run."""
         if not _is_int(self.steps) or not 1 <= self.steps <= MAX_STEPS:
             raise InvalidParameterError(f"steps must be an integer in 1..{MAX_STEPS}, got {self.steps!r}.")
-        for name in ("guidance_scale", "image_guidance_scale", "denoise"):
+        for name in ("guidance_scale", "image_guidance_scale", "denoise", "cache_threshold", "guidance_cutoff"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise InvalidParameterError(f"{name} must be a finite number, got {value!r}.")
         if not 0.0 < self.denoise <= 1.0:
             raise InvalidParameterError(f"denoise must be in (0, 1], got {self.denoise}.")
+        if not 0.0 <= self.cache_threshold <= MAX_CACHE_THRESHOLD:
+            raise InvalidParameterError(
+                f"cache_threshold must be in 0..{MAX_CACHE_THRESHOLD} (0 = off, e.g. 0.05-0.1 for a "
+                f"speed-up), got {self.cache_threshold}."
+            )
+        if not 0.0 <= self.guidance_cutoff <= 1.0:
+            raise InvalidParameterError(
+                f"guidance_cutoff must be a fraction of the steps in 0..1 (1 = guidance on every step), "
+                f"got {self.guidance_cutoff}."
+            )
         if self.sampler not in SAMPLERS:
             raise InvalidParameterError(f"Unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}.")
         if not _is_int(self.seed) or not 0 <= self.seed <= MAX_SEED:

@@ -7,10 +7,15 @@ of ``model.transformer.*`` load unchanged.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+import torch.nn.functional as F
 from diffusers import SanaTransformer2DModel
 from diffusers.models.normalization import RMSNorm
 from torch import nn
+
+from .step_cache import FirstBlockCache
 
 # The official connector's RMSNorm starts at sqrt(5.5) and is trained; the value comes from the
 # checkpoint, but a freshly built connector (training) starts here.
@@ -36,6 +41,73 @@ class Connector(nn.Sequential):
                 norm.weight.fill_(CONNECTOR_NORM_INIT)
 
 
+@dataclass(frozen=True)
+class CrossAttentionKV:
+    """One block's cross-attention keys and values of its (step-invariant) condition.
+
+    The condition does not change across denoising steps, so ``attn2.to_k`` / ``attn2.to_v`` (and
+    the mask's head expansion) run once per generation instead of once per step.
+    """
+
+    key: torch.Tensor  # [B, heads, N, head_dim]
+    value: torch.Tensor  # [B, heads, N, head_dim]
+    attention_mask: torch.Tensor | None  # [B, heads, 1, N] additive bias, or None
+
+    def select_rows(self, rows: slice) -> CrossAttentionKV:
+        """The keys/values of some batch rows (e.g. the positive guidance branch alone)."""
+        mask = None if self.attention_mask is None else self.attention_mask[rows]
+        return CrossAttentionKV(self.key[rows], self.value[rows], mask)
+
+
+class PrecomputedKVAttnProcessor:
+    """diffusers' ``SanaAttnProcessor2_0`` that also takes a ``CrossAttentionKV`` as the encoder states.
+
+    Given a tensor it runs the processor it replaced, so diffusers' own forward keeps working; given
+    a ``CrossAttentionKV`` it skips the key/value projections and does the same arithmetic as
+    ``SanaAttnProcessor2_0`` (identical on diffusers 0.34 ... 0.42).
+    """
+
+    def __init__(self, fallback):
+        self.fallback = fallback
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None):
+        if not isinstance(encoder_hidden_states, CrossAttentionKV):
+            return self.fallback(attn, hidden_states, encoder_hidden_states, attention_mask)
+        kv = encoder_hidden_states
+        batch_size = hidden_states.shape[0]
+        query = attn.to_q(hidden_states)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        heads, head_dim = kv.key.shape[1], kv.key.shape[3]
+        query = query.view(batch_size, -1, heads, head_dim).transpose(1, 2)  # [B, heads, L, head_dim]
+        out = F.scaled_dot_product_attention(
+            query, kv.key, kv.value, attn_mask=kv.attention_mask, dropout_p=0.0, is_causal=False
+        )
+        out = out.transpose(1, 2).reshape(batch_size, -1, heads * head_dim).to(query.dtype)
+        out = attn.to_out[1](attn.to_out[0](out))
+        return out / attn.rescale_output_factor
+
+
+def cross_attention_kv(attn, condition: torch.Tensor, mask_bias: torch.Tensor | None) -> CrossAttentionKV:
+    """``condition`` [B, N, D] (+ ``mask_bias`` [B, 1, N]) -> the block's precomputed keys/values.
+
+    The same steps as ``SanaAttnProcessor2_0`` takes for its key, value and mask.
+    """
+    batch_size, length, _ = condition.shape
+    key = attn.to_k(condition)
+    value = attn.to_v(condition)
+    if attn.norm_k is not None:
+        key = attn.norm_k(key)
+    head_dim = key.shape[-1] // attn.heads
+    key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+    value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+    mask = None
+    if mask_bias is not None:
+        mask = attn.prepare_attention_mask(mask_bias, length, batch_size)
+        mask = mask.view(batch_size, attn.heads, -1, mask.shape[-1])
+    return CrossAttentionKV(key, value, mask)
+
+
 class LadderDiT(nn.Module):
     """Connector + SANA DiT where each transformer block reads its own condition."""
 
@@ -43,6 +115,9 @@ class LadderDiT(nn.Module):
         super().__init__()
         self.transformer = transformer
         self.connector = connector
+        for block in transformer.transformer_blocks:
+            if block.attn2 is not None and not isinstance(block.attn2.processor, PrecomputedKVAttnProcessor):
+                block.attn2.set_processor(PrecomputedKVAttnProcessor(block.attn2.processor))
 
     @property
     def num_blocks(self) -> int:
@@ -65,12 +140,24 @@ class LadderDiT(nn.Module):
         states = self.connector(states).to(self.dtype)
         return self.transformer.caption_norm(self.transformer.caption_projection(states))
 
+    def precompute_conditions(
+        self,
+        block_conditions: list[torch.Tensor],  # num_blocks x [B, N, D] (from embed_condition)
+        condition_mask_bias: torch.Tensor | None = None,  # [B, 1, N] additive bias
+    ) -> list[CrossAttentionKV]:
+        """Each block's cross-attention keys/values, once per generation; ``forward`` takes them."""
+        return [
+            cross_attention_kv(block.attn2, condition, condition_mask_bias)
+            for block, condition in zip(self.transformer.transformer_blocks, block_conditions)
+        ]
+
     def forward(
         self,
         latents: torch.Tensor,  # [B, C, H, W]
         timestep: torch.Tensor,  # [B]
-        block_conditions: list[torch.Tensor],  # num_blocks x [B, N, D] (from embed_condition)
-        condition_mask_bias: torch.Tensor | None = None,  # [B, 1, N] additive bias
+        block_conditions: list,  # num_blocks x [B, N, D] (embed_condition) or CrossAttentionKV (precompute_conditions)
+        condition_mask_bias: torch.Tensor | None = None,  # [B, 1, N] additive bias; inside CrossAttentionKV already
+        step_cache: FirstBlockCache | None = None,
     ) -> torch.Tensor:
         dit = self.transformer
         batch_size, _, height, width = latents.shape
@@ -81,7 +168,27 @@ class LadderDiT(nn.Module):
         timestep_emb, embedded_timestep = dit.time_embed(
             timestep, batch_size=batch_size, hidden_dtype=hidden_states.dtype
         )
-        for block, condition in zip(dit.transformer_blocks, block_conditions):
+        if isinstance(block_conditions[0], CrossAttentionKV):
+            condition_mask_bias = None  # already expanded into each CrossAttentionKV
+        blocks = list(zip(dit.transformer_blocks, block_conditions))
+        full_step = True
+        if step_cache is not None:
+            # First-Block-Cache: run block 0; when its residual barely moved since the last full
+            # step, reuse that step's residual of the remaining blocks instead of running them.
+            block, condition = blocks[0]
+            first_input = hidden_states
+            hidden_states = block(
+                hidden_states, None, condition, condition_mask_bias, timestep_emb, patch_height, patch_width
+            )
+            first_residual = hidden_states - first_input
+            full_step = not step_cache.can_reuse(first_residual)
+            if not full_step:
+                hidden_states = step_cache.apply(hidden_states)
+                blocks = []
+            else:
+                rest_input = hidden_states
+                blocks = blocks[1:]
+        for block, condition in blocks:
             hidden_states = block(
                 hidden_states,
                 None,
@@ -91,6 +198,8 @@ class LadderDiT(nn.Module):
                 patch_height,
                 patch_width,
             )
+        if step_cache is not None and full_step:
+            step_cache.store(first_residual, hidden_states - rest_input)
         hidden_states = dit.norm_out(hidden_states, embedded_timestep, dit.scale_shift_table)
         hidden_states = dit.proj_out(hidden_states)
         # [B, h*w, p*p*C] -> [B, C, h*p, w*p]

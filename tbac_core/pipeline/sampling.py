@@ -15,6 +15,7 @@ from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteSchedul
 from ..errors import InvalidParameterError, NonFiniteOutputError
 from ..ladder.conditioning import LadderConditioning
 from ..modeling.dit import LadderDiT, mask_to_bias
+from ..modeling.step_cache import FirstBlockCache
 from ..params import SAMPLERS, SamplingParams
 from .masking import InpaintBlend
 
@@ -82,6 +83,11 @@ def combine_guidance(predictions: torch.Tensor, branches: tuple[str, ...], param
     return uncond + g * (full - uncond)
 
 
+def guided_step_count(total: int, guidance_cutoff: float) -> int:
+    """How many of the ``total`` steps evaluate every guidance branch (the rest: positive only)."""
+    return int(round(total * guidance_cutoff))
+
+
 def make_schedule(params: SamplingParams, scheduler_config: dict, device, img2img: bool = False):
     """A fresh scheduler with its timesteps set -> (scheduler, the timesteps to run).
 
@@ -131,20 +137,32 @@ def denoise(
     else:
         mask = torch.ones(rows, block_conditions[0].shape[1], dtype=torch.long)
     mask_bias = mask_to_bias(mask.to(device), dit.dtype)
+    # Also step-invariant: each block's cross-attention keys/values of its condition.
+    all_branches_kv = dit.precompute_conditions(block_conditions, mask_bias)
+    # Guidance truncation: after the cutoff only the positive branch (the last rows) runs.
+    positive_rows = slice(rows - rows // len(branches), rows)
+    guided_steps = guided_step_count(len(timesteps), params.guidance_cutoff)
+    positive_kv = [kv.select_rows(positive_rows) for kv in all_branches_kv]
+    step_cache = FirstBlockCache(params.cache_threshold) if params.cache_threshold > 0 else None
 
     latents = latents.to(device=device, dtype=torch.float32)
     if inpaint is not None:
         inpaint = inpaint.to(device)
         first = len(scheduler.sigmas) - 1 - len(timesteps)  # index of the first sigma that runs
-    for index, t in enumerate(timesteps):
+    timesteps_on_device = timesteps.to(device)
+    for index, t in enumerate(timesteps_on_device):
         if check_cancel is not None:
             check_cancel()
         if inpaint is not None:
             latents = inpaint.before_step(latents, scheduler.sigmas[first + index].to(device=device))
-        model_input = torch.cat([latents] * len(branches)).to(dit.dtype)
-        timestep = t.expand(model_input.shape[0]).to(device)
-        prediction = dit(model_input, timestep, block_conditions, mask_bias).float()
-        guided = combine_guidance(prediction, branches, params)
+        if index == guided_steps and step_cache is not None:
+            step_cache.keep_rows(positive_rows)  # the positive rows' residuals stay valid references
+        step_branches = branches if index < guided_steps else branches[-1:]
+        conditions = all_branches_kv if index < guided_steps else positive_kv
+        model_input = torch.cat([latents] * len(step_branches)).to(dit.dtype)
+        timestep = t.expand(model_input.shape[0])
+        prediction = dit(model_input, timestep, conditions, step_cache=step_cache).float()
+        guided = combine_guidance(prediction, step_branches, params) if len(step_branches) > 1 else prediction
         previous = latents
         latents = scheduler.step(guided, t, latents).prev_sample
         if callback is not None:
