@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 DEMO_CHECKPOINT = Path(__file__).resolve().parent / "checkpoint"
+DEMO_NAME = "demo"  # what the CLI, the loader node and load_model accept for the built-in model
 
 # Sampling settings the demo was tuned with; the build stores them in config.json ("demo_defaults").
 DEMO_DEFAULTS = {"steps": 20, "guidance_scale": 3.0, "sampler": "dpm++", "width": 32, "height": 32}

@@ -15,6 +15,7 @@ from accelerate import init_empty_weights
 from diffusers import AutoencoderDC, SanaTransformer2DModel
 from transformers import AutoTokenizer
 
+from ..demo import DEMO_CHECKPOINT, DEMO_NAME
 from ..devices import resolve_device, resolve_dtype
 from ..errors import CheckpointError, ComponentNotFoundError
 from ..io.jsonfile import read_json
@@ -47,6 +48,7 @@ MLLM_CONFIG_TOKEN_KEYS = {
 }
 
 
+
 def load_model(
     checkpoint_dir: str | os.PathLike,
     *,
@@ -74,8 +76,13 @@ def load_model(
     the user's ``tokenizer_dir``, the MLLM component folder, the checkpoint folder; without any,
     Qwen2.5-VL's published settings. A folder the user names explicitly wins over the ones we
     found ourselves.
+
+    ``"demo"`` (when no folder of that name exists) is the built-in demo model, as in the CLI and
+    the loader node.
     """
     checkpoint_dir = Path(checkpoint_dir)
+    if str(checkpoint_dir) == DEMO_NAME and not checkpoint_dir.exists():
+        checkpoint_dir = DEMO_CHECKPOINT
     raw_config = read_checkpoint_config(checkpoint_dir)
     config = TBACConfig.from_dict(raw_config, str(checkpoint_dir / "config.json"))
     files = open_checkpoint_files(checkpoint_dir)  # safetensors, or model.gguf

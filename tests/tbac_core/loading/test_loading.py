@@ -339,3 +339,18 @@ def test_index_with_a_malformed_weight_map_is_a_checkpoint_error(tmp_path, check
         (folder / INDEX_NAME).write_text(text)
         with pytest.raises(CheckpointError, match="index"):
             load_model(folder, device="cpu", dtype="fp32")
+
+
+def test_demo_by_name_loads_the_built_in_model(tmp_path, monkeypatch):
+    """``load_model("demo")`` / ``TBACPipeline.from_pretrained("demo")`` mean the built-in model, as in the
+    CLI and the loader node; a real folder named demo still wins."""
+    from tbac_core import TBACPipeline
+    from tbac_core.demo import DEMO_CHECKPOINT
+    from tbac_core.loading import load_model
+
+    monkeypatch.chdir(tmp_path)
+    pipe = TBACPipeline.from_pretrained("demo", device="cpu", dtype="fp32")
+    assert pipe.model.checkpoint_dir == DEMO_CHECKPOINT
+    (tmp_path / "demo").mkdir()
+    with pytest.raises(CheckpointError, match="No config.json"):
+        load_model("demo", device="cpu", dtype="fp32")
