@@ -66,6 +66,9 @@ def add_parser(subparsers) -> None:
     opt.add_argument("--mixed-precision", choices=("auto", "bf16", "no"), default="auto",
                      help="auto: bfloat16 autocast on CUDA, none on the CPU.")
     opt.add_argument("--gradient-checkpointing", action="store_true", help="Less memory, ~30%% slower.")
+    opt.add_argument("--fsdp", action="store_true",
+                     help="Shard the DiT blocks' weights, gradients and optimizer state over the processes of "
+                          "accelerate launch (--dit full; accelerate launch --use_fsdp on GPUs turns it on too).")
     opt.add_argument("--seed", type=int, default=0)
     run = parser.add_argument_group("checkpoints and samples")
     run.add_argument("--save-every", type=int, default=500, help="Checkpoint interval in steps (0 = only final).")
@@ -92,7 +95,8 @@ def train_config_from_args(args: argparse.Namespace):
         gradient_accumulation=args.grad_accum,
         warmup_steps=args.warmup, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
         resolution=args.resolution, caption_dropout=args.caption_dropout, timestep_shift=args.timestep_shift,
-        mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing, seed=args.seed,
+        mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing, fsdp=args.fsdp,
+        seed=args.seed,
         save_every=args.save_every, keep_checkpoints=args.keep, sample_every=args.sample_every,
         sample_prompts=tuple(args.sample_prompt), sample_steps=args.sample_steps,
         sample_guidance=args.sample_guidance, resume=args.resume, progress=True,

@@ -19,6 +19,7 @@ from accelerate import Accelerator, PartialState
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from ..errors import InvalidParameterError
+from .sharding import is_sharded
 
 BUCKET_ELEMENTS = 2**25  # 128 MiB of float32 gradients per all-reduce
 
@@ -26,6 +27,11 @@ BUCKET_ELEMENTS = 2**25  # 128 MiB of float32 gradients per all-reduce
 def launched_processes() -> int:
     """How many processes ``accelerate launch`` / ``torchrun`` started (1 for a plain run)."""
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def fsdp_requested(option: bool) -> bool:
+    """``TrainConfig.fsdp``, or ``accelerate launch --use_fsdp`` (which sets ``ACCELERATE_USE_FSDP``)."""
+    return option or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
 
 
 def _on_cpu() -> bool:
@@ -87,6 +93,10 @@ class DataParallel:
         """
         if self.num_processes == 1:
             return float(loss)
+        total = loss.detach().float().reshape(1).to(loss.device)
+        torch.distributed.all_reduce(total, op=torch.distributed.ReduceOp.SUM)
+        # FSDP-sharded parameters (``training.sharding``) had theirs averaged in the backward pass.
+        params = [param for param in params if not is_sharded(param)]
         bucket: list[torch.nn.Parameter] = []
         filled = 0
         for param in params:
@@ -99,8 +109,6 @@ class DataParallel:
                 bucket, filled = [], 0
         if bucket:
             self._average_bucket(bucket)
-        total = loss.detach().float().reshape(1).to(params[0].device)
-        torch.distributed.all_reduce(total, op=torch.distributed.ReduceOp.SUM)
         return float(total) / self.num_processes
 
     def _average_bucket(self, params: list[torch.nn.Parameter]) -> None:

@@ -30,6 +30,7 @@ from ..loading.adapters import (
     split_parts,
 )
 from ..modeling.mllm import text_model
+from .sharding import gather_full, load_full_state
 
 DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
@@ -149,23 +150,25 @@ class TrainableParts:
         return sum(p.numel() for p in self.parameters())
 
     # -- saving / loading --------------------------------------------------------------------
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """The trained tensors in the adapter layout of ``tbac_core.loading.adapters``."""
+    def state_dict(self, keep: bool = True) -> dict[str, torch.Tensor]:
+        """The trained tensors in the adapter layout of ``tbac_core.loading.adapters``, as CPU copies.
+
+        With FSDP (``training.sharding``) every process must call it; only one with ``keep`` gets them.
+        """
         state: dict[str, torch.Tensor] = {}
         if self.metaqueries is not None:
-            state[METAQUERY_KEY] = self.metaqueries.weight.detach().clone()
+            state[METAQUERY_KEY] = self.metaqueries.weight
         if self.train_connector:
-            state.update({CONNECTOR_PREFIX + k: v.detach().clone()
-                          for k, v in self.model.dit.connector.state_dict().items()})
+            state.update({CONNECTOR_PREFIX + k: v for k, v in self.model.dit.connector.state_dict().items()})
         transformer = self.model.dit.transformer
         if self.dit_mode == "full":
-            state.update({DIT_PREFIX + k: v.detach().clone() for k, v in transformer.state_dict().items()})
+            state.update({DIT_PREFIX + k: v for k, v in transformer.state_dict().items()})
         elif self.dit_mode == "lora":
             from peft import get_peft_model_state_dict
 
             lora_state = get_peft_model_state_dict(transformer, adapter_name="default")
-            state.update({LORA_PREFIX + k: v.detach().clone() for k, v in lora_state.items()})
-        return state
+            state.update({LORA_PREFIX + k: v for k, v in lora_state.items()})
+        return gather_full(state, keep)
 
     def adapter_config(self) -> dict:
         return {
@@ -191,7 +194,7 @@ class TrainableParts:
                 self.model.dit.connector.load_state_dict(parts["connector"], strict=True)
             transformer = self.model.dit.transformer
             if self.dit_mode == "full":
-                transformer.load_state_dict(parts["dit"], strict=True)
+                load_full_state(transformer, parts["dit"])
             elif self.dit_mode == "lora":
                 from peft import set_peft_model_state_dict
 

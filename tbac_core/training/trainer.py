@@ -45,13 +45,20 @@ from ..modeling.mllm import metaquery_rung_states
 from ..modeling.vae import encode_images
 from ..processing.prompt_layout import metaquery_positions
 from .data import Batch, TrainingData
-from .distributed import DataParallel, make_accelerator
+from .distributed import DataParallel, fsdp_requested, make_accelerator
 from .flow import FlowMatchingObjective, NoiseDraws
 from .parts import (
     DEFAULT_LORA_TARGETS,
     TrainableParts,
     enable_gradient_checkpointing,
     eval_mode,
+)
+from .sharding import (
+    TrainingPlacement,
+    clip_grad_norm,
+    gather_full,
+    shard_like,
+    shard_transformer_blocks,
 )
 from .shards import ShardStream, is_shard_path
 
@@ -96,6 +103,7 @@ class TrainConfig:
     # machinery
     mixed_precision: str = "auto"  # auto (bf16 on CUDA) | bf16 | no
     gradient_checkpointing: bool = False
+    fsdp: bool = False  # shard the DiT blocks over the processes (``training.sharding``; dit_mode full)
     seed: int = 0
     save_every: int = 500
     keep_checkpoints: int = 2
@@ -121,6 +129,8 @@ class TrainConfig:
             (self.dit_mode in ("full", "lora", "frozen"), "dit_mode must be full, lora or frozen"),
             (self.mixed_precision in ("auto", "bf16", "no"), "mixed_precision must be auto, bf16 or no"),
             (self.lora_rank >= 1, "lora_rank must be >= 1"),
+            (not self.fsdp or self.dit_mode == "full",
+             "fsdp shards the full DiT: use it with dit_mode full (LoRA and frozen runs fit without it)"),
             (self.save_every >= 0 and self.sample_every >= 0, "save_every / sample_every must be >= 0 (0 = never)"),
         ]
         problems = [message for ok, message in checks if not ok]
@@ -195,6 +205,8 @@ class Trainer:
         )
         if config.gradient_checkpointing:
             enable_gradient_checkpointing(model)
+        self.sharded = fsdp_requested(config.fsdp) and config.dit_mode == "full" and \
+            shard_transformer_blocks(model.dit.transformer, self.parallel.num_processes)
         self.autocast_dtype = self._autocast_dtype()
         groups = [{"params": params, "name": name} for name, params in self.parts.named_groups().items()]
         self.optimizer = torch.optim.AdamW(groups, lr=config.learning_rate, betas=tuple(config.adam_betas),
@@ -322,7 +334,7 @@ class Trainer:
         if not math.isfinite(loss_value):
             self._diverged("loss", loss_value)
         max_norm = config.grad_clip if config.grad_clip > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        grad_norm = float(clip_grad_norm(params, max_norm))
         if not math.isfinite(grad_norm):
             self._diverged("gradient norm", grad_norm)
         self.optimizer.step()
@@ -382,8 +394,8 @@ class Trainer:
             if bar is not None:
                 bar.close()
         final_dir = self.output_dir / FINAL_NAME
+        self.save_adapter(final_dir)
         if main:
-            self.save_adapter(final_dir)
             self._write_json(final_dir / TRAINER_STATE, self._trainer_state())
         if config.sample_every and self.step % config.sample_every:
             self.save_samples()
@@ -397,11 +409,17 @@ class Trainer:
 
     # -- saving ------------------------------------------------------------------------------
     def save_adapter(self, folder: Path) -> Path:
+        """Write the trained parts to ``folder`` (main process; with FSDP every process must call it)."""
+        if not (self.sharded or self.is_main_process):
+            return folder
+        tensors = self.parts.state_dict(keep=self.is_main_process)
+        if not self.is_main_process:
+            return folder
         config = self.parts.adapter_config()
         config["layers"] = self.config.layers
         config["training"] = {"step": self.step, "max_steps": self.config.max_steps,
                               "resolution": self.resolution, "data": [str(d) for d in self.config.data]}
-        write_adapter(folder, self.parts.state_dict(), config)
+        write_adapter(folder, tensors, config)
         return folder
 
     def _trainer_state(self) -> dict:
@@ -414,12 +432,14 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         """``output_dir/checkpoint-NNNNNN``: the adapter files + optimizer state + trainer state.
 
-        Written by the main process only (every process holds the same state); the others wait.
+        Written by the main process only (every process holds the same state, or with FSDP its shard
+        of it, gathered here); the others wait.
         """
         folder = self.output_dir / f"checkpoint-{self.step:06d}"
+        self.save_adapter(folder)
+        if self.sharded or self.is_main_process:
+            tensors, meta = _optimizer_to_tensors(self.optimizer, keep=self.is_main_process)
         if self.is_main_process:
-            self.save_adapter(folder)
-            tensors, meta = _optimizer_to_tensors(self.optimizer)
             save_file(tensors, str(folder / OPTIMIZER_STATE), metadata={"meta": json.dumps(meta)})
             self._write_json(folder / TRAINER_STATE, self._trainer_state())  # written last: marks it complete
             self._prune_checkpoints()
@@ -477,7 +497,7 @@ class Trainer:
     def sample_images(self, prompts: list[str]) -> list[Image.Image]:
         from ..pipeline.tbac_pipeline import TBACPipeline
 
-        pipe = TBACPipeline(self.model, cache_size=0)
+        pipe = TBACPipeline(self.model, cache_size=0, placement=TrainingPlacement(self.model, self.sharded))
         with eval_mode(self.model.dit), self._autocast():
             output = pipe.generate(prompts, width=self.resolution, height=self.resolution,
                                    steps=self.config.sample_steps, guidance_scale=self.config.sample_guidance,
@@ -485,9 +505,12 @@ class Trainer:
         return output.images
 
     def save_samples(self) -> Path | None:
-        if not self.sample_prompts or not self.is_main_process:
+        """Sample images of ``sample_prompts`` (main process; with FSDP every process must call it)."""
+        if not self.sample_prompts or not (self.sharded or self.is_main_process):
             return None
         images = self.sample_images(self.sample_prompts)
+        if not self.is_main_process:
+            return None
         path = self.output_dir / "samples" / f"step-{self.step:06d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         image_grid(images).save(path)
@@ -509,28 +532,34 @@ def image_grid(images: list[Image.Image], columns: int | None = None) -> Image.I
     return grid
 
 
-def _optimizer_to_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    """Optimizer state as flat tensors + JSON metadata (safetensors holds no nested objects)."""
+def _optimizer_to_tensors(optimizer: torch.optim.Optimizer, keep: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
+    """Optimizer state as flat whole tensors + JSON metadata (safetensors holds no nested objects).
+
+    With FSDP, sharded state is gathered (every process must call it; ``keep``: see ``gather_full``).
+    """
     state = optimizer.state_dict()
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict] = {}
     for index, entry in state["state"].items():
         for name, value in entry.items():
             if isinstance(value, torch.Tensor):
-                tensors[f"{index}.{name}"] = value.detach().to("cpu").contiguous()
+                tensors[f"{index}.{name}"] = value
             else:
                 scalars.setdefault(str(index), {})[name] = value
-    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+    return gather_full(tensors, keep), {"param_groups": state["param_groups"], "scalars": scalars}
 
 
 def _optimizer_from_tensors(tensors: dict[str, torch.Tensor], meta: dict, optimizer) -> dict:
-    state: dict[int, dict] = {}
-    for key, value in tensors.items():
-        index, name = key.split(".", 1)
-        state.setdefault(int(index), {})[name] = value
-    for index, values in meta.get("scalars", {}).items():
-        state.setdefault(int(index), {}).update(values)
     groups = meta["param_groups"]
     if [len(g["params"]) for g in groups] != [len(g["params"]) for g in optimizer.param_groups]:
         raise InvalidParameterError("The checkpoint's optimizer state does not fit this run's trained parameters.")
+    params = [param for group in optimizer.param_groups for param in group["params"]]  # state index order
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        index, name = key.split(".", 1)
+        if not index.isdigit() or int(index) >= len(params):
+            raise InvalidParameterError(f"The checkpoint's optimizer state has an entry {key!r} this run does not have.")
+        state.setdefault(int(index), {})[name] = shard_like(value, params[int(index)])
+    for index, values in meta.get("scalars", {}).items():
+        state.setdefault(int(index), {}).update(values)
     return {"state": state, "param_groups": groups}

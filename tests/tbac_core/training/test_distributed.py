@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -26,10 +27,8 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def two_process_run(checkpoint_dir, data_dir, tmp_path_factory) -> Path:
+def launch_two_processes(checkpoint_dir, data_dir, out: Path, *extra: str) -> Path:
     """``accelerate launch`` of the train CLI: 2 processes x 2 accumulation micro-steps of 1 example."""
-    out = tmp_path_factory.mktemp("two") / "run"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
                OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
@@ -37,11 +36,26 @@ def two_process_run(checkpoint_dir, data_dir, tmp_path_factory) -> Path:
                "--main_process_port", str(free_port()), "-m", "tbac_core", "train",
                "--model", str(checkpoint_dir), "--dtype", "fp32", "--data", str(data_dir), "--out", str(out),
                "--steps", str(STEPS), "--batch-size", "4", "--grad-accum", "2", "--lr", "1e-3", "--warmup", "0",
-               "--save-every", "1", "--keep", "0", "--sample-every", "0", "--threads", "1"]
+               "--save-every", "1", "--keep", "0", "--threads", "1", *extra]
     done = subprocess.run(command, env=env, cwd=str(ROOT), capture_output=True, text=True,
                           timeout=LAUNCH_TIMEOUT_S)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (out.parent / "launch.log").write_text(done.stdout + done.stderr)
     return out
+
+
+@pytest.fixture(scope="module")
+def two_process_run(checkpoint_dir, data_dir, tmp_path_factory) -> Path:
+    return launch_two_processes(checkpoint_dir, data_dir, tmp_path_factory.mktemp("two") / "run",
+                                "--sample-every", "0")
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(checkpoint_dir, data_dir, tmp_path_factory) -> Path:
+    """The same run with the DiT blocks sharded (FSDP), sampling a grid after each step."""
+    return launch_two_processes(checkpoint_dir, data_dir, tmp_path_factory.mktemp("fsdp") / "run", "--fsdp",
+                                "--sample-every", "1", "--sample-steps", "2", "--sample-prompt", "a red circle",
+                                "--debug")
 
 
 @pytest.fixture(scope="module")
@@ -70,20 +84,46 @@ def history(folder: Path) -> list[float]:
     return [h["loss"] for h in state["history_tail"]]
 
 
-def test_two_processes_train_like_one(two_process_run, one_process_run):
+@pytest.fixture(params=["ddp", "fsdp"])
+def launched_run(request) -> Path:
+    return request.getfixturevalue("two_process_run" if request.param == "ddp" else "fsdp_run")
+
+
+def test_two_processes_train_like_one(launched_run, one_process_run):
     losses, states = one_process_run
-    state = json.loads((two_process_run / "final" / "trainer_state.json").read_text())
+    state = json.loads((launched_run / "final" / "trainer_state.json").read_text())
     assert state["num_processes"] == 2 and state["examples_seen"] == STEPS * 4
-    assert history(two_process_run / "final") == pytest.approx(losses, rel=1e-5)
-    assert_close(read_adapter_tensors(two_process_run / "checkpoint-000001"), states[0])
-    assert_close(read_adapter_tensors(two_process_run / "final"), states[1])
+    assert history(launched_run / "final") == pytest.approx(losses, rel=1e-5)
+    assert_close(read_adapter_tensors(launched_run / "checkpoint-000001"), states[0])
+    assert_close(read_adapter_tensors(launched_run / "final"), states[1])
 
 
-def test_two_process_checkpoint_resumes_in_one_process(two_process_run, one_process_run, checkpoint_dir,
+def test_fsdp_run_sharded_and_sampled(fsdp_run):
+    state = json.loads((fsdp_run / "final" / "trainer_state.json").read_text())
+    assert state["config"]["fsdp"] is True
+    # Each of the 2 processes holds half of every block's parameters (FSDP2 pads dim 0 to a multiple of 2).
+    held = re.findall(r"FSDP: process (\d) holds (\d+) of the DiT blocks' (\d+) parameters",
+                      (fsdp_run.parent / "launch.log").read_text())
+    assert sorted(rank for rank, _, _ in held) == ["0", "1"]
+    assert all(int(local) * 2 == int(total) for _, local, total in held), held
+    # Sampling gathers the sharded blocks on both processes; the main one writes the grid.
+    assert sorted(p.name for p in (fsdp_run / "samples").glob("*.png")) == ["step-000001.png", "step-000002.png"]
+
+
+def test_two_process_checkpoint_resumes_in_one_process(launched_run, one_process_run, checkpoint_dir,
                                                        data_dir, tmp_path, one_thread):
     losses, states = one_process_run
     resumed = Trainer(load(checkpoint_dir), config(tmp_path, data_dir, max_steps=STEPS,
-                                                   resume=str(two_process_run / "checkpoint-000001")))
+                                                   resume=str(launched_run / "checkpoint-000001")))
     result = resumed.train()
     assert resumed.step == STEPS and result.losses == pytest.approx(losses[1:], rel=1e-5)
     assert_close(resumed.parts.state_dict(), states[1])
+
+
+def test_fsdp_run_resumes_from_a_checkpoint(two_process_run, one_process_run, checkpoint_dir, data_dir, tmp_path):
+    """A sharded run picks up full saved tensors (its own shard of the weights and the AdamW state)."""
+    losses, states = one_process_run
+    out = launch_two_processes(checkpoint_dir, data_dir, tmp_path / "run", "--fsdp", "--sample-every", "0",
+                               "--resume", str(two_process_run / "checkpoint-000001"))
+    assert history(out / "final")[-1] == pytest.approx(losses[-1], rel=1e-5)
+    assert_close(read_adapter_tensors(out / "final"), states[1])
