@@ -23,7 +23,12 @@ from safetensors import safe_open
 
 from ..errors import CheckpointError
 from ..io.jsonfile import read_json
-from .safetensors_reader import READ_ERRORS, PinnedStager, SafetensorsFile
+from .safetensors_reader import (
+    CAST_CHUNK_BYTES,
+    READ_ERRORS,
+    PinnedStager,
+    SafetensorsFile,
+)
 
 CONFIG_NAME = "config.json"
 SINGLE_FILE_NAME = "model.safetensors"
@@ -228,8 +233,9 @@ class CheckpointFiles:
 
         * on the CPU in its stored dtype (and ``zero_copy``): a view of the file's private memory
           map, no copy; writing into it never reaches the file (copy-on-write);
-        * on the CPU with a cast (bf16 -> fp32), or on another device without CUDA: read with
-          ``readinto``, cast and moved one tensor at a time (peak: the loaded weights + one tensor);
+        * with a cast (bf16 -> fp32) off CUDA: read with ``readinto`` through one reused 16 MiB buffer
+          into the cast tensor, one tensor at a time (peak: the loaded weights + the buffer);
+        * in its stored dtype on another device (or ``zero_copy=False``): copied with ``readinto``;
         * on a CUDA device: streamed through two bounded pinned buffers and cast on the device.
 
         ``zero_copy=False`` copies every tensor: for callers that replace the tensors soon (quantising
@@ -238,6 +244,7 @@ class CheckpointFiles:
         prefix = COMPONENT_PREFIXES[component]
         device = torch.device(device)
         stager = PinnedStager(device) if device.type == "cuda" and torch.cuda.is_available() else None
+        staging = None  # the CPU cast buffer, made at the first cast
         state: dict[str, torch.Tensor] = {}
         for path, keys in self._keys_by_file(component).items():
             # Read errors become a CheckpointError inside the reader; casting and moving (out of
@@ -248,7 +255,11 @@ class CheckpointFiles:
                     target = _target_dtype(key, stored, dtype)
                     if stager is not None:
                         tensor = file.streamed(key, device, stager)
-                    elif zero_copy and target == stored and device.type == "cpu":
+                    elif target != stored:
+                        if staging is None:
+                            staging = torch.empty(CAST_CHUNK_BYTES, dtype=torch.uint8)
+                        tensor = file.cast(key, target, staging)
+                    elif zero_copy and device.type == "cpu":
                         tensor = file.mapped(key)
                     else:
                         tensor = file.copied(key)
