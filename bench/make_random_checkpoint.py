@@ -7,6 +7,7 @@ published layout instead of a 11.4 GB download. Three sizes:
 * ``tiny``: the architecture of the shared test fixture (``shared/fixtures/tbac-tiny``), 64x64 images.
 * ``medium``: large enough that compute dominates on a CPU (Qwen2.5-VL text 768 x 10 layers, SANA
   DiT 8 blocks x 640, a 6-stage DC-AE), 256x256 images, 138 M parameters, a 0.44 GB file.
+* ``medium-bf16``: ``medium`` with every part stored in bfloat16 (as the real release), 0.28 GB.
 * ``real``: the published TBAC-UniImage-3B architecture (``tbac_core.loading.builtin_configs``), 512x512
   images, 5.68 B parameters. Only for GPU machines (``gpu_bench.py`` builds it straight on the GPU).
 
@@ -25,7 +26,7 @@ where the core's resolver looks:
 The tokenizer is the fixture's byte-level BPE (342 tokens): prompts come out ~3-4x more tokens than
 with Qwen's real tokenizer, which makes MLLM encoding look slightly slower than it would be.
 
-Usage: python bench/make_random_checkpoint.py {tiny,medium,real} [--out bench/models] [--seed 0]
+Usage: python bench/make_random_checkpoint.py {tiny,medium,medium-bf16,real} [--out bench/models] [--seed 0]
 """
 from __future__ import annotations
 
@@ -165,6 +166,11 @@ def make_spec(name: str, fixtures: Path = DEFAULT_FIXTURES) -> RandomSpec:
                    attention_head_dim=32)
         return RandomSpec("medium", mllm, transformer, vae, dict(builtin_configs.SANA_FLOW_DPM_SCHEDULER_CONFIG),
                           num_metaqueries=64, input_size=8)
+    if name == "medium-bf16":  # the medium architecture stored all in bfloat16, as the real release is
+        medium = make_spec("medium", fixtures)
+        return RandomSpec("medium-bf16", medium.mllm, medium.transformer, medium.vae, medium.scheduler,
+                          medium.num_metaqueries, medium.input_size,
+                          storage={part: "bfloat16" for part in ("mllm", "connector", "dit", "vae")})
     if name == "real":
         mllm = _with_fixture_token_ids(builtin_configs.QWEN25_VL_3B_CONFIG, fixture_qwen,
                                        builtin_configs.QWEN25_VL_3B_CONFIG["vocab_size"])
@@ -178,10 +184,10 @@ def make_spec(name: str, fixtures: Path = DEFAULT_FIXTURES) -> RandomSpec:
             input_size=16,
             storage={"mllm": "bfloat16", "connector": "bfloat16", "dit": "bfloat16", "vae": "bfloat16"},
         )
-    raise ValueError(f"Unknown size {name!r}; choose tiny, medium or real.")
+    raise ValueError(f"Unknown size {name!r}; choose {', '.join(SPEC_NAMES)}.")
 
 
-SPEC_NAMES = ("tiny", "medium", "real")
+SPEC_NAMES = ("tiny", "medium", "medium-bf16", "real")
 
 
 # -- modules on the meta device ------------------------------------------------------------------

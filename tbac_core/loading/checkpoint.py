@@ -14,26 +14,26 @@ is refused with a message that says so.
 """
 from __future__ import annotations
 
-import json
 import os
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 
 from ..errors import CheckpointError
 from ..io.jsonfile import read_json
+from .safetensors_reader import (
+    CAST_CHUNK_BYTES,
+    READ_ERRORS,
+    PinnedStager,
+    SafetensorsFile,
+)
 
 CONFIG_NAME = "config.json"
 SINGLE_FILE_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-# What reading a damaged safetensors file raises (a bad header entry gives KeyError/TypeError/
-# ValueError, a short file struct.error or OSError). Out-of-memory and device errors are not here:
-# they are not a damaged file and must reach the user as what they are.
-READ_ERRORS = (OSError, ValueError, KeyError, TypeError, RecursionError, struct.error, SafetensorError)
 MODEL_TYPE = "tbacuniimage"
 
 MLLM_PREFIX = "model.mllm_backbone."
@@ -139,72 +139,26 @@ def _keys_from_index(index_path: Path) -> dict[str, Path]:
     return key_to_file
 
 
-# safetensors dtype codes -> torch dtypes (https://github.com/huggingface/safetensors, format spec)
-SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn,
-}
 # Kept as stored by ``load_component``: fp8 weights and their float32 per-tensor scales (tbac_core.quantization).
 KEEP_STORED_DTYPE = (torch.float8_e4m3fn,)
 SCALE_SUFFIX = ".scale_weight"
 
 
 def iter_safetensors(path: Path, keys: list[str]):
-    """Yield ``(key, tensor)`` for ``keys`` of one file, each read into its own CPU buffer.
+    """Yield ``(key, tensor)`` for ``keys`` of one file, each read into its own CPU buffer (``readinto``).
 
-    Why not ``safe_open(...).get_tensor``: it reads through a memory map whose pages stay resident
-    until the file is closed, so casting a shard while reading it peaks at the loaded weights plus
-    the whole shard (measured: 1.5x the weights for an 800 MB bfloat16 file loaded as float32).
-    Reading each tensor with ``readinto`` peaks at the weights plus one tensor. The file format is
-    a little-endian u64 header length, a JSON header, then the raw tensor bytes.
+    Peak memory: the tensors kept by the caller plus one (see ``safetensors_reader`` for why not a map).
     """
-    try:
-        size = path.stat().st_size
-        handle = open(path, "rb")
-    except OSError as exc:
-        raise CheckpointError(f"Cannot open {path}: {exc}") from exc
-    with handle:
-        try:
-            (header_len,) = struct.unpack("<Q", handle.read(8))
-            if header_len > size - 8:
-                raise CheckpointError(f"{path}: header length {header_len} exceeds the file size ({size} bytes).")
-            header = json.loads(handle.read(header_len))
-        except READ_ERRORS as exc:
-            raise _corrupt(path, exc) from exc
-        data_start = 8 + header_len
+    with SafetensorsFile.open(path) as file:
         for key in keys:
-            try:
-                tensor = _read_tensor(handle, path, key, header, data_start, size)
-            except READ_ERRORS as exc:
-                raise _corrupt(path, exc) from exc
-            yield key, tensor  # outside the try: what the caller does with it is not a read error
+            yield key, file.copied(key)  # the caller's work on it is outside the reader: not a read error
 
 
-def _read_tensor(handle, path: Path, key: str, header: dict, data_start: int, size: int) -> torch.Tensor:
-    entry = header[key]
-    begin, end = entry["data_offsets"]
-    dtype = SAFETENSORS_DTYPES.get(entry["dtype"])
-    if dtype is None:
-        raise CheckpointError(f"{path}: tensor {key} has unsupported dtype {entry['dtype']}.")
-    tensor = torch.empty(entry["shape"], dtype=dtype)
-    nbytes = tensor.numel() * tensor.element_size()
-    if end - begin != nbytes or data_start + end > size:
-        raise CheckpointError(
-            f"{path}: tensor {key} lies outside the file or has the wrong byte length; the file is "
-            f"truncated or corrupt: download it again."
-        )
-    handle.seek(data_start + begin)
-    if nbytes and handle.readinto(memoryview(tensor.view(-1).view(torch.uint8).numpy())) != nbytes:
-        raise CheckpointError(f"{path}: could not read tensor {key}; the file is truncated.")
-    return tensor
-
-
-def _corrupt(path: Path, exc: BaseException) -> CheckpointError:
-    return CheckpointError(
-        f"Cannot read tensors from {path} ({type(exc).__name__}: {exc}). The file is truncated or "
-        f"corrupt: download it again."
-    )
+def _target_dtype(key: str, stored: torch.dtype, dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype ``key`` is loaded in: ``dtype`` for floating tensors, but fp8 weights and scales as stored."""
+    if dtype is None or not stored.is_floating_point or stored in KEEP_STORED_DTYPE or key.endswith(SCALE_SUFFIX):
+        return stored
+    return dtype
 
 
 def _safetensors_keys(path: Path) -> list[str]:
@@ -227,7 +181,7 @@ class CheckpointFiles:
     components: dict[str, list[str]] = field(default_factory=dict)
 
     @classmethod
-    def open(cls, checkpoint_dir: str | os.PathLike) -> "CheckpointFiles":
+    def open(cls, checkpoint_dir: str | os.PathLike) -> CheckpointFiles:
         directory = Path(checkpoint_dir)
         key_to_file = find_weight_files(directory)
         components: dict[str, list[str]] = {name: [] for name in COMPONENT_PREFIXES}
@@ -270,22 +224,48 @@ class CheckpointFiles:
         component: str,
         dtype: torch.dtype | None,
         device: torch.device | str = "cpu",
+        *,
+        zero_copy: bool = True,
     ) -> dict[str, torch.Tensor]:
         """Read one component's tensors with the prefix stripped, cast to ``dtype`` on ``device``.
 
-        Each tensor is read, cast and moved on its own, so peak memory stays near the size of the
-        loaded weights (see ``iter_safetensors``).
+        How each tensor is read (``safetensors_reader`` explains the three ways):
+
+        * on the CPU in its stored dtype (and ``zero_copy``): a view of the file's private memory
+          map, no copy; writing into it never reaches the file (copy-on-write);
+        * with a cast (bf16 -> fp32) off CUDA: read with ``readinto`` through one reused 16 MiB buffer
+          into the cast tensor, one tensor at a time (peak: the loaded weights + the buffer);
+        * in its stored dtype on another device (or ``zero_copy=False``): copied with ``readinto``;
+        * on a CUDA device: streamed through two bounded pinned buffers and cast on the device.
+
+        ``zero_copy=False`` copies every tensor: for callers that replace the tensors soon (quantising
+        while loading), whose mapped pages would otherwise stay resident behind the others.
         """
         prefix = COMPONENT_PREFIXES[component]
+        device = torch.device(device)
+        stager = PinnedStager(device) if device.type == "cuda" and torch.cuda.is_available() else None
+        staging = None  # the CPU cast buffer, made at the first cast
         state: dict[str, torch.Tensor] = {}
         for path, keys in self._keys_by_file(component).items():
-            # Read errors become a CheckpointError inside iter_safetensors; casting and moving
-            # (out of memory, a device error) raise as what they are.
-            for key, tensor in iter_safetensors(path, keys):
-                if (dtype is not None and tensor.is_floating_point() and tensor.dtype not in KEEP_STORED_DTYPE
-                        and not key.endswith(SCALE_SUFFIX)):
-                    tensor = tensor.to(dtype=dtype)
-                state[key[len(prefix):]] = tensor.to(device)
+            # Read errors become a CheckpointError inside the reader; casting and moving (out of
+            # memory, a device error) raise as what they are.
+            with SafetensorsFile.open(path) as file:
+                for key in keys:
+                    stored = file.entry(key).dtype
+                    target = _target_dtype(key, stored, dtype)
+                    if stager is not None:
+                        tensor = file.streamed(key, device, stager)
+                    elif target != stored:
+                        if staging is None:
+                            staging = torch.empty(CAST_CHUNK_BYTES, dtype=torch.uint8)
+                        tensor = file.cast(key, target, staging)
+                    elif zero_copy and device.type == "cpu":
+                        tensor = file.mapped(key)
+                    else:
+                        tensor = file.copied(key)
+                    state[key[len(prefix):]] = tensor.to(dtype=target).to(device)
+        if stager is not None:
+            stager.finish()
         return state
 
     def read_rows(self, key: str, start: int, stop: int) -> torch.Tensor:

@@ -21,7 +21,11 @@ def load_component_state(files, component: str, module: torch.nn.Module, dtype, 
                          quantization: str | None = None, rename=None) -> dict:
     """Read one component for the meta-device ``module``; its linears become quantised where the file
     (or ``quantization``, applied while loading) says so. The result goes to ``load_strict``."""
-    state = files.load_component(component, dtype, device)
+    if quantization and isinstance(files, CheckpointFiles):
+        # The full-precision tensors are replaced right away: copy them rather than map them.
+        state = files.load_component(component, dtype, device, zero_copy=False)
+    else:
+        state = files.load_component(component, dtype, device)
     if quantization:
         state = quantize_state(component, state, quantization)
     swap_linears(module, state, files.describe(), rename=rename)
