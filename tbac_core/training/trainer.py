@@ -20,12 +20,9 @@ process alone logs and saves. A checkpoint holds no per-process state, so it res
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
-import re
-import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -33,10 +30,8 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from safetensors.torch import load_file, save_file
 
 from ..errors import InvalidParameterError, TrainingDivergedError
-from ..io.files import atomic_write
 from ..ladder.conditioning import LadderConditioning, RungSource
 from ..ladder.layer_spec import parse_layer_spec
 from ..loading.adapters import read_adapter_config, read_adapter_tensors, write_adapter
@@ -44,6 +39,18 @@ from ..modeling.dit import mask_to_bias
 from ..modeling.mllm import metaquery_rung_states
 from ..modeling.vae import encode_images
 from ..processing.prompt_layout import metaquery_positions
+from .checkpoints import (
+    FINAL_NAME,
+    TRAINER_STATE,
+    checkpoint_folder,
+    gather_optimizer_state,
+    latest_checkpoint,
+    prune_checkpoints,
+    read_optimizer_state,
+    read_trainer_state,
+    write_json,
+    write_optimizer_state,
+)
 from .data import Batch, TrainingData
 from .distributed import DataParallel, fsdp_requested, make_accelerator
 from .flow import FlowMatchingObjective, NoiseDraws
@@ -53,21 +60,10 @@ from .parts import (
     enable_gradient_checkpointing,
     eval_mode,
 )
-from .sharding import (
-    TrainingPlacement,
-    clip_grad_norm,
-    gather_full,
-    shard_like,
-    shard_transformer_blocks,
-)
+from .sharding import TrainingPlacement, clip_grad_norm, shard_transformer_blocks
 from .shards import ShardStream, is_shard_path
 
 logger = logging.getLogger(__name__)
-
-CHECKPOINT_PATTERN = re.compile(r"checkpoint-(\d{6,})$")
-TRAINER_STATE = "trainer_state.json"
-OPTIMIZER_STATE = "optimizer.safetensors"
-FINAL_NAME = "final"
 
 
 @dataclass
@@ -396,7 +392,7 @@ class Trainer:
         final_dir = self.output_dir / FINAL_NAME
         self.save_adapter(final_dir)
         if main:
-            self._write_json(final_dir / TRAINER_STATE, self._trainer_state())
+            write_json(final_dir / TRAINER_STATE, self._trainer_state())
         if config.sample_every and self.step % config.sample_every:
             self.save_samples()
         self.parallel.wait()
@@ -435,58 +431,33 @@ class Trainer:
         Written by the main process only (every process holds the same state, or with FSDP its shard
         of it, gathered here); the others wait.
         """
-        folder = self.output_dir / f"checkpoint-{self.step:06d}"
+        folder = checkpoint_folder(self.output_dir, self.step)
         self.save_adapter(folder)
         if self.sharded or self.is_main_process:
-            tensors, meta = _optimizer_to_tensors(self.optimizer, keep=self.is_main_process)
+            tensors, meta = gather_optimizer_state(self.optimizer, keep=self.is_main_process)
         if self.is_main_process:
-            save_file(tensors, str(folder / OPTIMIZER_STATE), metadata={"meta": json.dumps(meta)})
-            self._write_json(folder / TRAINER_STATE, self._trainer_state())  # written last: marks it complete
-            self._prune_checkpoints()
+            write_optimizer_state(folder, tensors, meta)
+            write_json(folder / TRAINER_STATE, self._trainer_state())  # written last: marks it complete
+            prune_checkpoints(self.output_dir, self.config.keep_checkpoints)
         self.parallel.wait()
         return folder
 
-    def _checkpoints(self) -> list[Path]:
-        if not self.output_dir.is_dir():
-            return []
-        found = [p for p in self.output_dir.iterdir()
-                 if CHECKPOINT_PATTERN.match(p.name) and (p / TRAINER_STATE).is_file()]
-        return sorted(found, key=lambda p: int(CHECKPOINT_PATTERN.match(p.name).group(1)))
-
     def latest_checkpoint(self) -> Path | None:
-        found = self._checkpoints()
-        return found[-1] if found else None
-
-    def _prune_checkpoints(self) -> None:
-        if self.config.keep_checkpoints <= 0:
-            return
-        for old in self._checkpoints()[: -self.config.keep_checkpoints]:
-            shutil.rmtree(old)
+        return latest_checkpoint(self.output_dir)
 
     def resume(self, where: str) -> None:
         folder = self.latest_checkpoint() if where == "latest" else Path(where)
         if folder is None:
             logger.info("No checkpoint in %s yet; starting from step 0.", self.output_dir)
             return
-        state_path = folder / TRAINER_STATE
-        if not state_path.is_file() or not (folder / OPTIMIZER_STATE).is_file():
-            raise InvalidParameterError(
-                f"{folder} is not a complete training checkpoint (needs {TRAINER_STATE} and {OPTIMIZER_STATE}); "
-                f"resume from an output_dir/checkpoint-NNNNNN folder."
-            )
-        state = json.loads(state_path.read_text(encoding="utf-8"))
+        state = read_trainer_state(folder)
         saved = state.get("config", {})
         for key in ("batch_size", "seed", "layers", "max_steps"):
             if key in saved and saved[key] != getattr(self.config, key):
                 logger.warning("Resuming with %s=%r (checkpoint used %r): batches/schedule will differ.",
                                key, getattr(self.config, key), saved[key])
         self.parts.load_state_dict(read_adapter_tensors(folder), read_adapter_config(folder), str(folder))
-        tensors = load_file(str(folder / OPTIMIZER_STATE))
-        from safetensors import safe_open
-
-        with safe_open(str(folder / OPTIMIZER_STATE), framework="pt") as handle:
-            meta = json.loads(handle.metadata()["meta"])
-        self.optimizer.load_state_dict(_optimizer_from_tensors(tensors, meta, self.optimizer))
+        self.optimizer.load_state_dict(read_optimizer_state(folder, self.optimizer))
         self.lr_schedule.load_state_dict(state["lr_schedule"])
         self.step = int(state["step"])
         self.history = list(state.get("history_tail", []))
@@ -517,11 +488,6 @@ class Trainer:
         (path.with_suffix(".txt")).write_text("\n".join(self.sample_prompts) + "\n", encoding="utf-8")
         return path
 
-    @staticmethod
-    def _write_json(path: Path, data: dict) -> None:
-        atomic_write(path, (json.dumps(data, indent=2, default=str) + "\n").encode("utf-8"))
-
-
 def image_grid(images: list[Image.Image], columns: int | None = None) -> Image.Image:
     columns = columns or min(len(images), 4)
     rows = math.ceil(len(images) / columns)
@@ -530,36 +496,3 @@ def image_grid(images: list[Image.Image], columns: int | None = None) -> Image.I
     for index, image in enumerate(images):
         grid.paste(image, ((index % columns) * width, (index // columns) * height))
     return grid
-
-
-def _optimizer_to_tensors(optimizer: torch.optim.Optimizer, keep: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
-    """Optimizer state as flat whole tensors + JSON metadata (safetensors holds no nested objects).
-
-    With FSDP, sharded state is gathered (every process must call it; ``keep``: see ``gather_full``).
-    """
-    state = optimizer.state_dict()
-    tensors: dict[str, torch.Tensor] = {}
-    scalars: dict[str, dict] = {}
-    for index, entry in state["state"].items():
-        for name, value in entry.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"{index}.{name}"] = value
-            else:
-                scalars.setdefault(str(index), {})[name] = value
-    return gather_full(tensors, keep), {"param_groups": state["param_groups"], "scalars": scalars}
-
-
-def _optimizer_from_tensors(tensors: dict[str, torch.Tensor], meta: dict, optimizer) -> dict:
-    groups = meta["param_groups"]
-    if [len(g["params"]) for g in groups] != [len(g["params"]) for g in optimizer.param_groups]:
-        raise InvalidParameterError("The checkpoint's optimizer state does not fit this run's trained parameters.")
-    params = [param for group in optimizer.param_groups for param in group["params"]]  # state index order
-    state: dict[int, dict] = {}
-    for key, value in tensors.items():
-        index, name = key.split(".", 1)
-        if not index.isdigit() or int(index) >= len(params):
-            raise InvalidParameterError(f"The checkpoint's optimizer state has an entry {key!r} this run does not have.")
-        state.setdefault(int(index), {})[name] = shard_like(value, params[int(index)])
-    for index, values in meta.get("scalars", {}).items():
-        state.setdefault(int(index), {}).update(values)
-    return {"state": state, "param_groups": groups}
