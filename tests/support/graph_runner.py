@@ -20,9 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from comfy_api.v0_0_2 import (
-    io as comfy_io,  # the double in tests, the real one in comfy_workflows.py
-)
+from comfy_api.v0_0_2 import io as comfy_io
 from PIL import Image
 
 WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN")
@@ -36,6 +34,9 @@ UPLOAD_WIDGET = "upload"
 
 class WorkflowError(AssertionError):
     """A workflow ComfyUI would refuse (or that our doubles cannot run)."""
+
+
+# ``comfy_io``: the comfy_api double in tests, the real one when comfy_workflows.py runs in ComfyUI.
 
 
 # -- model folder ------------------------------------------------------------------------------
