@@ -341,7 +341,7 @@ def real_comfyui_results(tmp_path_factory, fixture_root) -> dict:
     python = os.environ.get("TBAC_COMFYUI_PYTHON", sys.executable)
     script = ROOT / "tests" / "support" / "comfy_workflows.py"
     run = subprocess.run([python, str(script), COMFYUI_DIR, str(ROOT), str(fixture_root), str(input_dir),
-                          *map(str, files)], check=False, capture_output=True, text=True, timeout=900, cwd=COMFYUI_DIR,
+                          *map(str, files)], check=False, capture_output=True, text=True, timeout=1800, cwd=COMFYUI_DIR,
                          env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
     lines = [line for line in run.stdout.splitlines() if line.startswith("RESULTS ")]
     assert run.returncode == 0 and lines, run.stdout[-3000:] + run.stderr[-6000:]
