@@ -44,6 +44,7 @@ if IN_COMFYUI:
     import comfy.model_base
     import comfy.model_management
     import comfy.model_patcher
+    import comfy.sd
     import comfy.utils
     import folder_paths
 
@@ -58,7 +59,7 @@ __all__ = [
     "output_directory", "comfy_tokenizer_dir", "Devices", "devices_for", "intermediate_device",
     "ComfyPlacement", "ManagedModel", "Progress", "cancel_check", "preview_max_size", "PREVIEW_FORMAT",
     "NativeBaseModel", "NativeLatentFormat", "FLOW_MODEL_TYPE", "model_patcher", "cross_attention_cond",
-    "regular_cond",
+    "regular_cond", "NativeVAE", "vae_patcher", "dtype_size",
 ]
 
 logger = logging.getLogger(__name__)
@@ -261,6 +262,28 @@ def cross_attention_cond(tensor: torch.Tensor):
 def regular_cond(tensor: torch.Tensor):
     """A conditioning input that core batches along dim 0."""
     return comfy.conds.CONDRegular(tensor)
+
+
+# -- the DC-AE as a core VAE (what core VAE Decode / Encode and their tiled variants take) -------
+# ``comfy.sd.VAE`` is built from a state dict it recognises; ``nodes/native.py`` subclasses it and sets
+# the attributes its methods read instead (outside ComfyUI a plain stand-in: its node refuses to run).
+NativeVAE = comfy.sd.VAE if IN_COMFYUI else object
+
+
+def vae_patcher(model: ManagedModel):
+    """The ``ModelPatcher`` that owns the DC-AE's weights in ComfyUI's memory manager (the placement's).
+
+    A core VAE around the DC-AE must load through this one patcher: a second patcher of the same
+    weights would let ComfyUI offload them behind the first one's back.
+    """
+    return model.pipeline.placement._patchers["vae"]
+
+
+def dtype_size(dtype: torch.dtype) -> int:
+    """Bytes per element of ``dtype`` (ComfyUI's own count inside ComfyUI)."""
+    if IN_COMFYUI:
+        return comfy.model_management.dtype_size(dtype)
+    return torch.empty((), dtype=dtype).element_size()
 
 
 # -- progress, previews and cancellation -----------------------------------------------------

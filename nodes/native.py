@@ -12,6 +12,10 @@ Reaching our sampler's results natively: ``TBAC Flow Sigmas`` gives the exact sc
 Euler sampler (core Euler + these sigmas = our Euler); the 3-way edit guidance
 ``u + ig·(ui − u) + g·(c − ui)`` is core ``DualCFGGuider`` (style regular) with cond1 = positive,
 cond2 = image_only, negative = negative, cfg_conds = g, cfg_cond2_negative = ig.
+
+``TBAC Native VAE`` gives the DC-AE as a core ``VAE`` for core VAE Decode / VAE Encode and their tiled
+variants: LATENTs stay TBAC latents (scaled by the DC-AE's factor), so they mix freely with 'TBAC Encode
+Image' / 'TBAC Decode' and with the native model.
 """
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..tbac_core.errors import InvalidParameterError
-from ..tbac_core.modeling import mask_to_bias
+from ..tbac_core.modeling import decode_signed, encode_signed, mask_to_bias
 from ..tbac_core.params import MAX_STEPS, SAMPLERS, SamplingParams
 from ..tbac_core.pipeline import make_scheduler
 from . import comfy_bridge as bridge
@@ -223,4 +227,100 @@ def flow_sigmas(scheduler_config: dict, schedule: str, steps: int, denoise: floa
     return sigmas[start:]
 
 
-NODES = [TBACNativeModel, TBACToConditioning, TBACFlowSigmas]
+# -- the DC-AE as a core VAE --------------------------------------------------------------------
+# ComfyUI sizes its VAE work (batch splitting, what to free first) from a per-image estimate of the
+# activation memory. Core's AutoencoderKL estimate is 2178 elements per decoded pixel and 1767 per
+# encoded pixel for 128 full-resolution channels, about 17 and 14 per full-resolution channel; the
+# DC-AE is a conv/attention autoencoder of the same build, so we scale by its own first block width.
+DECODE_ELEMENTS_PER_PIXEL_CHANNEL = 17
+ENCODE_ELEMENTS_PER_PIXEL_CHANNEL = 14
+
+
+class DCAEFirstStage(torch.nn.Module):
+    """The DC-AE in core's ``first_stage_model`` convention: TBAC latents <-> pixels in -1..1, [B, C, H, W]."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:  # [B, C, h, w] -> [B, 3, h*f, w*f]
+        return decode_signed(self.vae, latents)
+
+    @torch.no_grad()
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:  # [B, 3, H, W] -> [B, C, H/f, W/f]
+        return encode_signed(self.vae, pixels)
+
+
+class TBACComfyVAE(bridge.NativeVAE):
+    """Core ``comfy.sd.VAE`` around a loaded model's DC-AE (core's decode, encode and tiled code run on it).
+
+    ``comfy.sd.VAE.__init__`` builds a VAE from a state dict it recognises; here the weights are
+    already loaded, so this sets what its methods read: the first-stage module, the patcher (the
+    placement's, which owns the DC-AE in ComfyUI's memory manager), ratios, channels, dtypes, the
+    pixel range conversions and the memory estimates.
+    """
+
+    def __init__(self, model):
+        tbac = model.model
+        config = tbac.vae.config
+        factor = tbac.vae_scale_factor
+        self.first_stage_model = DCAEFirstStage(tbac.vae).eval()
+        self.patcher = bridge.vae_patcher(model)
+        self.device = model.devices.compute
+        self.vae_dtype = next(tbac.vae.parameters()).dtype  # as loaded: bf16 / fp32, never fp16
+        self.output_device = bridge.intermediate_device()
+        self.latent_channels = tbac.latent_channels
+        self.latent_dim = 2
+        self.downscale_ratio = self.upscale_ratio = factor
+        self.downscale_index_formula = self.upscale_index_formula = None
+        self.output_channels = 3
+        self.pad_channel_value = None
+        self.extra_1d_channel = None
+        self.crop_input = True  # centre-crop to multiples of f, as 'TBAC Encode Image' does
+        self.working_dtypes = [torch.bfloat16, torch.float32]
+        self.disable_offload = True  # plain torch layers: loaded whole, like the placement loads it
+        self.not_video = False
+        self.size = None
+        decode_width = config.decoder_block_out_channels[0] * DECODE_ELEMENTS_PER_PIXEL_CHANNEL
+        encode_width = config.encoder_block_out_channels[0] * ENCODE_ELEMENTS_PER_PIXEL_CHANNEL
+        # shape: latents [B, C, h, w] / pixels [B, 3, H, W]; per image, as core counts.
+        self.memory_used_decode = lambda shape, dtype: (
+            decode_width * shape[2] * shape[3] * factor * factor * bridge.dtype_size(dtype))
+        self.memory_used_encode = lambda shape, dtype: encode_width * shape[2] * shape[3] * bridge.dtype_size(dtype)
+
+    @staticmethod
+    def process_input(image: torch.Tensor) -> torch.Tensor:
+        return image * 2.0 - 1.0  # IMAGE 0..1 -> the DC-AE's -1..1
+
+    @staticmethod
+    def process_output(image: torch.Tensor) -> torch.Tensor:
+        return image.add_(1.0).div_(2.0).clamp_(0.0, 1.0)  # in place: core's decode ignores the result
+
+
+def native_vae(model) -> TBACComfyVAE:
+    return TBACComfyVAE(model)
+
+
+class TBACNativeVAE(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="TBACNativeVAE",
+            display_name="TBAC Native VAE",
+            category=CATEGORY,
+            description=(
+                "The model's DC-AE as a ComfyUI VAE, for core VAE Decode, VAE Encode and their tiled variants. "
+                "Its LATENTs are TBAC latents, the same as 'TBAC Encode Image' / 'TBAC Sampler' give."
+            ),
+            inputs=[model_input()],
+            outputs=[io.Vae.Output("VAE", tooltip="For core VAE Decode / VAE Encode (and the tiled ones).")],
+        )
+
+    @classmethod
+    def execute(cls, model) -> io.NodeOutput:
+        _require_comfyui("TBAC Native VAE")
+        return io.NodeOutput(native_vae(model))
+
+
+NODES = [TBACNativeModel, TBACToConditioning, TBACFlowSigmas, TBACNativeVAE]

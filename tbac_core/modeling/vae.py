@@ -1,4 +1,10 @@
-"""DC-AE decode/encode between latents and ``[B, H, W, C]`` float images in 0..1."""
+"""DC-AE decode/encode between latents and ``[B, H, W, C]`` float images in 0..1.
+
+Latents here are always *scaled*: the DC-AE's latents times its ``scaling_factor`` (after removing
+its ``shift_factor``), i.e. what the DiT sees and what a LATENT holds. ``decode_signed`` /
+``encode_signed`` are the bare conversions with pixels in -1..1, channels first (ComfyUI's
+``first_stage_model`` convention); ``decode_latents`` / ``encode_images`` add the 0..1 image layout.
+"""
 from __future__ import annotations
 
 import torch
@@ -9,6 +15,20 @@ def _shift(vae) -> float:
     return getattr(vae.config, "shift_factor", None) or 0.0
 
 
+def decode_signed(vae: AutoencoderDC, latents: torch.Tensor) -> torch.Tensor:
+    """Scaled latents [B, C, h, w] -> pixels [B, 3, H, W] in about -1..1, in the VAE's dtype and device."""
+    param = next(vae.parameters())
+    scaled = latents.to(device=param.device, dtype=param.dtype) / vae.config.scaling_factor + _shift(vae)
+    return vae.decode(scaled).sample
+
+
+def encode_signed(vae: AutoencoderDC, pixels: torch.Tensor) -> torch.Tensor:
+    """Pixels [B, 3, H, W] in -1..1 -> scaled latents [B, C, H/f, W/f] (float32)."""
+    param = next(vae.parameters())
+    latents = vae.encode(pixels.to(device=param.device, dtype=param.dtype)).latent
+    return ((latents - _shift(vae)) * vae.config.scaling_factor).float()
+
+
 @torch.no_grad()
 def decode_latents(vae: AutoencoderDC, latents: torch.Tensor, *, channels_last: bool = True) -> torch.Tensor:
     """Latents [B, C, h, w] (scaled, as the DiT sees them) -> images in 0..1.
@@ -16,10 +36,7 @@ def decode_latents(vae: AutoencoderDC, latents: torch.Tensor, *, channels_last: 
     Returns [B, H, W, 3] float32 on the CPU (ComfyUI's IMAGE layout), or [B, 3, H, W] with
     ``channels_last=False``.
     """
-    param = next(vae.parameters())
-    scaled = latents.to(device=param.device, dtype=param.dtype) / vae.config.scaling_factor + _shift(vae)
-    decoded = vae.decode(scaled).sample
-    images = (decoded.float() / 2 + 0.5).clamp(0, 1)
+    images = (decode_signed(vae, latents).float() / 2 + 0.5).clamp(0, 1)
     if channels_last:
         images = images.permute(0, 2, 3, 1)
     return images.cpu()
@@ -28,8 +45,5 @@ def decode_latents(vae: AutoencoderDC, latents: torch.Tensor, *, channels_last: 
 @torch.no_grad()
 def encode_images(vae: AutoencoderDC, images: torch.Tensor) -> torch.Tensor:
     """Images [B, H, W, 3] in 0..1 -> scaled latents [B, C, H/f, W/f] (float32)."""
-    param = next(vae.parameters())
-    pixels = images.permute(0, 3, 1, 2).to(device=param.device, dtype=param.dtype) * 2 - 1
-    latents = vae.encode(pixels).latent
-    return ((latents - _shift(vae)) * vae.config.scaling_factor).float()
-
+    param = next(vae.parameters())  # cast before scaling, as the official pipeline does (same bits in bf16)
+    return encode_signed(vae, images.permute(0, 3, 1, 2).to(device=param.device, dtype=param.dtype) * 2 - 1)

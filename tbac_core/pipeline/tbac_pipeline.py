@@ -230,7 +230,7 @@ class TBACPipeline:
         inpaint = None
         if noise_mask is not None:
             inpaint = inpaint_blend(noise_mask, init_latents, initial_noise(params.seed, self.latent_shape(
-                batch, width, height)))
+                batch, width, height)), factor=self.vae_scale_factor)
         return self.run_sampler(cond, width, height, params, init_latents, callback, check_cancel, inpaint)
 
     def run_sampler(self, cond: LadderConditioning, width: int, height: int, params: SamplingParams,

@@ -37,11 +37,11 @@ split_prompts = PACK.tbac_core.processing.split_prompts
 NODE_IDS = {
     "TBACModelLoader", "TBACLadderEncode", "TBACSampler", "TBACDecode", "TBACEncodeImage", "TBACUnderstand",
     "TBACLadderSelectLayers", "TBACLadderWeight", "TBACLadderMix", "TBACLadderInspect", "TBACLadderSave",
-    "TBACLadderLoad", "TBACNativeModel", "TBACToConditioning", "TBACFlowSigmas",
+    "TBACLadderLoad", "TBACNativeModel", "TBACToConditioning", "TBACFlowSigmas", "TBACNativeVAE",
 }
 
 ROOT = Path(__file__).resolve().parents[2]
-CORE_TYPES = {"IMAGE", "LATENT", "MASK", "STRING", "INT", "FLOAT", "BOOLEAN", "CONDITIONING", "MODEL", "SIGMAS", "*"}
+CORE_TYPES = {"IMAGE", "LATENT", "MASK", "STRING", "INT", "FLOAT", "BOOLEAN", "CONDITIONING", "MODEL", "SIGMAS", "VAE", "*"}
 STEPS = 3
 
 
@@ -143,7 +143,7 @@ def test_pack_imports_as_comfyui_loads_it():
         assert isinstance(extension, sys.modules["comfy_api.v0_0_2"].ComfyExtension)
         classes = asyncio.run(extension.get_node_list())
         ids = [cls.GET_SCHEMA().node_id for cls in classes]
-        assert sorted(ids) == sorted(NODE_IDS) and len(ids) == 15
+        assert sorted(ids) == sorted(NODE_IDS) and len(ids) == 16
         assert all(cls.__module__.startswith(f"{name}.nodes.") for cls in classes)
         assert sys.modules[f"{name}.tbac_core"] is not sys.modules.get("tbac_core")  # its own copy of the library
         assert sys.path == path_before

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from comfy_api.v0_0_2.io import NodeOutput
+from comfy_api.v0_0_2 import io as comfy_io
 from PIL import Image
 
 WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN")
@@ -34,6 +34,9 @@ UPLOAD_WIDGET = "upload"
 
 class WorkflowError(AssertionError):
     """A workflow ComfyUI would refuse (or that our doubles cannot run)."""
+
+
+# ``comfy_io``: the comfy_api double in tests, the real one when comfy_workflows.py runs in ComfyUI.
 
 
 # -- model folder ------------------------------------------------------------------------------
@@ -187,7 +190,70 @@ def make_core_doubles(input_dir: Path, recorder: Recorder) -> dict:
             return ({**samples, "noise_mask": mask.reshape((-1, 1, mask.shape[-2], mask.shape[-1]))},)
 
     return {"LoadImage": LoadImage, "SaveImage": SaveImage, "PreviewImage": PreviewImage, "PreviewAny": PreviewAny,
-            "SetLatentNoiseMask": SetLatentNoiseMask}
+            "SetLatentNoiseMask": SetLatentNoiseMask, **core_sampling_doubles()}
+
+
+# Core sampling: what ComfyUI v0.24 lists (comfy.samplers.KSampler.SAMPLERS / SCHEDULERS).
+CORE_SAMPLERS = (
+    "euler", "euler_cfg_pp", "euler_ancestral", "euler_ancestral_cfg_pp", "heun", "heunpp2", "exp_heun_2_x0",
+    "exp_heun_2_x0_sde", "dpm_2", "dpm_2_ancestral", "lms", "dpm_fast", "dpm_adaptive", "dpmpp_2s_ancestral",
+    "dpmpp_2s_ancestral_cfg_pp", "dpmpp_sde", "dpmpp_sde_gpu", "dpmpp_2m", "dpmpp_2m_cfg_pp", "dpmpp_2m_sde",
+    "dpmpp_2m_sde_gpu", "dpmpp_2m_sde_heun", "dpmpp_2m_sde_heun_gpu", "dpmpp_3m_sde", "dpmpp_3m_sde_gpu", "ddpm",
+    "lcm", "ipndm", "ipndm_v", "deis", "res_multistep", "res_multistep_cfg_pp", "res_multistep_ancestral",
+    "res_multistep_ancestral_cfg_pp", "gradient_estimation", "gradient_estimation_cfg_pp", "er_sde", "seeds_2",
+    "seeds_3", "sa_solver", "sa_solver_pece", "ddim", "uni_pc", "uni_pc_bh2",
+)
+CORE_SCHEDULERS = ("simple", "sgm_uniform", "karras", "exponential", "ddim_uniform", "beta", "normal",
+                   "linear_quadratic", "kl_optimal")
+# Nodes whose values only mean something inside a real ComfyUI (a native MODEL, a core VAE): workflows
+# using them are validated here and run by ``comfy_workflows.py`` in a real ComfyUI.
+NEEDS_REAL_COMFYUI = ("KSampler", "EmptyLatentImage", "VAEDecode", "TBACNativeModel", "TBACNativeVAE")
+
+
+def core_sampling_doubles() -> dict:
+    """KSampler, Empty Latent Image and VAE Decode as ComfyUI v0.24 declares them; running one is refused."""
+
+    class _DeclaredOnly:
+        FUNCTION = "run"
+
+        def run(self, **inputs):
+            raise WorkflowError(f"{type(self).__name__} runs only in a real ComfyUI (tests/support/comfy_workflows.py).")
+
+    class KSampler(_DeclaredOnly):
+        @classmethod
+        def INPUT_TYPES(cls):
+            return {"required": {
+                "model": ("MODEL", {}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True}),
+                "steps": ("INT", {"default": 20, "min": 1, "max": 10000}),
+                "cfg": ("FLOAT", {"default": 8.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01}),
+                "sampler_name": (list(CORE_SAMPLERS), {}),
+                "scheduler": (list(CORE_SCHEDULERS), {}),
+                "positive": ("CONDITIONING", {}),
+                "negative": ("CONDITIONING", {}),
+                "latent_image": ("LATENT", {}),
+                "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01}),
+            }}
+
+        RETURN_TYPES = ("LATENT",)
+
+    class EmptyLatentImage(_DeclaredOnly):
+        @classmethod
+        def INPUT_TYPES(cls):
+            size = {"default": 512, "min": 16, "max": 16384, "step": 8}
+            return {"required": {"width": ("INT", size), "height": ("INT", size),
+                                 "batch_size": ("INT", {"default": 1, "min": 1, "max": 4096})}}
+
+        RETURN_TYPES = ("LATENT",)
+
+    class VAEDecode(_DeclaredOnly):
+        @classmethod
+        def INPUT_TYPES(cls):
+            return {"required": {"samples": ("LATENT", {}), "vae": ("VAE", {})}}
+
+        RETURN_TYPES = ("IMAGE",)
+
+    return {"KSampler": KSampler, "EmptyLatentImage": EmptyLatentImage, "VAEDecode": VAEDecode}
 
 
 def _check_image(images) -> None:
@@ -293,7 +359,7 @@ class GraphRunner:
             if node["class_type"] in ("SaveImage", "PreviewImage", "PreviewAny"):
                 kwargs["node_id"] = node_id
             returned = getattr(instance, cls.FUNCTION)(**kwargs)
-            if isinstance(returned, NodeOutput):  # a V3 node
+            if isinstance(returned, comfy_io.NodeOutput):  # a V3 node
                 if returned.ui is not None:
                     result.ui[node_id] = returned.ui
                 returned = returned.args

@@ -8,40 +8,28 @@ drives the real ``comfy.sample`` / ``comfy.samplers`` / ``nodes.common_ksampler`
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
 
+import real_comfyui
+
 comfy_dir, pack_root, fixture_root = (Path(arg) for arg in sys.argv[1:4])
-# This folder holds the tests' comfy_api double: the real one must win.
-HERE = Path(__file__).resolve().parent
-sys.path = [str(comfy_dir)] + [p for p in sys.path if Path(p or ".").resolve() != HERE]
-sys.argv = ["main.py", "--cpu"]
-import comfy.options  # noqa: E402
+real_comfyui.import_comfyui(comfy_dir)
+import comfy.cli_args
+import comfy.sample
+import comfy.samplers
+import comfy.utils
+import latent_preview
+import torch
+from comfy_extras.nodes_custom_sampler import Guider_DualCFG
+from PIL import Image
 
-comfy.options.enable_args_parsing()
-import comfy.cli_args  # noqa: E402
-import comfy.model_management  # noqa: E402, F401
-import comfy.sample  # noqa: E402
-import comfy.samplers  # noqa: E402
-import comfy.utils  # noqa: E402
-import folder_paths  # noqa: E402, F401
-import latent_preview  # noqa: E402
-import torch  # noqa: E402
-from comfy_extras.nodes_custom_sampler import Guider_DualCFG  # noqa: E402
-from PIL import Image  # noqa: E402
+import nodes as core_nodes
 
-import nodes as core_nodes  # noqa: E402
-
-spec = importlib.util.spec_from_file_location("tbac_native_check", pack_root / "__init__.py",
-                                              submodule_search_locations=[str(pack_root)])
-pack = importlib.util.module_from_spec(spec)
-sys.modules[spec.name] = pack
-spec.loader.exec_module(pack)
+pack = real_comfyui.import_pack(pack_root)
 bridge, native, generate = pack.nodes.comfy_bridge, pack.nodes.native, pack.nodes.generate
 SamplingParams = pack.tbac_core.params.SamplingParams
-assert bridge.IN_COMFYUI
 
 tbac = pack.tbac_core.load_model(
     fixture_root / "checkpoint", device="cpu", dtype="float32", models_dirs=[fixture_root])
@@ -111,5 +99,38 @@ figures["sampler_node_previews"] = [[p[0], p[1].mode, list(p[1].size), p[2]] for
 comfy.cli_args.args.preview_method = comfy.cli_args.LatentPreviewMethod.NoPreviews
 sent.clear()
 generate.TBACSampler.execute(model, cond, SEED, 2, G, 1.0, 96, SIZE, 1, "euler", 1.0)
-figures["sampler_node_previews_when_off"] = sent
+figures["sampler_node_previews_when_off"] = list(sent)
+comfy.utils.set_progress_bar_global_hook(None)
+
+# 6. the DC-AE as a core VAE: core VAE Encode / Decode and their tiled variants vs our encode / decode.
+# 128 px = 16x16 latents on the tiny fixture (f = 8), so 64 px tiles (8 latents) really tile; the odd
+# sizes check that core's encode crop is ours ('TBAC Encode Image' crop_to_multiple).
+with torch.inference_mode():
+    vae = native.TBACNativeVAE.execute(model).args[0]
+    factor = tbac.vae_scale_factor
+    pixels = torch.rand(2, 128 + 5, 128 + factor - 1, 3, generator=torch.Generator().manual_seed(2))
+    ours_latents = model.pipeline.encode_image(pack.tbac_core.processing.crop_to_multiple(pixels, factor))
+    ours_images = model.pipeline.decode(ours_latents, tiled=False)
+    (core_latent,) = core_nodes.VAEEncode().encode(vae, pixels)
+    (core_images,) = core_nodes.VAEDecode().decode(vae, {"samples": ours_latents})
+    (tiled_latent,) = core_nodes.VAEEncodeTiled().encode(vae, pixels, tile_size=64, overlap=16)
+    (tiled_images,) = core_nodes.VAEDecodeTiled().decode(vae, {"samples": ours_latents}, tile_size=64, overlap=16)
+    # Tiles as large as the image (core's three passes included): the tiled code path, one tile each.
+    (one_tile_latent,) = core_nodes.VAEEncodeTiled().encode(vae, pixels, tile_size=256, overlap=0)
+    (one_tile_images,) = core_nodes.VAEDecodeTiled().decode(vae, {"samples": ours_latents}, tile_size=256, overlap=0)
+    figures["vae_encode_one_tile_max_diff"] = max_diff(one_tile_latent["samples"], ours_latents)
+    figures["vae_decode_one_tile_max_diff"] = max_diff(one_tile_images, ours_images)
+    figures["vae_shapes"] = [list(core_latent["samples"].shape), list(core_images.shape), list(tiled_images.shape)]
+    figures["vae_encode_max_diff"] = max_diff(core_latent["samples"], ours_latents)
+    figures["vae_decode_max_diff"] = max_diff(core_images, ours_images)
+    figures["vae_encode_tiled_max_diff"] = max_diff(tiled_latent["samples"], ours_latents)
+    figures["vae_decode_tiled_max_diff"] = max_diff(tiled_images, ours_images)
+    figures["vae_decode_tiled_mean_diff"] = float((tiled_images - ours_images).abs().mean())
+    figures["vae_encode_tiled_latent_std"] = float(ours_latents.std())
+    # core's KSampler latents decode through the core VAE as through 'TBAC Decode'.
+    figures["vae_decodes_ksampler_latents_max_diff"] = max_diff(
+        core_nodes.VAEDecode().decode(vae, out)[0], model.pipeline.decode(out["samples"], tiled=False))
+    figures["vae_memory_decode_512_bytes"] = vae.memory_used_decode((1, tbac.latent_channels, 512 // factor,
+                                                                     512 // factor), torch.float32)
+    figures["vae_patcher_is_the_placements"] = vae.patcher is bridge.vae_patcher(model)
 print("FIGURES " + json.dumps(figures))

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +22,7 @@ from graph_runner import (
     CONTROL_VALUES,
     FRONTEND_EXTRA_VALUES,
     FRONTEND_ONLY_NODES,
+    NEEDS_REAL_COMFYUI,
     GraphRunner,
     Recorder,
     WorkflowError,
@@ -38,18 +42,31 @@ WORKFLOWS = ROOT / "workflows"
 UI_FILES = sorted(WORKFLOWS.glob("*.json"))
 API_FILES = sorted((WORKFLOWS / "api").glob("*.json"))
 SHIPPED_CHECKPOINT = "TBAC-UniImage-3B"
-REQUIRED = ("text_to_image", "edit_image", "understand_image", "understand_then_generate", "batch_prompts")
+REQUIRED = ("text_to_image", "edit_image", "understand_image", "understand_then_generate", "batch_prompts",
+            "ksampler_tbac")
+COMFYUI_DIR = os.environ.get("TBAC_COMFYUI_DIR")
 
 # How the tests shrink a shipped workflow to the tiny fixture, per node class.
 TINY_OVERRIDES = {
     "TBACModelLoader": {"checkpoint": "tbac-tiny", "dtype": "fp32", "device": "cpu"},
     "TBACSampler": {"steps": 2, "width": 64, "height": 64},
     "TBACUnderstand": {"max_new_tokens": 4},
+    "KSampler": {"steps": 2},
+    "EmptyLatentImage": {"width": 64, "height": 64},
 }
 
 
 def _load(path: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _needs_real_comfyui(path: Path) -> bool:
+    """Workflows with core sampling on the native model: they run in a real ComfyUI (comfy_workflows.py)."""
+    return any(node["class_type"] in NEEDS_REAL_COMFYUI for node in _load(path).values())
+
+
+GRAPH_RUNNER_FILES = [p for p in API_FILES if not _needs_real_comfyui(p)]
+REAL_COMFYUI_FILES = [p for p in API_FILES if _needs_real_comfyui(p)]
 
 
 @pytest.fixture(scope="module")
@@ -238,7 +255,7 @@ def shrink(workflow: dict) -> dict:
     return workflow
 
 
-@pytest.mark.parametrize("path", API_FILES, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", GRAPH_RUNNER_FILES, ids=lambda p: p.name)
 def test_api_workflow_runs_on_the_tiny_fixture(path, runner, recorder):
     workflow = _load(path)
     with pytest.raises(WorkflowError, match="not in list"):
@@ -290,3 +307,52 @@ def test_runner_refuses_what_comfyui_refuses(runner):
         with pytest.raises(WorkflowError, match=message):
             runner.validate(broken)
     assert sampler["inputs"]["model"] == ["2", 0]
+
+
+# -- workflows with core sampling on the native model (KSampler, core VAE Decode) --------------------
+def test_native_workflows_are_the_ksampler_template():
+    assert [p.stem for p in REAL_COMFYUI_FILES] == ["ksampler_tbac"]
+
+
+@pytest.mark.parametrize("path", REAL_COMFYUI_FILES, ids=lambda p: p.name)
+def test_native_workflow_validates_against_the_core_declarations(path, runner):
+    workflow = _load(path)
+    with pytest.raises(WorkflowError, match="not in list"):
+        runner.validate(workflow)  # as shipped it needs TBAC-UniImage-3B in models/tbac
+    runner.validate(shrink(workflow))
+    # Outside ComfyUI the native nodes refuse with our error (the KSampler double would refuse too).
+    with pytest.raises(PACK.tbac_core.errors.InvalidParameterError, match="only runs inside ComfyUI"):
+        runner.run(shrink(workflow))
+
+
+@pytest.fixture(scope="module")
+def real_comfyui_results(tmp_path_factory, fixture_root) -> dict:
+    """Every native workflow, shrunk, run once in the real ComfyUI (``TBAC_COMFYUI_DIR``)."""
+    if not COMFYUI_DIR:
+        pytest.skip("set TBAC_COMFYUI_DIR to a ComfyUI checkout (CI has none)")
+    folder = tmp_path_factory.mktemp("native_workflows")
+    input_dir = folder / "input"
+    input_dir.mkdir()
+    shutil.copy(fixture_root / "goldens" / "edit_input_0.png", input_dir / "example.png")
+    files = []
+    for path in REAL_COMFYUI_FILES:
+        files.append(folder / path.name)
+        files[-1].write_text(json.dumps(shrink(_load(path))), encoding="utf-8")
+    python = os.environ.get("TBAC_COMFYUI_PYTHON", sys.executable)
+    script = ROOT / "tests" / "support" / "comfy_workflows.py"
+    run = subprocess.run([python, str(script), COMFYUI_DIR, str(ROOT), str(fixture_root), str(input_dir),
+                          *map(str, files)], check=False, capture_output=True, text=True, timeout=1800, cwd=COMFYUI_DIR,
+                         env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    lines = [line for line in run.stdout.splitlines() if line.startswith("RESULTS ")]
+    assert run.returncode == 0 and lines, run.stdout[-3000:] + run.stderr[-6000:]
+    return json.loads(lines[-1][len("RESULTS "):])
+
+
+@pytest.mark.parametrize("path", REAL_COMFYUI_FILES, ids=lambda p: p.name)
+def test_native_workflow_runs_in_real_comfyui(path, real_comfyui_results):
+    result = real_comfyui_results[path.stem]
+    assert result["error"] is None, result["error"]
+    saved = [node_id for node_id, n in _load(path).items() if n["class_type"] == "SaveImage"]
+    assert saved and sorted(result["saved"]) == sorted(saved)
+    for shape, finite, std in result["saved"].values():
+        assert shape == [1, 64, 64, 3] and finite and std > 0

@@ -75,3 +75,43 @@ def test_a_mask_needs_init_latents_and_a_matching_batch(demo_pipe, source):
         demo_pipe.sample(cond, params=params, init_latents=latents, noise_mask=torch.ones(2, 32, 32))
     with pytest.raises(InvalidParameterError, match="must be"):
         resize_mask(torch.ones(1, 2, 4, 4), 1, 4, 4)
+
+
+def test_a_mask_of_the_uncropped_picture_follows_the_encoders_crop():
+    """35x38 crops to 32x36 (factor 4: one row / column off the top / left): the mask is cut alike."""
+    from tbac_core.pipeline.masking import crop_like_image, inpaint_blend
+    from tbac_core.processing import crop_to_multiple
+
+    mask = (torch.rand(1, 35, 38, generator=torch.Generator().manual_seed(0)) > 0.5).float()
+    cropped = crop_to_multiple(mask[..., None], 4)[..., 0]  # as 'TBAC Encode Image' cuts the picture
+    assert torch.equal(crop_like_image(mask, 32, 36, 4)[:, 0], cropped) and cropped.shape == (1, 32, 36)
+    assert torch.equal(crop_like_image(cropped, 32, 36, 4)[:, 0], cropped)  # already cropped: kept
+    latent_sized = torch.rand(1, 8, 9)
+    assert torch.equal(crop_like_image(latent_sized, 32, 36, 4)[:, 0], latent_sized)  # other sizes: resized later
+    init, noise = torch.zeros(1, 2, 8, 9), torch.randn(1, 2, 8, 9)
+    aligned = inpaint_blend(mask, init, noise, factor=4).mask
+    assert torch.equal(aligned, inpaint_blend(cropped, init, noise).mask)
+    assert not torch.equal(aligned, inpaint_blend(mask, init, noise).mask)  # without the crop: shifted
+    pixels = torch.rand(1, 32, 36, 3)
+    assert torch.equal(composite_pixels(pixels, pixels * 0, mask, factor=4), composite_pixels(pixels, pixels * 0, cropped))
+
+
+def test_inpainting_a_picture_of_an_odd_size_keeps_every_pixel_outside_the_mask(demo_pipe):
+    """Pipeline level, 35x38 on the demo model: sampled inside the aligned mask only, pasted back outside."""
+    from tbac_core.pipeline.masking import crop_like_image
+    from tbac_core.processing import crop_to_multiple
+
+    picture = torch.rand(1, 35, 38, 3, generator=torch.Generator().manual_seed(4))
+    mask = torch.zeros(1, 35, 38)
+    mask[:, 5:22, 2:23] = 1.0  # painted on the whole picture; its edges are not on the latent grid
+    pixels = crop_to_multiple(picture, demo_pipe.vae_scale_factor)
+    latents = demo_pipe.encode_image(pixels)
+    cond = demo_pipe.encode("a yellow square on a green background")
+    params = SamplingParams(steps=DEFAULTS["steps"], guidance_scale=DEFAULTS["guidance_scale"], seed=7)
+    result = demo_pipe.sample(cond, params=params, init_latents=latents, noise_mask=mask)
+    keep = resize_mask(crop_like_image(mask, 32, 36, 4), 1, *latents.shape[-2:]) == 0
+    assert torch.equal(result[keep.expand_as(result)], latents[keep.expand_as(latents)])
+    composited = composite_pixels(demo_pipe.decode(result), pixels, mask, factor=demo_pipe.vae_scale_factor)
+    outside = crop_like_image(mask, 32, 36, 4)[0, 0] == 0
+    assert _max_level_diff(composited[:, outside], pixels[:, outside]) <= 1
+    assert _max_level_diff(composited[:, ~outside], pixels[:, ~outside]) > 8

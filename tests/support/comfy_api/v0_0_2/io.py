@@ -270,6 +270,11 @@ class Sigmas(ComfyTypeIO):
     pass
 
 
+@comfytype("VAE")
+class Vae(ComfyTypeIO):
+    pass
+
+
 # -- schema ----------------------------------------------------------------------------------------
 class Hidden(str, Enum):
     unique_id = "UNIQUE_ID"
