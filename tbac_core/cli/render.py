@@ -39,6 +39,7 @@ def job_record(job: Job, width: int, height: int, inputs: list[InputImage], init
         "denoise": job.strength if job.mode == "img2img" else None,
         "init_image": init.record if init is not None else None,
         "input_images": [item.record for item in inputs],
+        **job.accelerations,  # only when on: an exact render's record is unchanged
     }
 
 
@@ -70,7 +71,7 @@ def render(pipe, job: Job, info: CheckpointInfo, *, load_image: Callable[[str], 
     """
     common = dict(negative_prompt=job.negative_prompt, steps=job.steps, guidance_scale=job.guidance,
                   sampler=job.sampler, seed=job.seed, num_images_per_prompt=job.num_images, layers=job.layers,
-                  callback=callback)
+                  cache_threshold=job.cache_threshold, guidance_cutoff=job.guidance_cutoff, callback=callback)
     inputs = [load_image(path) for path in job.images]
     init = load_image(job.init_image) if job.init_image else None
     if inputs:
