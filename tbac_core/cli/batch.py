@@ -22,7 +22,14 @@ from ..params import MAX_BATCH
 from .checkpoint_info import CheckpointInfo
 from .images import ImageCache, InputImage
 from .jobs import Job, check_job, check_layers, make_job
-from .render import batch_key, job_parameters, job_record, output_size, render, render_together
+from .render import (
+    batch_key,
+    job_parameters,
+    job_record,
+    output_size,
+    render,
+    render_together,
+)
 from .rows import Row
 
 MANIFEST_NAME = "batch_manifest.jsonl"
@@ -249,7 +256,7 @@ def _render_group(pipe, group: list[_Checked], info: CheckpointInfo, out_dir: Pa
         for item, outputs in zip(group, results):
             for name, (image, parameters) in zip(output_names(item.job), outputs):
                 atomic_write(out_dir / name, encode_png(image, parameters))
-    except Exception as exc:  # noqa: BLE001 - the rows get their own chance (and their own error) alone
+    except Exception as exc:  # deliberate: the rows get their own chance (and their own error) alone
         logger.debug("rows %s failed together", ids, exc_info=True)
         log(f"rows {ids} could not be denoised together ({type(exc).__name__}: {exc}); rendering them one by one.")
         return False

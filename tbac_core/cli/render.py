@@ -108,7 +108,8 @@ def render_together(pipe, jobs: list[Job], info: CheckpointInfo, callback=None) 
     the ones ``render`` gives it (within float rounding of the batched matrix products). The batch's
     DiT memory is checked against the device's free memory before the first step.
     """
-    from ..processing import images_to_uint8  # torch: only once something renders (fast --help)
+    # torch: only once something renders (fast --help)
+    from ..processing import images_to_uint8
 
     first = jobs[0]
     width, height = pipe.resolve_size(first.width, first.height)

@@ -30,9 +30,16 @@ from ..modeling.vae import decode_latents, encode_images
 from ..params import SamplingParams, check_batch, check_size
 from ..processing.images import image_batch, images_per_prompt, images_to_uint8
 from .batch_memory import check_denoise_memory
+from .compile import compile_dit_blocks
 from .masking import InpaintBlend, inpaint_blend
 from .placement import MemoryModePlacement, Placement
-from .sampling import StepCallback, denoise, guidance_branches, initial_noise, make_schedule
+from .sampling import (
+    StepCallback,
+    denoise,
+    guidance_branches,
+    initial_noise,
+    make_schedule,
+)
 
 TILED_DECODE_ABOVE = 1024 * 1024  # pixels per image; DC-AE decodes larger images tile by tile
 DEFAULTS = SamplingParams()
@@ -76,9 +83,9 @@ class TBACPipeline:
         self.placement = placement
         self.cache_size = cache_size
         self._cache: OrderedDict[tuple, LadderConditioning] = OrderedDict()
-        if compile_dit:
-            for block in model.dit.transformer.transformer_blocks:
-                block.compile()
+        # compile_dit: whether the DiT blocks were compiled (False when asked but no compiler is found).
+        compute_device = getattr(placement, "device", None) or model.device  # where the DiT will run
+        self.compiled_dit = compile_dit and compile_dit_blocks(model.dit, torch.device(compute_device))
 
     @classmethod
     def from_pretrained(cls, checkpoint_dir, *, memory: str = "full", device=None, cache_size: int = 8,

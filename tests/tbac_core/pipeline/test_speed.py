@@ -262,3 +262,29 @@ def test_available_memory_is_read_on_this_machine(pipe):
 
     free = available_bytes(torch.device("cpu"))
     assert free is None or free > 0
+
+
+# -- torch.compile of the DiT ----------------------------------------------------------------------
+def test_compile_without_a_compiler_falls_back_with_a_clear_message(monkeypatch, caplog):
+    from torch._inductor import config
+
+    from tbac_core.pipeline import compile as dit_compile
+
+    monkeypatch.setattr(config.cpp, "cxx", ("no-such-compiler-xyz",))
+    assert "no C++ compiler was found" in dit_compile.compiler_problem(torch.device("cpu"))
+
+    class Blocks:
+        compiled = 0
+
+        def compile(self):
+            Blocks.compiled += 1
+
+    class FakeDiT:
+        class transformer:  # the attribute path of LadderDiT
+            transformer_blocks = [Blocks(), Blocks()]
+
+    with caplog.at_level("WARNING"):
+        assert dit_compile.compile_dit_blocks(FakeDiT, torch.device("cpu")) is False
+    assert Blocks.compiled == 0 and "runs uncompiled" in caplog.text
+    monkeypatch.setattr(config.cpp, "cxx", ("sh",))  # any program on PATH counts as found
+    assert dit_compile.compile_dit_blocks(FakeDiT, torch.device("cpu")) is True and Blocks.compiled == 2
