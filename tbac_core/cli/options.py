@@ -41,7 +41,7 @@ def model_options(*, compile_option: bool = True) -> argparse.ArgumentParser:
         group.add_argument("--compile", action="store_true",
                            help="Compile the DiT blocks with torch.compile (needs a C++ compiler on the CPU, triton "
                                 "on CUDA; without one a warning and the uncompiled DiT). The first image is slow "
-                                "(compiling), later ones faster; same images within float rounding."))
+                                "(compiling), later ones faster; same images within float rounding.")
     return parser
 
 
