@@ -10,7 +10,11 @@ blocks that ran, and the PSNR of the images against the exact run at the same se
 model (``--model demo``) it also prints the held-out prompt-colour score of each configuration
 (``tbac_core.demo.evaluate``'s measure), which must not drop.
 
+With ``--throughput N`` it also times N prompts rendered one by one against their denoising as
+one batch (the batch command's ``--throughput``), with the PSNR of the batched images.
+
 Usage: python bench/speed_bench.py [--model demo|medium|DIR] [--steps 20] [--repeats 3] [--threads 1]
+       [--throughput 4]
 Results: a table on stdout and ``bench/results/speed-cpu-<date>.json`` (``--out``).
 """
 from __future__ import annotations
@@ -89,6 +93,36 @@ def measure(pipe, cond, sampling, width, height, repeats: int) -> dict:
             "blocks_run_fraction": counter.calls / (params.steps * len(blocks))}
 
 
+THROUGHPUT_PROMPTS = ("a red cat on a blue chair", "a small green house by the river", "a yellow car in the snow",
+                      "a purple flower in a white vase", "an orange boat on a grey sea", "a black dog on green grass",
+                      "a pink cake on a wooden table", "a brown horse under a blue sky")
+
+
+def measure_throughput(pipe, sampling: dict, width: int, height: int, count: int) -> dict:
+    """``count`` prompts (own seeds) one by one against denoised as one batch (the batch command's
+    ``--throughput``): CPU seconds of sampling + decode per image, and the PSNR of the batched images."""
+    from tbac_core.params import SamplingParams
+
+    prompts = [THROUGHPUT_PROMPTS[i % len(THROUGHPUT_PROMPTS)] for i in range(count)]
+    seeds = list(range(count))
+    params = SamplingParams(**{**sampling, "seed": 0})
+    conds = [pipe.encode(prompt) for prompt in prompts]
+    together_cond = pipe.encode(prompts)
+    start = time.process_time()
+    alone = torch.cat([pipe.decode(pipe.sample(cond, width=width, height=height,
+                                               params=SamplingParams(**{**sampling, "seed": seed})))
+                       for cond, seed in zip(conds, seeds)])
+    alone_seconds = time.process_time() - start
+    start = time.process_time()
+    latents = pipe.sample(together_cond, width=width, height=height, params=params, prompt_seeds=seeds,
+                          check_memory=True)
+    together = torch.cat([pipe.decode(latents[i:i + 1]) for i in range(count)])
+    together_seconds = time.process_time() - start
+    return {"prompts": count, "alone_cpu_seconds": round(alone_seconds, 3),
+            "together_cpu_seconds": round(together_seconds, 3),
+            "speedup": round(alone_seconds / together_seconds, 3), "psnr_db": round(psnr(together, alone), 2)}
+
+
 def demo_score(pipe, sampling: dict) -> dict:
     """Held-out prompt-colour score of the demo model under one configuration (evaluate's measure)."""
     from tbac_core.demo import demo_defaults
@@ -129,6 +163,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--thresholds", default="0.05,0.1,0.2", help="First-Block-Cache thresholds")
     parser.add_argument("--cutoffs", default="0.7,0.5", help="guidance truncation fractions")
+    parser.add_argument("--throughput", type=int, default=0,
+                        help="also time this many prompts one by one against one batch (0: skip)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -169,9 +205,14 @@ def main(argv=None) -> dict:
         rows.append(row)
         print(row, flush=True)
 
+    throughput = None
+    if args.throughput > 1:
+        throughput = measure_throughput(pipe, base, width, height, args.throughput)
+        print({"throughput": throughput}, flush=True)
+
     result = {"date": datetime.date.today().isoformat(), "machine": bu.machine_facts(), "threads": args.threads,
               "model": args.model, "size": [width, height], "steps": steps, "guidance_scale": guidance,
-              "repeats": args.repeats, "rows": rows}
+              "repeats": args.repeats, "rows": rows, "throughput": throughput}
     header = ["config", "wall s / generation", "CPU s / generation", "speed-up (CPU s)", "blocks run", "PSNR vs exact (dB)"]
     if is_demo:
         header += ["demo colour score", "demo PSNR (dB)"]

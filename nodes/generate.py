@@ -13,6 +13,7 @@ from ..tbac_core.ladder import LAYER_SPEC_SYNTAX
 from ..tbac_core.params import (
     DEFAULT_IMAGE_SIZE,
     MAX_BATCH,
+    MAX_CACHE_THRESHOLD,
     MAX_GUIDANCE_UI,
     MAX_SEED,
     MAX_SIDE,
@@ -143,6 +144,18 @@ class TBACSampler(io.ComfyNode):
                     "Start from these TBAC latents (from 'TBAC Encode Image') instead of pure noise, for "
                     "image-to-image; sets the size. With a noise mask ('Set Latent Noise Mask') only the masked "
                     "region changes: inpainting, or with an edit conditioning an edit limited to the mask.")),
+                # Opt-in accelerations, last so saved workflows keep their widget order; off = exact.
+                io.Float.Input("cache_threshold", default=DEFAULTS.cache_threshold, min=0.0, max=MAX_CACHE_THRESHOLD,
+                               step=0.01, optional=True, tooltip=(
+                                   "Step caching (approximate, 0 = off): when the DiT's first block changed less than "
+                                   "this since the last full step, the other blocks are skipped and their last "
+                                   "output change is reused. Around 0.1 saves a good share of the blocks at a small "
+                                   "image change; larger values change the picture more.")),
+                io.Float.Input("guidance_cutoff", default=DEFAULTS.guidance_cutoff, min=0.0, max=1.0, step=0.05,
+                               optional=True, tooltip=(
+                                   "Guidance truncation (approximate, 1 = off): the negative (and image-only) branch "
+                                   "runs only for this fraction of the steps, then the prompt alone (fewer DiT rows; "
+                                   "measured: 0.9 already changes the picture visibly, see README).")),
             ],
             outputs=[io.Latent.Output("latent", tooltip=(
                 "TBAC latents, prompts x images per prompt, in prompt order (keeping the input's noise mask, as "
@@ -152,7 +165,8 @@ class TBACSampler(io.ComfyNode):
     @classmethod
     def execute(cls, model, conditioning, seed: int, steps: int, guidance: float, image_guidance: float,
                 width: int, height: int, batch_size: int, sampler: str, denoise: float,
-                latent=None) -> io.NodeOutput:
+                latent=None, cache_threshold: float = DEFAULTS.cache_threshold,
+                guidance_cutoff: float = DEFAULTS.guidance_cutoff) -> io.NodeOutput:
         init_latents = None if latent is None else tbac_latents(model, latent)
         noise_mask = None if latent is None else latent.get("noise_mask")
         params = SamplingParams(
@@ -163,6 +177,8 @@ class TBACSampler(io.ComfyNode):
             seed=seed,
             num_images_per_prompt=batch_size,
             denoise=denoise if init_latents is not None else 1.0,  # the widget is ignored without a latent
+            cache_threshold=cache_threshold,
+            guidance_cutoff=guidance_cutoff,
         )
         progress = bridge.Progress(steps, preview=cls.previewer(model))
         latents = model.pipeline.sample(

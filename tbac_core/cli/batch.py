@@ -16,12 +16,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from ..errors import JobError, TBACError
+from ..errors import InvalidParameterError, JobError, TBACError
 from ..io import atomic_write, encode_png, read_parameters
+from ..params import MAX_BATCH
 from .checkpoint_info import CheckpointInfo
 from .images import ImageCache, InputImage
 from .jobs import Job, check_job, check_layers, make_job
-from .render import job_parameters, job_record, output_size, render
+from .render import (
+    batch_key,
+    job_parameters,
+    job_record,
+    output_size,
+    render,
+    render_together,
+)
 from .rows import Row
 
 MANIFEST_NAME = "batch_manifest.jsonl"
@@ -122,13 +130,17 @@ def _problems_text(problems: list[tuple[str, str]]) -> str:
 
 def run_batch(rows: list[Row], defaults: dict[str, Any], out_dir: Path, *, info: CheckpointInfo,
               pipeline: Callable[[], Any], force: bool = False, skip_without_model: bool = True,
-              log: Callable[[str], None] = print) -> BatchSummary:
+              log: Callable[[str], None] = print, throughput: int = 1) -> BatchSummary:
     """Render every row (its values over ``defaults``) into ``out_dir``; one row failing does not stop
     the others. Rows whose outputs exist with the same parameters are skipped unless ``force``.
 
     ``pipeline``: returns the loaded ``TBACPipeline`` (called only when something must render).
     ``skip_without_model``: a rerun whose rows are all done skips them without loading the model.
+    ``throughput``: up to this many text-to-image rows that differ only in prompt and seed are
+    denoised as one DiT batch (``render.batch_key``); each keeps the images it gets alone (float
+    rounding aside). 1 renders row by row.
     """
+    check_throughput(throughput)
     started = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = BatchSummary()
@@ -183,38 +195,98 @@ def run_batch(rows: list[Row], defaults: dict[str, Any], out_dir: Path, *, info:
             else:
                 todo.append(item)
     if todo:
-        _render_rows(pipe, todo, info, out_dir, manifest, load_image)
+        _render_rows(pipe, todo, info, out_dir, manifest, load_image, throughput, log)
     summary.seconds = time.perf_counter() - started
     return summary
 
 
+def check_throughput(throughput: int) -> None:
+    """``throughput`` rows per DiT batch: 1 .. MAX_BATCH (the images of a batch are checked again per group)."""
+    if isinstance(throughput, bool) or not isinstance(throughput, int) or not 1 <= throughput <= MAX_BATCH:
+        raise InvalidParameterError(f"throughput must be a whole number of rows in 1..{MAX_BATCH} (1 = row by row), "
+                                    f"got {throughput!r}.")
+
+
+def throughput_groups(todo: list[_Checked], throughput: int) -> list[list[_Checked]]:
+    """Rows to denoise together, in first-row order: up to ``throughput`` rows of one ``batch_key``
+    (and at most ``MAX_BATCH`` images); rows without a key are groups of one."""
+    groups: list[list[_Checked]] = []
+    open_groups: dict[tuple, list[_Checked]] = {}
+    for item in todo:
+        key = batch_key(item.job) if throughput > 1 else None
+        group = open_groups.get(key) if key is not None else None
+        if group is None or len(group) >= throughput or (len(group) + 1) * item.job.num_images > MAX_BATCH:
+            group = [item]
+            groups.append(group)
+            if key is not None:
+                open_groups[key] = group
+        else:
+            group.append(item)
+    return groups
+
+
 def _render_rows(pipe, todo: list[_Checked], info: CheckpointInfo, out_dir: Path, manifest: Manifest,
-                 load_image: ImageCache) -> None:
+                 load_image: ImageCache, throughput: int = 1, log: Callable[[str], None] = print) -> None:
     from tqdm import tqdm
 
     bar = tqdm(total=len(todo), unit="row", disable=None, file=sys.stderr, dynamic_ncols=True)
     try:
-        for item in todo:
-            row, job = item.row, item.job
-            bar.set_postfix_str(row.id)
-            row_started = time.perf_counter()
-
-            def progress(step, row_id=row.id) -> None:
-                bar.set_postfix_str(f"{row_id} step {step.index + 1}/{step.total}")
-
-            try:
-                results = render(pipe, job, info, load_image=load_image, callback=progress)
-                names = output_names(job)
-                for name, (image, parameters) in zip(names, results):
-                    atomic_write(out_dir / name, encode_png(image, parameters))
-            except Exception as exc:  # noqa: BLE001
-                # One bad row (a corrupt image, out of memory, NaN output) must not stop the batch;
-                # Ctrl-C (KeyboardInterrupt) still does. The manifest keeps the error; --debug shows the traceback.
-                logger.debug("row %s failed", row.id, exc_info=True)
-                manifest.record(row, "failed", error=f"{type(exc).__name__}: {exc}",
-                                seconds=time.perf_counter() - row_started)
-            else:
-                manifest.record(row, "done", names, seconds=time.perf_counter() - row_started)
-            bar.update(1)
+        for group in throughput_groups(todo, throughput):
+            if len(group) > 1 and _render_group(pipe, group, info, out_dir, manifest, bar, log):
+                continue
+            for item in group:
+                _render_one(pipe, item, info, out_dir, manifest, load_image, bar)
     finally:
         bar.close()
+
+
+def _render_group(pipe, group: list[_Checked], info: CheckpointInfo, out_dir: Path, manifest: Manifest,
+                  bar, log: Callable[[str], None]) -> bool:
+    """Denoise a throughput group as one batch and record each row; False: it failed (a batch too large
+    for the free memory is refused before its first step) and its rows must render one by one."""
+    ids = ", ".join(item.row.id for item in group)
+    bar.set_postfix_str(f"{len(group)} rows together")
+    started = time.perf_counter()
+
+    def progress(step) -> None:
+        bar.set_postfix_str(f"{len(group)} rows together, step {step.index + 1}/{step.total}")
+
+    try:
+        results = render_together(pipe, [item.job for item in group], info, callback=progress)
+        for item, outputs in zip(group, results):
+            for name, (image, parameters) in zip(output_names(item.job), outputs):
+                atomic_write(out_dir / name, encode_png(image, parameters))
+    except Exception as exc:  # deliberate: the rows get their own chance (and their own error) alone
+        logger.debug("rows %s failed together", ids, exc_info=True)
+        log(f"rows {ids} could not be denoised together ({type(exc).__name__}: {exc}); rendering them one by one.")
+        return False
+    seconds = (time.perf_counter() - started) / len(group)
+    for item in group:
+        manifest.record(item.row, "done", output_names(item.job), seconds=seconds)
+        bar.update(1)
+    return True
+
+
+def _render_one(pipe, item: _Checked, info: CheckpointInfo, out_dir: Path, manifest: Manifest,
+                load_image: ImageCache, bar) -> None:
+    row, job = item.row, item.job
+    bar.set_postfix_str(row.id)
+    row_started = time.perf_counter()
+
+    def progress(step, row_id=row.id) -> None:
+        bar.set_postfix_str(f"{row_id} step {step.index + 1}/{step.total}")
+
+    try:
+        results = render(pipe, job, info, load_image=load_image, callback=progress)
+        names = output_names(job)
+        for name, (image, parameters) in zip(names, results):
+            atomic_write(out_dir / name, encode_png(image, parameters))
+    except Exception as exc:  # noqa: BLE001
+        # One bad row (a corrupt image, out of memory, NaN output) must not stop the batch;
+        # Ctrl-C (KeyboardInterrupt) still does. The manifest keeps the error; --debug shows the traceback.
+        logger.debug("row %s failed", row.id, exc_info=True)
+        manifest.record(row, "failed", error=f"{type(exc).__name__}: {exc}",
+                        seconds=time.perf_counter() - row_started)
+    else:
+        manifest.record(row, "done", names, seconds=time.perf_counter() - row_started)
+    bar.update(1)

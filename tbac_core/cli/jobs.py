@@ -18,6 +18,7 @@ from ..errors import InvalidParameterError, JobError, LayerSpecError, UsageError
 from ..ladder import LAYER_SPEC_SYNTAX, parse_layer_spec
 from ..params import (
     DEFAULT_IMAGE_SIZE,
+    MAX_CACHE_THRESHOLD,
     SAMPLERS,
     SIZE_STEP,
     SamplingParams,
@@ -31,6 +32,8 @@ DEFAULT_IMG2IMG_DENOISE = 0.6  # with an init image, denoise 1.0 would ignore it
 DEFAULT_LAYERS = "default"  # the layer-spec keyword of the paper's mapping
 _SAMPLING = SamplingParams()  # the library's defaults, for models that store none
 _DEMO = demo_settings() or {}  # plain JSON: what the default (demo) model runs with
+# The opt-in approximate accelerations: recorded in an output only when on, so exact records stay as they were.
+ACCELERATION_FIELDS = ("cache_threshold", "guidance_cutoff")
 
 
 def _model_default(key: str, fallback) -> str:
@@ -73,6 +76,13 @@ FIELDS: dict[str, Field] = {
     "init_image": Field(str, ("--init-image",), "Image-to-image: start from this image instead of pure noise."),
     "denoise": Field(float, ("--denoise",), f"Image-to-image: share of the steps to run, in (0, 1] (default "
                      f"{DEFAULT_IMG2IMG_DENOISE} with --init-image); lower keeps more of the image."),
+    "cache_threshold": Field(float, ("--cache-threshold",), f"Opt-in step caching (approximate): skip the DiT's "
+                             f"blocks after the first when its output changed less than this since the last full "
+                             f"step; 0..{MAX_CACHE_THRESHOLD} (default {_SAMPLING.cache_threshold:g} = off, exact; "
+                             f"README 'Speed' lists the measured speed-up and image cost)."),
+    "guidance_cutoff": Field(float, ("--guidance-cutoff",), f"Opt-in guidance truncation (approximate): evaluate "
+                             f"the negative (and image-only) branch only for this fraction of the steps, then the "
+                             f"prompt alone; 0..1 (default {_SAMPLING.guidance_cutoff:g} = off, exact)."),
 }
 GENERATE_FIELDS = tuple(k for k in FIELDS if k not in ("images", "image_guidance"))
 EDIT_FIELDS = tuple(k for k in FIELDS if k not in ("init_image", "denoise"))
@@ -101,6 +111,8 @@ class Job:
     images: tuple[str, ...] = ()
     init_image: str | None = None
     denoise: float | None = None
+    cache_threshold: float = _SAMPLING.cache_threshold
+    guidance_cutoff: float = _SAMPLING.guidance_cutoff
     id: str = "job"
     where: str = "command line"
 
@@ -113,6 +125,12 @@ class Job:
         if self.denoise is not None:
             return self.denoise
         return DEFAULT_IMG2IMG_DENOISE if self.init_image else 1.0
+
+    @property
+    def accelerations(self) -> dict[str, float]:
+        """The opt-in accelerations this job turns on (empty: the exact path)."""
+        return {name: getattr(self, name) for name in ACCELERATION_FIELDS
+                if getattr(self, name) != getattr(_SAMPLING, name)}
 
     @property
     def image_paths(self) -> tuple[str, ...]:
@@ -181,7 +199,8 @@ def make_job(values: dict[str, Any], *, job_id: str = "job", where: str = "comma
 # Job field -> SamplingParams field: each value is checked alone by the core's own check, so that
 # one report lists every problem of a job, not only the first.
 _SAMPLING_FIELDS = {"steps": "steps", "guidance": "guidance_scale", "image_guidance": "image_guidance_scale",
-                    "sampler": "sampler", "seed": "seed"}
+                    "sampler": "sampler", "seed": "seed", "cache_threshold": "cache_threshold",
+                    "guidance_cutoff": "guidance_cutoff"}
 
 
 def check_job(job: Job, latent_factor: int) -> list[tuple[str, str]]:

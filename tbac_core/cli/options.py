@@ -39,7 +39,9 @@ def model_options(*, compile_option: bool = True) -> argparse.ArgumentParser:
                             "the CPU after encoding; sequential: each part is on the device only while it runs.")
     if compile_option:
         group.add_argument("--compile", action="store_true",
-                           help="Compile the DiT blocks with torch.compile (slow first image, faster after; GPU).")
+                           help="Compile the DiT blocks with torch.compile (needs a C++ compiler on the CPU, triton "
+                                "on CUDA; without one a warning and the uncompiled DiT). The first image is slow "
+                                "(compiling), later ones faster; same images within float rounding.")
     return parser
 
 

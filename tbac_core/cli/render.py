@@ -9,6 +9,7 @@ from PIL import Image
 from .. import __version__
 from ..io import encode_png, write_new_file
 from ..ladder import parse_layer_spec
+from ..params import SamplingParams
 from .checkpoint_info import CheckpointInfo
 from .images import InputImage, fit_init_image, load_input_image
 from .jobs import Job
@@ -39,6 +40,7 @@ def job_record(job: Job, width: int, height: int, inputs: list[InputImage], init
         "denoise": job.strength if job.mode == "img2img" else None,
         "init_image": init.record if init is not None else None,
         "input_images": [item.record for item in inputs],
+        **job.accelerations,  # only when on: an exact render's record is unchanged
     }
 
 
@@ -70,7 +72,7 @@ def render(pipe, job: Job, info: CheckpointInfo, *, load_image: Callable[[str], 
     """
     common = dict(negative_prompt=job.negative_prompt, steps=job.steps, guidance_scale=job.guidance,
                   sampler=job.sampler, seed=job.seed, num_images_per_prompt=job.num_images, layers=job.layers,
-                  callback=callback)
+                  cache_threshold=job.cache_threshold, guidance_cutoff=job.guidance_cutoff, callback=callback)
     inputs = [load_image(path) for path in job.images]
     init = load_image(job.init_image) if job.init_image else None
     if inputs:
@@ -86,6 +88,45 @@ def render(pipe, job: Job, info: CheckpointInfo, *, load_image: Callable[[str], 
         output = pipe.generate(job.prompt, width=width, height=height, **common)
     return [(image, job_parameters(job, pipe.model, info, width, height, inputs, init, k))
             for k, image in enumerate(output.images)]
+
+
+def batch_key(job: Job) -> tuple | None:
+    """Jobs with equal keys can be denoised as one batch (throughput mode): text-to-image jobs that
+    differ only in prompt and seed. None: this job renders alone (edits and image-to-image, whose
+    inputs differ per job, and step caching, which decides per batch and so would not give the
+    images of the job rendered alone)."""
+    if job.mode != "generate" or job.cache_threshold > 0:
+        return None
+    return (job.negative_prompt, job.steps, job.guidance, job.width, job.height, job.sampler, job.layers,
+            job.num_images, job.guidance_cutoff)
+
+
+def render_together(pipe, jobs: list[Job], info: CheckpointInfo, callback=None) -> list[list[tuple[Image.Image, dict]]]:
+    """Jobs of one ``batch_key`` with their denoising as one DiT batch -> per job ``(image, parameters)``.
+
+    Each job keeps its own seed's noise (``prompt_seeds``) and is decoded alone, so its images are
+    the ones ``render`` gives it (within float rounding of the batched matrix products). The batch's
+    DiT memory is checked against the device's free memory before the first step.
+    """
+    # torch: only once something renders (fast --help)
+    from ..processing import images_to_uint8
+
+    first = jobs[0]
+    width, height = pipe.resolve_size(first.width, first.height)
+    params = SamplingParams(steps=first.steps, guidance_scale=first.guidance, image_guidance_scale=1.0,
+                            sampler=first.sampler,
+                            num_images_per_prompt=first.num_images, guidance_cutoff=first.guidance_cutoff)
+    cond = pipe.encode_prompt([job.prompt for job in jobs], negative_prompt=first.negative_prompt,
+                              layers=first.layers)
+    latents = pipe.sample(cond, width=width, height=height, params=params, callback=callback,
+                          prompt_seeds=[job.seed for job in jobs], check_memory=True)
+    results = []
+    for index, job in enumerate(jobs):
+        own = latents[index * job.num_images:(index + 1) * job.num_images]  # [num_images, C, h, w]
+        images = [Image.fromarray(array) for array in images_to_uint8(pipe.decode(own))]
+        results.append([(image, job_parameters(job, pipe.model, info, width, height, [], None, k))
+                        for k, image in enumerate(images)])
+    return results
 
 
 def write_new_png(folder: Path, stem: str, image: Image.Image, parameters: dict) -> Path:

@@ -15,6 +15,7 @@ from diffusers import SanaTransformer2DModel
 from diffusers.models.normalization import RMSNorm
 from torch import nn
 
+from .mix_ffn import use_token_major_ffn
 from .step_cache import FirstBlockCache
 
 # The official connector's RMSNorm starts at sqrt(5.5) and is trained; the value comes from the
@@ -118,6 +119,7 @@ class LadderDiT(nn.Module):
         for block in transformer.transformer_blocks:
             if block.attn2 is not None and not isinstance(block.attn2.processor, PrecomputedKVAttnProcessor):
                 block.attn2.set_processor(PrecomputedKVAttnProcessor(block.attn2.processor))
+        use_token_major_ffn(transformer.transformer_blocks)  # 1x1 convs as matmuls (mix_ffn: why)
 
     @property
     def num_blocks(self) -> int:

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, replace
+from typing import Callable, Sequence
 
 import torch
 from PIL import Image
@@ -29,9 +29,17 @@ from ..modeling.model import TBACModel
 from ..modeling.vae import decode_latents, encode_images
 from ..params import SamplingParams, check_batch, check_size
 from ..processing.images import image_batch, images_per_prompt, images_to_uint8
+from .batch_memory import check_denoise_memory
+from .compile import compile_dit_blocks
 from .masking import InpaintBlend, inpaint_blend
 from .placement import MemoryModePlacement, Placement
-from .sampling import StepCallback, denoise, initial_noise, make_schedule
+from .sampling import (
+    StepCallback,
+    denoise,
+    guidance_branches,
+    initial_noise,
+    make_schedule,
+)
 
 TILED_DECODE_ABOVE = 1024 * 1024  # pixels per image; DC-AE decodes larger images tile by tile
 DEFAULTS = SamplingParams()
@@ -75,9 +83,9 @@ class TBACPipeline:
         self.placement = placement
         self.cache_size = cache_size
         self._cache: OrderedDict[tuple, LadderConditioning] = OrderedDict()
-        if compile_dit:
-            for block in model.dit.transformer.transformer_blocks:
-                block.compile()
+        # compile_dit: whether the DiT blocks were compiled (False when asked but no compiler is found).
+        compute_device = getattr(placement, "device", None) or model.device  # where the DiT will run
+        self.compiled_dit = compile_dit and compile_dit_blocks(model.dit, torch.device(compute_device))
 
     @classmethod
     def from_pretrained(cls, checkpoint_dir, *, memory: str = "full", device=None, cache_size: int = 8,
@@ -183,15 +191,27 @@ class TBACPipeline:
         factor = self.vae_scale_factor
         return (batch, self.model.latent_channels, height // factor, width // factor)
 
+    def initial_noise(self, batch: int, width: int, height: int, params: SamplingParams,
+                      prompt_seeds: Sequence[int] | None = None) -> torch.Tensor:
+        """The seeded noise [batch, C, h, w] float32 (CPU) of a job: from ``params.seed`` for the whole
+        batch, or with ``prompt_seeds`` one seed per prompt, each prompt's images getting exactly the
+        noise a job of that prompt alone would get (batches of independent jobs)."""
+        if prompt_seeds is None:
+            return initial_noise(params.seed, self.latent_shape(batch, width, height))
+        per_prompt = self.latent_shape(batch // len(prompt_seeds), width, height)
+        return torch.cat([initial_noise(seed, per_prompt) for seed in prompt_seeds])
+
     def prepare_latents(self, batch: int, width: int, height: int, params: SamplingParams, scheduler,
-                        init_latents: torch.Tensor | None = None, device=None) -> torch.Tensor:
+                        init_latents: torch.Tensor | None = None, device=None,
+                        prompt_seeds: Sequence[int] | None = None) -> torch.Tensor:
         """Seeded starting latents [batch, C, h, w] float32 on ``device``.
 
-        Noise is drawn on the CPU (the same seed gives the same image on every device). With
-        ``init_latents`` ([1 or batch, C, h, w]) and ``params.denoise < 1`` it is image-to-image: the
-        init latents are noised to the sigma of the first step that runs.
+        Noise is drawn on the CPU (the same seed gives the same image on every device); see
+        ``initial_noise`` for ``prompt_seeds``. With ``init_latents`` ([1 or batch, C, h, w]) and
+        ``params.denoise < 1`` it is image-to-image: the init latents are noised to the sigma of the
+        first step that runs.
         """
-        noise = initial_noise(params.seed, self.latent_shape(batch, width, height))
+        noise = self.initial_noise(batch, width, height, params, prompt_seeds)
         latents = noise.to(device=device, dtype=torch.float32)
         if init_latents is None or params.denoise >= 1.0:
             return latents
@@ -210,11 +230,16 @@ class TBACPipeline:
         callback: StepCallback | None = None,
         check_cancel: Callable[[], None] | None = None,
         noise_mask: torch.Tensor | None = None,
+        prompt_seeds: Sequence[int] | None = None,
+        check_memory: bool = False,
     ) -> torch.Tensor:
         """Denoise from seeded noise (or from ``init_latents`` [1 or B, C, h, w] with ``params.denoise < 1``).
 
         ``noise_mask`` (with ``init_latents``; any ``masking`` layout): only where it is 1 may the image
-        change (inpainting, masked edits).
+        change (inpainting, masked edits). ``prompt_seeds``: one seed per prompt of ``cond`` instead of
+        ``params.seed`` (independent jobs denoised as one batch, each as it would be alone).
+        ``check_memory``: refuse, before any step, a batch whose DiT activations would not fit into
+        the device's free memory (``batch_memory``).
         """
         if not isinstance(params, SamplingParams):
             raise InvalidParameterError(f"params must be a SamplingParams, got {type(params).__name__}.")
@@ -225,25 +250,35 @@ class TBACPipeline:
         width, height = self.resolve_size(width, height)
         batch = cond.batch_size * params.num_images_per_prompt
         check_batch(batch)
+        _check_prompt_seeds(prompt_seeds, cond.batch_size, params)
         if init_latents is not None and init_latents.shape[0] not in (1, batch):
             raise InvalidParameterError(f"init latents have batch {init_latents.shape[0]}; expected 1 or {batch}.")
         inpaint = None
         if noise_mask is not None:
-            inpaint = inpaint_blend(noise_mask, init_latents, initial_noise(params.seed, self.latent_shape(
-                batch, width, height)), factor=self.vae_scale_factor)
-        return self.run_sampler(cond, width, height, params, init_latents, callback, check_cancel, inpaint)
+            inpaint = inpaint_blend(noise_mask, init_latents, self.initial_noise(batch, width, height, params,
+                                                                                 prompt_seeds),
+                                    factor=self.vae_scale_factor)
+        return self.run_sampler(cond, width, height, params, init_latents, callback, check_cancel, inpaint,
+                                prompt_seeds=prompt_seeds, check_memory=check_memory)
 
     def run_sampler(self, cond: LadderConditioning, width: int, height: int, params: SamplingParams,
                     init_latents: torch.Tensor | None = None, callback: StepCallback | None = None,
                     check_cancel: Callable[[], None] | None = None,
-                    inpaint: InpaintBlend | None = None) -> torch.Tensor:
+                    inpaint: InpaintBlend | None = None, *, prompt_seeds: Sequence[int] | None = None,
+                    check_memory: bool = False) -> torch.Tensor:
         """The sampling stage on checked inputs (``check_inputs``/``sample`` validated them): the DiT
         is placed, the schedule set, latents prepared and denoised -> [B * images_per_prompt, C, h, w]."""
         with self.placement.use("dit") as dit:
+            batch = cond.batch_size * params.num_images_per_prompt
+            if check_memory:
+                rows = batch * len(guidance_branches(cond, params.image_guidance_scale))
+                factor = self.vae_scale_factor
+                check_denoise_memory(dit, rows, height // factor, width // factor,
+                                     f"Denoising {cond.batch_size} prompt(s) x {params.num_images_per_prompt} image(s)")
             scheduler, timesteps = make_schedule(params, self.model.scheduler_config, dit.device,
                                                  img2img=init_latents is not None)
-            batch = cond.batch_size * params.num_images_per_prompt
-            latents = self.prepare_latents(batch, width, height, params, scheduler, init_latents, dit.device)
+            latents = self.prepare_latents(batch, width, height, params, scheduler, init_latents, dit.device,
+                                           prompt_seeds)
             return denoise(dit, cond, latents, scheduler, timesteps, params,
                            callback=callback, check_cancel=check_cancel, inpaint=inpaint)
 
@@ -275,11 +310,18 @@ class TBACPipeline:
         layers="default",
         init_image=None,
         denoise: float = DEFAULTS.denoise,
+        cache_threshold: float = DEFAULTS.cache_threshold,
+        guidance_cutoff: float = DEFAULTS.guidance_cutoff,
         callback: StepCallback | None = None,
         check_cancel: Callable[[], None] | None = None,
     ) -> GenerationOutput:
-        """Text-to-image; with ``init_image`` (one image, or one per output) image-to-image at ``denoise``."""
-        params = SamplingParams(steps, guidance_scale, 1.0, sampler, seed, num_images_per_prompt, denoise)
+        """Text-to-image; with ``init_image`` (one image, or one per output) image-to-image at ``denoise``.
+
+        ``cache_threshold`` / ``guidance_cutoff``: the opt-in approximate accelerations of
+        ``SamplingParams`` (step caching, guidance truncation); their defaults are off (exact).
+        """
+        params = SamplingParams(steps, guidance_scale, 1.0, sampler, seed, num_images_per_prompt, denoise,
+                                cache_threshold=cache_threshold, guidance_cutoff=guidance_cutoff)
         init_pixels = image_batch(init_image) if init_image is not None else None  # [1 or B, H, W, 3]
         inputs = self.check_inputs(prompt, None, negative_prompt, layers=layers, params=params,
                                    width=width, height=height, init_image=init_pixels)
@@ -305,11 +347,17 @@ class TBACPipeline:
         seed: int = DEFAULTS.seed,
         num_images_per_prompt: int = DEFAULTS.num_images_per_prompt,
         layers="default",
+        cache_threshold: float = DEFAULTS.cache_threshold,
+        guidance_cutoff: float = DEFAULTS.guidance_cutoff,
         callback: StepCallback | None = None,
         check_cancel: Callable[[], None] | None = None,
     ) -> GenerationOutput:
-        """Instruction editing: ``images`` is one list of input images per prompt (or one shared list)."""
-        params = SamplingParams(steps, guidance_scale, image_guidance_scale, sampler, seed, num_images_per_prompt)
+        """Instruction editing: ``images`` is one list of input images per prompt (or one shared list).
+
+        ``cache_threshold`` / ``guidance_cutoff``: as in ``generate`` (off by default).
+        """
+        params = SamplingParams(steps, guidance_scale, image_guidance_scale, sampler, seed, num_images_per_prompt,
+                                cache_threshold=cache_threshold, guidance_cutoff=guidance_cutoff)
         inputs = self.check_inputs(prompt, images, negative_prompt, layers=layers, params=params,
                                    width=width, height=height)
         return self._run(inputs, params, None, callback, check_cancel)
@@ -337,6 +385,17 @@ def _prompt_list(prompt) -> list[str]:
         if not isinstance(item, str):
             raise InvalidParameterError(f"Prompts must be strings, got {type(item).__name__}.")
     return list(prompts)
+
+
+def _check_prompt_seeds(prompt_seeds: Sequence[int] | None, prompts: int, params: SamplingParams) -> None:
+    """One valid seed per prompt (each checked like ``params.seed``), or None."""
+    if prompt_seeds is None:
+        return
+    if not isinstance(prompt_seeds, (list, tuple)) or len(prompt_seeds) != prompts:
+        raise InvalidParameterError(f"prompt_seeds must be a list of one seed per prompt ({prompts}), "
+                                    f"got {prompt_seeds!r}.")
+    for seed in prompt_seeds:
+        replace(params, seed=seed).validate()
 
 
 def _images_key(per_prompt_images: list[list[Image.Image]] | None):

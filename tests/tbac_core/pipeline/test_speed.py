@@ -160,3 +160,131 @@ def test_step_cache_survives_guidance_cutoff(pipe, conds):
 def test_acceleration_fields_validated(field, value):
     with pytest.raises(InvalidParameterError, match=field):
         SamplingParams(**{field: value}).validate()
+
+
+# -- the token-major Mix-FFN (exact) ----------------------------------------------------------------
+def test_dit_blocks_run_the_token_major_ffn_and_it_equals_glumbconv(pipe):
+    from diffusers.models.transformers.sana_transformer import GLUMBConv
+
+    from tbac_core.modeling.mix_ffn import TokenMajorGLUMBConv
+
+    blocks = pipe.model.dit.transformer.transformer_blocks
+    assert all(isinstance(block.ff, TokenMajorGLUMBConv) for block in blocks)
+    ff = blocks[0].ff
+    reference = GLUMBConv(ff.conv_inverted.in_channels, ff.conv_point.out_channels,
+                          expand_ratio=ff.conv_point.in_channels / ff.conv_inverted.in_channels,
+                          norm_type=None, residual_connection=False)
+    reference.load_state_dict(ff.state_dict())  # same module names: the checkpoint keys are unchanged
+    tokens = torch.randn(2, 4, 6, ff.conv_inverted.in_channels, generator=torch.Generator().manual_seed(0))
+    spatial = tokens.permute(0, 3, 1, 2)  # [B, D, H, W], the view a SANA block hands its feed-forward
+    with torch.no_grad():
+        torch.testing.assert_close(ff(spatial), reference(spatial), atol=1e-6, rtol=1e-5)
+
+
+def test_token_major_ffn_runs_a_wrapped_conv_as_itself():
+    """A LoRA layer around a 1x1 conv must not be bypassed by the F.linear shortcut."""
+    from tbac_core.modeling.mix_ffn import pointwise
+
+    conv = torch.nn.Conv2d(4, 3, 1)
+
+    class Wrapped(torch.nn.Module):  # what peft's LoRA Conv2d looks like from outside
+        def __init__(self):
+            super().__init__()
+            self.base_layer = conv
+
+        @property
+        def weight(self):
+            return conv.weight
+
+        def forward(self, x):
+            return conv(x) + 1.0
+
+    tokens = torch.randn(1, 2, 2, 4)
+    with torch.no_grad():
+        plain, wrapped = pointwise(conv, tokens), pointwise(Wrapped(), tokens)
+    torch.testing.assert_close(wrapped, plain + 1.0)
+
+
+# -- the accelerations through the one-call methods -----------------------------------------------
+def test_generate_and_edit_take_the_accelerations(pipe, conds):
+    last_block = pipe.model.dit.transformer.transformer_blocks[-1]
+    common = {"steps": STEPS, "width": 64, "height": 64, "seed": 2}
+    exact = pipe.generate("a red cat", **common).latents
+    assert torch.equal(pipe.generate("a red cat", cache_threshold=0.0, guidance_cutoff=1.0, **common).latents, exact)
+    with _Counter(last_block) as last:
+        cached = pipe.generate("a red cat", cache_threshold=1.0, **common).latents
+    assert 1 <= len(last.rows) < STEPS and not torch.equal(cached, exact)
+    image = Image.new("RGB", (64, 48), (80, 120, 200))
+    with _Counter(pipe.model.dit) as dit_calls:
+        pipe.edit("make it blue", images=[image], guidance_cutoff=0.5, **common)
+    guided = guided_step_count(STEPS, 0.5)
+    assert dit_calls.rows == [3] * guided + [1] * (STEPS - guided)
+    with pytest.raises(InvalidParameterError, match="cache_threshold"):
+        pipe.generate("a red cat", cache_threshold=5.0, **common)
+
+
+# -- independent prompts in one batch (the batch command's throughput mode) ------------------------
+def test_prompt_seeds_give_each_prompt_its_own_images(pipe):
+    prompts, seeds = ["a red cat", "a blue house", "a green tree"], [3, 11, 7]
+    params = SamplingParams(steps=STEPS, num_images_per_prompt=2)
+    together = pipe.sample(pipe.encode(prompts), width=64, height=64, params=params, prompt_seeds=seeds,
+                           check_memory=True)
+    for index, (prompt, seed) in enumerate(zip(prompts, seeds)):
+        alone = pipe.sample(pipe.encode(prompt), width=64, height=64,
+                            params=SamplingParams(steps=STEPS, num_images_per_prompt=2, seed=seed))
+        torch.testing.assert_close(together[2 * index:2 * index + 2], alone, atol=1e-4, rtol=0)
+    with pytest.raises(InvalidParameterError, match="one seed per prompt"):
+        pipe.sample(pipe.encode(prompts), width=64, height=64, params=params, prompt_seeds=[1, 2])
+    with pytest.raises(InvalidParameterError, match="seed must be an integer"):
+        pipe.sample(pipe.encode(prompts), width=64, height=64, params=params, prompt_seeds=[1, 2, -3])
+
+
+def test_denoise_memory_check_refuses_a_batch_too_large(pipe, monkeypatch):
+    from tbac_core.pipeline import batch_memory
+
+    dit = pipe.model.dit
+    per_row = batch_memory.denoise_bytes_per_row(dit, 8, 8)
+    assert per_row > 0
+    monkeypatch.setattr(batch_memory, "available_bytes", lambda device: 5 * per_row)
+    batch_memory.check_denoise_memory(dit, 5, 8, 8)  # fits exactly
+    with pytest.raises(InvalidParameterError, match="at most 5 rows fit"):
+        batch_memory.check_denoise_memory(dit, 6, 8, 8)
+    cond = pipe.encode(["a", "b", "c"])  # 3 prompts x 2 guidance rows = 6 rows
+    sampled = []
+    monkeypatch.setattr(pipe, "prepare_latents", lambda *a, **k: sampled.append(1))
+    with pytest.raises(InvalidParameterError, match="at most 5 rows fit"):
+        pipe.sample(cond, width=64, height=64, params=SamplingParams(steps=STEPS), check_memory=True)
+    assert sampled == []  # refused before any latent or step
+
+
+def test_available_memory_is_read_on_this_machine(pipe):
+    from tbac_core.pipeline.batch_memory import available_bytes
+
+    free = available_bytes(torch.device("cpu"))
+    assert free is None or free > 0
+
+
+# -- torch.compile of the DiT ----------------------------------------------------------------------
+def test_compile_without_a_compiler_falls_back_with_a_clear_message(monkeypatch, caplog):
+    from torch._inductor import config
+
+    from tbac_core.pipeline import compile as dit_compile
+
+    monkeypatch.setattr(config.cpp, "cxx", ("no-such-compiler-xyz",))
+    assert "no C++ compiler was found" in dit_compile.compiler_problem(torch.device("cpu"))
+
+    class Blocks:
+        compiled = 0
+
+        def compile(self):
+            Blocks.compiled += 1
+
+    class FakeDiT:
+        class transformer:  # the attribute path of LadderDiT
+            transformer_blocks = [Blocks(), Blocks()]
+
+    with caplog.at_level("WARNING"):
+        assert dit_compile.compile_dit_blocks(FakeDiT, torch.device("cpu")) is False
+    assert Blocks.compiled == 0 and "runs uncompiled" in caplog.text
+    monkeypatch.setattr(config.cpp, "cxx", ("sh",))  # any program on PATH counts as found
+    assert dit_compile.compile_dit_blocks(FakeDiT, torch.device("cpu")) is True and Blocks.compiled == 2
