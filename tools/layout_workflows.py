@@ -44,6 +44,7 @@ CHROME_TOP = 100               # tab bar (0-40 px) and the Graph / Run toolbar (
 CHROME_LEFT = 60               # the icon side bar
 CHROME_CORNER = (1340, 740)    # minimap and canvas menu: x >= 1340 and y >= 740
 TITLE_H = 30                   # LiteGraph.NODE_TITLE_HEIGHT
+BOUNDS_PAD = 10                # fitView's bounds reach this far past the nodes' rectangles
 SLOT_H = 20                    # LiteGraph.NODE_SLOT_HEIGHT
 WIDGET_H = 24                  # a widget row (NODE_WIDGET_HEIGHT 20 + spacing)
 NODE_TEXT = 14                 # LiteGraph.NODE_TEXT_SIZE, in graph units
@@ -51,7 +52,7 @@ MIN_FONT_PX = 9                # our rule; the front end draws no text below 8 p
 NOTE_TYPES = ("Note", "MarkdownNote")
 
 # -- layout choices ---------------------------------------------------------------------------------
-GAP_X = 60                     # between columns
+GAP_X = 50                     # between columns
 GAP_Y = 40                     # between a node's bottom and the next title bar
 NOTE_CHAR_W = 7.0              # the note's textarea at zoom 1: average character width ...
 NOTE_LINE_H = 16.0             # ... and line height, in graph units
@@ -60,12 +61,12 @@ NOTE_COLUMN_W = 340            # the note's width when it is a column of its own
 NODE_MARGIN = 8                # nodes closer than this count as overlapping; links keep this clearance
 # Widths that keep every widget readable (the front end never shrinks a node below its widgets).
 WIDTHS = {
-    "TBACModelLoader": 300, "LoadImage": 300, "TBACLadderEncode": 340, "TBACSampler": 300,
-    "TBACDecode": 240, "TBACEncodeImage": 240, "SetLatentNoiseMask": 220, "SaveImage": 280,
-    "PreviewImage": 280, "PreviewAny": 280, "TBACUnderstand": 320, "TBACLadderMix": 280,
-    "TBACLadderInspect": 280, "TBACLadderWeight": 280, "TBACLadderSelect": 280,
+    "TBACModelLoader": 260, "LoadImage": 260, "TBACLadderEncode": 300, "TBACSampler": 270,
+    "TBACDecode": 220, "TBACEncodeImage": 220, "SetLatentNoiseMask": 200, "SaveImage": 250,
+    "PreviewImage": 250, "PreviewAny": 250, "TBACUnderstand": 280, "TBACLadderMix": 250,
+    "TBACLadderInspect": 250, "TBACLadderWeight": 250, "TBACLadderSelect": 250,
 }
-HEIGHTS = {"SaveImage": 290, "PreviewImage": 270, "PreviewAny": 170, "LoadImage": 330}
+HEIGHTS = {"SaveImage": 270, "PreviewImage": 250, "PreviewAny": 160, "LoadImage": 320}
 OUTPUT_TYPES = ("SaveImage", "PreviewImage", "PreviewAny")
 STACKABLE_HEIGHT = 120         # nodes up to this tall may also be stacked below their feeder
 
@@ -79,8 +80,10 @@ def node_rect(node: dict) -> tuple[float, float, float, float]:
 
 
 def graph_bounds(graph: dict) -> tuple[float, float, float, float]:
+    """The bounds the front end fits: the nodes' rectangles plus BOUNDS_PAD (measured: fitted zooms match to 0.1 %)."""
     rects = [node_rect(n) for n in graph["nodes"]]
-    return (min(r[0] for r in rects), min(r[1] for r in rects), max(r[2] for r in rects), max(r[3] for r in rects))
+    return (min(r[0] for r in rects) - BOUNDS_PAD, min(r[1] for r in rects) - BOUNDS_PAD,
+            max(r[2] for r in rects) + BOUNDS_PAD, max(r[3] for r in rects) + BOUNDS_PAD)
 
 
 def fitted_view(graph: dict, window=WINDOW) -> dict:
@@ -174,9 +177,13 @@ def check(graph: dict, window=WINDOW) -> list[str]:
     rects = {n["id"]: node_rect(n) for n in graph["nodes"]}
     for lid, src, dst, points in link_curves(graph):
         for nid, rect in rects.items():
-            if nid in (src, dst):
-                continue
-            if any(_inside(p, rect, NODE_MARGIN) for p in points):
+            if nid == src:  # a wire that loops back behind its own node (e.g. to a node stacked below it)
+                behind = any(_inside(p, rect) and p[0] < rect[2] - 2 for p in points)
+            elif nid == dst:
+                behind = any(_inside(p, rect) and p[0] > rect[0] + 2 for p in points)
+            else:
+                behind = any(_inside(p, rect, NODE_MARGIN) for p in points)
+            if behind:
                 problems.append(f"link {lid} ({label[src]} -> {label[dst]}) runs behind {label[nid]}")
     return problems
 
@@ -273,8 +280,8 @@ def _arrange(graph: dict, column: dict[int, int], note_span: int, order_key, sta
     return out
 
 
-def layout(graph: dict, window=WINDOW) -> dict:
-    """The graph with new positions, note size and saved view; raises if no arrangement keeps the rules."""
+def layout(graph: dict, window=WINDOW) -> tuple[dict, list[str], str]:
+    """(the graph with new positions, note size and saved view, the rules it still breaks, how it was chosen)."""
     types = {n["id"]: n["type"] for n in graph["nodes"]}
     heights = {n["id"]: HEIGHTS.get(n["type"], n["size"][1]) for n in graph["nodes"]}
     preds: dict[int, list[int]] = {}
@@ -299,13 +306,10 @@ def layout(graph: dict, window=WINDOW) -> dict:
                 problems = check(arranged, window)
                 choice = f"note {note_span}, stair {stair}, order {order}, stacked {pull}"
                 candidates.append((len(problems), -arranged["extra"]["ds"]["scale"], problems, arranged, choice))
+    # fewest broken rules first (a too small font counts like any other), then the largest zoom
     candidates.sort(key=lambda c: (c[0], c[1]))
-    count, _, problems, best, choice = candidates[0]
-    x0, y0, x1, y1 = graph_bounds(best)
-    print(f"  best of {len(candidates)} arrangements: {x1 - x0:.0f} x {y1 - y0:.0f} units ({choice})")
-    if count:
-        raise ValueError("no arrangement keeps the layout rules; the best one breaks:\n  " + "\n  ".join(problems))
-    return best
+    _, _, problems, best, choice = candidates[0]
+    return best, problems, f"best of {len(candidates)} arrangements: {choice}"
 
 
 def main(argv=None) -> int:
@@ -324,15 +328,15 @@ def main(argv=None) -> int:
             for p in problems:
                 print(f"  - {p}")
             continue
-        try:
-            arranged = layout(graph)
-        except ValueError as exc:
-            print(f"FAIL {path.name}: {exc}")
-            status = 1
-            continue
+        arranged, problems, how = layout(graph)
         path.write_text(json.dumps(arranged, indent=2) + "\n", encoding="utf-8")
         view = arranged["extra"]["ds"]
-        print(f"ok   {path.name}: fitted zoom {view['scale']:.3f} (text {NODE_TEXT * view['scale']:.1f} px)")
+        x0, y0, x1, y1 = graph_bounds(arranged)
+        print(f"{'FAIL' if problems else 'ok  '} {path.name}: {x1 - x0:.0f} x {y1 - y0:.0f} units, fitted zoom "
+              f"{view['scale']:.3f} (text {NODE_TEXT * view['scale']:.1f} px); {how}")
+        for p in problems:
+            print(f"  - still broken: {p}")
+        status |= bool(problems)
     return status
 
 
