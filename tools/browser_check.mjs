@@ -241,10 +241,12 @@ function widgetChanges(file, saved) {
 const MIN_FONT_PX = 9; // LiteGraph's text is NODE_TEXT_SIZE (14) units; below 8 px it stops drawing text
 
 async function openTemplatesCategory(page, opts) {
-  await page.keyboard.press("Escape");
-  await page.evaluate(() => window.app.extensionManager.command.execute("Comfy.BrowseTemplates"));
   const category = page.getByText(opts.module, { exact: true }).first();
-  await category.waitFor({ timeout: 20000 });
+  for (let attempt = 0; ; attempt++) {
+    await page.keyboard.press("Escape");
+    await page.evaluate(() => window.app.extensionManager.command.execute("Comfy.BrowseTemplates"));
+    try { await category.waitFor({ timeout: 15000 }); break; } catch (err) { if (attempt) throw err; }
+  }
   await category.click();
   await page.locator(`[data-testid^="template-workflow-"]`).first().waitFor({ timeout: 20000 });
   await page.waitForTimeout(800); // thumbnails
@@ -256,11 +258,15 @@ async function checkTemplate(page, name, opts) {
   await openTemplatesCategory(page, opts);
   const card = page.locator(`[data-testid="template-workflow-${name}"]`);
   if (!(await card.count())) return [`no card for ${name} in the Templates dialog (category ${opts.module})`];
+  await card.scrollIntoViewIfNeeded();
+  await page.waitForTimeout(600); // cards load their image when shown
   const thumb = await card.evaluate((el) => {
     const img = el.querySelector("img");
     return img ? { src: img.getAttribute("src"), width: img.naturalWidth } : null;
   });
-  if (!thumb || !thumb.width) problems.push(`thumbnail not shown (${thumb ? thumb.src : "no <img>"})`);
+  // the front end shows <name>.jpg through a blob: URL; our thumbnails are 256 px wide (the stand-in gradient is not)
+  if (!thumb || thumb.width !== 256)
+    problems.push(`thumbnail ${name}.jpg not shown (${thumb ? `${thumb.src}, ${thumb.width} px wide` : "no <img>"})`);
   if (opts.screenshots && name === opts.firstName) await page.screenshot({ path: path.join(opts.screenshots, "templates_dialog.png") });
   await card.click();
   await page.waitForTimeout(2500);
