@@ -65,7 +65,8 @@ class TBACLadderEncode(io.ComfyNode):
                 model_input(),
                 io.String.Input("prompt", multiline=True, default="", tooltip=(
                     "What to draw, or for an edit the instruction ('make the sky purple'). Can take a link from "
-                    "any STRING output, e.g. the Understand node's caption.")),
+                    "any STRING output, e.g. the Understand node's caption. An empty prompt runs, with a warning "
+                    "in ComfyUI's log (the console).")),
                 io.String.Input("negative_prompt", multiline=True, default="",
                                 tooltip="What to steer away from; empty is the official default."),
                 io.String.Input("layers", default="default", tooltip=(

@@ -32,6 +32,22 @@ def checkpoint_choices() -> list[str]:
     return names if DEMO_CHOICE in names else names + [DEMO_CHOICE]
 
 
+RELEASE_NAME = "TBAC-UniImage-3B"
+RELEASE_SOURCE = "Hugging Face: TencentBAC/TBAC-UniImage-3B"
+
+
+def missing_checkpoint_message(name: str, choices: list[str]) -> str:
+    """What to do when a workflow names a checkpoint folder that is not installed."""
+    roots = ", ".join(str(root) for root in bridge.model_roots()) or "(no models/tbac folder is configured)"
+    found = ", ".join(choice for choice in choices if choice != DEMO_CHOICE) or "none"
+    return (
+        f"Checkpoint folder {name!r} is not installed. Looked in: {roots} (checkpoint folders found: {found}). "
+        f"Download the {RELEASE_NAME} release folder ({RELEASE_SOURCE}) and put it, whole, in "
+        f"models/tbac/{RELEASE_NAME}/ (config.json + model*.safetensors), then press R in the browser and pick it "
+        f"in the loader; or pick '{DEMO_CHOICE}', the built-in toy model (32x32, 20 steps, guidance 3)."
+    )
+
+
 def demo_checkpoint() -> Path:
     try:  # the demo package is optional: a slim install may leave it out
         from ..tbac_core.demo import DEMO_CHECKPOINT
@@ -124,6 +140,17 @@ class TBACModelLoader(io.ComfyNode):
             outputs=[TBAC_MODEL.Output("model", tooltip=(
                 "The loaded model: wire it into the encode, sampler, decode and understand nodes."))],
         )
+
+    @classmethod
+    def validate_inputs(cls, checkpoint: str | None = None) -> bool | str:
+        """ComfyUI's check of ``checkpoint`` (it replaces the bare "Value not in list" for this input).
+
+        A template names TBAC-UniImage-3B; a user without it learns what to download and where to put it.
+        """
+        if checkpoint is None:  # linked from another node: checked when it runs
+            return True
+        choices = checkpoint_choices()
+        return True if checkpoint in choices else missing_checkpoint_message(checkpoint, choices)
 
     @classmethod
     def execute(cls, checkpoint: str, dtype: str, device: str, adapter: str) -> io.NodeOutput:

@@ -1,17 +1,17 @@
 // Manual acceptance check of the shipped workflows in ComfyUI's real front end (not part of CI).
 //
-// For every UI-format workflow in workflows/*.json it opens a headless Chromium on a running
+// For every UI-format workflow in example_workflows/*.json it opens a headless Chromium on a running
 // ComfyUI, loads the graph with the front end's own `app.loadGraphData`, records console errors /
 // warnings, page errors, nodes the front end does not know and widget values it changed, converts
 // the graph with `app.graphToPrompt` and compares the prompt with the API twin
-// workflows/api/<name>.json (node ids, class_type, every input: widget values and links).
+// example_workflows/api/<name>.json (node ids, class_type, every input: widget values and links).
 // Unless --no-run is given it then shrinks the converted prompt to a small test model (loader
 // checkpoint, steps, width/height, LoadImage file, Understand max_new_tokens), queues it with
 // POST /prompt, and polls /history until it finishes. Exit status 0 only if everything passed.
 //
 // See tools/README.md for setup. Options (all optional):
 //   --url http://127.0.0.1:8188     ComfyUI to test (must have this pack installed)
-//   --workflows <dir>               default: ../workflows next to this script
+//   --workflows <dir>               default: ../example_workflows next to this script
 //   --only name1,name2              check only these workflows (file names without .json)
 //   --checkpoint tbac-tiny/checkpoint   loader choice used for the runs
 //   --image <png>                   uploaded and used by every LoadImage for the runs
@@ -20,6 +20,15 @@
 //   --screenshots <dir>             save <name>.png of each loaded graph there
 //   --chromium /usr/bin/chromium    browser executable
 //   --timeout 600                   seconds allowed per queued prompt
+//   --viewport 1600x1000            browser window size (the layout rules are checked at this size)
+//   --templates                     also open every workflow from the Templates dialog (as a user does),
+//                                   check the layout rules on screen (fitted zoom, note visible, nothing
+//                                   under the tab bar / toolbar, thumbnail loaded) and, with
+//                                   --screenshots, save templates_dialog.png and <name>.template.png
+//   --module tbac_uniimage          the pack's folder name under custom_nodes (its Templates category)
+//   --try-missing-model             open text_to_image from the dialog unchanged, press Run with the
+//                                   shipped checkpoint name and save missing_model_run.png (what a user
+//                                   without the weights sees); prints the message shown
 import { createRequire } from "node:module";
 import { readFileSync, readdirSync, mkdirSync, existsSync } from "node:fs";
 import path from "node:path";
@@ -30,7 +39,7 @@ const HERE = path.dirname(fileURLToPath(import.meta.url));
 function parseArgs(argv) {
   const opts = {
     url: "http://127.0.0.1:8188",
-    workflows: path.join(HERE, "..", "workflows"),
+    workflows: path.join(HERE, "..", "example_workflows"),
     only: null,
     checkpoint: "tbac-tiny/checkpoint",
     image: null,
@@ -40,6 +49,10 @@ function parseArgs(argv) {
     screenshots: null,
     chromium: "/usr/bin/chromium",
     timeout: 600,
+    viewport: [1600, 1000],
+    templates: false,
+    module: "tbac_uniimage",
+    tryMissingModel: false,
   };
   for (let i = 0; i < argv.length; i++) {
     const key = argv[i];
@@ -59,6 +72,10 @@ function parseArgs(argv) {
       case "--screenshots": opts.screenshots = value(); break;
       case "--chromium": opts.chromium = value(); break;
       case "--timeout": opts.timeout = Number(value()); break;
+      case "--viewport": opts.viewport = value().split("x").map(Number); break;
+      case "--templates": opts.templates = true; break;
+      case "--module": opts.module = value(); break;
+      case "--try-missing-model": opts.tryMissingModel = true; break;
       default: throw new Error(`unknown option ${key} (see the header of ${path.basename(fileURLToPath(import.meta.url))})`);
     }
   }
@@ -220,6 +237,84 @@ function widgetChanges(file, saved) {
   return changes;
 }
 
+// -- the Templates dialog --------------------------------------------------------------------------
+const MIN_FONT_PX = 9; // LiteGraph's text is NODE_TEXT_SIZE (14) units; below 8 px it stops drawing text
+
+async function openTemplatesCategory(page, opts) {
+  const category = page.getByText(opts.module, { exact: true }).first();
+  for (let attempt = 0; ; attempt++) {
+    await page.keyboard.press("Escape");
+    await page.evaluate(() => window.app.extensionManager.command.execute("Comfy.BrowseTemplates"));
+    try { await category.waitFor({ timeout: 15000 }); break; } catch (err) { if (attempt) throw err; }
+  }
+  await category.click();
+  await page.locator(`[data-testid^="template-workflow-"]`).first().waitFor({ timeout: 20000 });
+  await page.waitForTimeout(800); // thumbnails
+}
+
+/** Opens one template from the dialog and checks what the user sees; returns the problems. */
+async function checkTemplate(page, name, opts) {
+  const problems = [];
+  await openTemplatesCategory(page, opts);
+  const card = page.locator(`[data-testid="template-workflow-${name}"]`);
+  if (!(await card.count())) return [`no card for ${name} in the Templates dialog (category ${opts.module})`];
+  await card.scrollIntoViewIfNeeded();
+  await page.waitForTimeout(600); // cards load their image when shown
+  const thumb = await card.evaluate((el) => {
+    const img = el.querySelector("img");
+    return img ? { src: img.getAttribute("src"), width: img.naturalWidth } : null;
+  });
+  // the front end shows <name>.jpg through a blob: URL; our thumbnails are 256 px wide (the stand-in gradient is not)
+  if (!thumb || thumb.width !== 256)
+    problems.push(`thumbnail ${name}.jpg not shown (${thumb ? `${thumb.src}, ${thumb.width} px wide` : "no <img>"})`);
+  if (opts.screenshots && name === opts.firstName) await page.screenshot({ path: path.join(opts.screenshots, "templates_dialog.png") });
+  await card.click();
+  await page.waitForTimeout(2500);
+  const seen = await page.evaluate(() => {
+    const canvas = window.app.canvas, { scale, offset } = canvas.ds;
+    const toScreen = ([x, y]) => [(x + offset[0]) * scale, (y + offset[1]) * scale];
+    const canvasRect = canvas.canvas.getBoundingClientRect();
+    const covered = [];
+    const nodes = window.app.graph.nodes.map((node) => {
+      const [x0, y0] = toScreen([node.pos[0], node.pos[1] - window.LiteGraph.NODE_TITLE_HEIGHT]);
+      const [x1, y1] = toScreen([node.pos[0] + node.size[0], node.pos[1] + node.size[1]]);
+      const rect = [x0 + canvasRect.left, y0 + canvasRect.top, x1 + canvasRect.left, y1 + canvasRect.top];
+      // probe the title bar and the corners: the topmost element must be the canvas or the node's own DOM widget
+      const probes = [[0.5, 0.5 * 30], [0.1, 15], [0.9, 15]].map(([fx, dy]) => [rect[0] + fx * (rect[2] - rect[0]), rect[1] + dy * scale]);
+      probes.push([rect[0] + 4, rect[3] - 4], [rect[2] - 4, rect[3] - 4]);
+      for (const [px, py] of probes) {
+        if (px < 0 || py < 0 || px >= innerWidth || py >= innerHeight) { covered.push(`node ${node.id} (${node.type}) is outside the window at ${px.toFixed(0)},${py.toFixed(0)}`); continue; }
+        const el = document.elementFromPoint(px, py);
+        if (el && el !== canvas.canvas && !el.closest(".dom-widget") && el.tagName !== "TEXTAREA")
+          covered.push(`node ${node.id} (${node.type}) at ${px.toFixed(0)},${py.toFixed(0)} is under <${el.tagName.toLowerCase()} class="${String(el.className).slice(0, 60)}">`);
+      }
+      return { id: node.id, type: node.type, rect, size: [...node.size] };
+    });
+    return { scale, lowQuality: canvas.low_quality, nodes, covered, canvas: [canvasRect.width, canvasRect.height] };
+  });
+  const fontPx = 14 * seen.scale;
+  console.log(`  ${name}: fitted zoom ${(seen.scale * 100).toFixed(1)} % (text ${fontPx.toFixed(1)} px), canvas ${seen.canvas.map(Math.round).join("x")}`);
+  if (seen.lowQuality) problems.push(`drawn in low quality at ${(seen.scale * 100).toFixed(1)} % (text not drawn)`);
+  if (fontPx < MIN_FONT_PX) problems.push(`text ${fontPx.toFixed(1)} px at the fitted zoom, below ${MIN_FONT_PX} px`);
+  problems.push(...seen.covered);
+  if (opts.screenshots) await page.screenshot({ path: path.join(opts.screenshots, `${name}.template.png`) });
+  return problems;
+}
+
+/** Opens text_to_image from the dialog as shipped and presses Run: what does a user without the weights see? */
+async function tryMissingModel(page, opts) {
+  await openTemplatesCategory(page, opts);
+  await page.locator(`[data-testid="template-workflow-text_to_image"]`).click();
+  await page.waitForTimeout(2000);
+  const shown = await popups(page); // anything shown on opening (e.g. a missing-models notice)
+  await page.evaluate(() => window.app.queuePrompt(0, 1));
+  await page.waitForTimeout(3000);
+  if (opts.screenshots) await page.screenshot({ path: path.join(opts.screenshots, "missing_model_run.png") });
+  const texts = await page.evaluate(() => [...document.querySelectorAll(".p-dialog, .p-toast-message, [role=dialog], [role=alert], .comfy-error-report")]
+    .filter((el) => el.offsetParent !== null).map((el) => el.innerText.replace(/\s+/g, " ").trim().slice(0, 600)));
+  return JSON.stringify({ onOpen: shown, afterRun: texts });
+}
+
 async function main() {
   const opts = parseArgs(process.argv.slice(2));
   const { chromium } = loadPlaywright();
@@ -228,13 +323,14 @@ async function main() {
   if (!names.length) throw new Error(`no workflows to check in ${opts.workflows}`);
   if (opts.run && !opts.image) throw new Error("--image <png> is needed for the runs (or pass --no-run)");
   if (opts.screenshots) mkdirSync(opts.screenshots, { recursive: true });
+  opts.firstName = names[0];
 
   const browser = await chromium.launch({
     executablePath: opts.chromium,
     args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
       "--disable-component-update", "--disable-sync", "--no-first-run"],
   });
-  const page = await browser.newPage({ viewport: { width: 2560, height: 1440 } });
+  const page = await browser.newPage({ viewport: { width: opts.viewport[0], height: opts.viewport[1] } });
   let log = [];
   page.on("console", (msg) => {
     if (msg.type() === "error" || msg.type() === "warning") log.push(`console.${msg.type()}: ${msg.text().slice(0, 400)}`);
@@ -299,6 +395,16 @@ async function main() {
     for (const p of problems) console.log(`  - ${p}`);
     if (run?.ok) console.log(`  run: ${run.detail}`);
   }
+  if (opts.templates) {
+    console.log(`\nTemplates dialog at ${opts.viewport.join("x")}:`);
+    for (const name of names) {
+      const problems = await checkTemplate(page, name, opts);
+      failures += problems.length ? 1 : 0;
+      console.log(`${problems.length ? "FAIL" : "ok  "} template ${name}`);
+      for (const p of problems) console.log(`  - ${p}`);
+    }
+  }
+  if (opts.tryMissingModel) console.log(`\nmissing model run: ${await tryMissingModel(page, opts)}`);
   await browser.close();
   console.log(`\n${names.length - failures}/${names.length} workflows passed`);
   process.exit(failures ? 1 : 0);

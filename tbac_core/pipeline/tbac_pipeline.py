@@ -14,6 +14,7 @@ the denoising loop (``sampling.denoise``) and ``decode`` (DC-AE). The stages tru
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections import OrderedDict
 from dataclasses import dataclass, replace
 from typing import Callable, Sequence
@@ -43,6 +44,8 @@ from .sampling import (
 
 TILED_DECODE_ABOVE = 1024 * 1024  # pixels per image; DC-AE decodes larger images tile by tile
 DEFAULTS = SamplingParams()
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -384,6 +387,13 @@ def _prompt_list(prompt) -> list[str]:
     for item in prompts:
         if not isinstance(item, str):
             raise InvalidParameterError(f"Prompts must be strings, got {type(item).__name__}.")
+    empty = [index for index, item in enumerate(prompts) if not item.strip()]
+    if empty:  # allowed (the official code accepts it), but almost always a forgotten prompt box
+        logger.warning(
+            "Prompt %s is empty: the image is generated with no text to follow. Type a prompt if that is not "
+            "what you want.",
+            ", ".join(str(i + 1) for i in empty) if len(prompts) > 1 else "1 of 1",
+        )
     return list(prompts)
 
 

@@ -1,8 +1,9 @@
 """The shipped workflows: UI format well formed, API twins equal to it, and every API twin runs.
 
-Layout: ``workflows/<name>.json`` is the UI (graph) format ComfyUI lists in its Templates dialog
-(it globs ``workflows/*.json``, not sub-folders); ``workflows/api/<name>.json`` is the API-format
-twin for scripts and ``python -m comfy_queue``. Shipped workflows name the real checkpoint
+Layout: ``example_workflows/<name>.json`` is the UI (graph) format ComfyUI lists in its Templates
+dialog (it globs ``example_workflows/*.json``, not sub-folders; ``example_workflows`` is the folder
+name ComfyUI recommends, the others it accepts log a rename hint); ``example_workflows/api/<name>.json``
+is the API-format twin for scripts and ``python -m comfy_queue``. Shipped workflows name the real checkpoint
 (``TBAC-UniImage-3B``); the tests switch the loader to the tiny fixture and shrink sizes/steps.
 """
 from __future__ import annotations
@@ -38,7 +39,7 @@ from pack import NODE_CLASSES, PACK
 bridge = PACK.nodes.comfy_bridge
 
 ROOT = Path(__file__).resolve().parents[2]
-WORKFLOWS = ROOT / "workflows"
+WORKFLOWS = ROOT / "example_workflows"
 UI_FILES = sorted(WORKFLOWS.glob("*.json"))
 API_FILES = sorted((WORKFLOWS / "api").glob("*.json"))
 SHIPPED_CHECKPOINT = "TBAC-UniImage-3B"
@@ -104,7 +105,7 @@ def test_every_ui_workflow_has_an_api_twin_and_back():
 
 @pytest.mark.parametrize("path", UI_FILES, ids=lambda p: p.name)
 def test_template_folder_holds_only_ui_format(path):
-    """ComfyUI's template scan lists workflows/*.json and the dialog opens them as graphs."""
+    """ComfyUI's template scan lists example_workflows/*.json and the dialog opens them as graphs."""
     data = _load(path)
     assert isinstance(data.get("nodes"), list) and isinstance(data.get("links"), list), f"{path.name} is not UI format"
 
