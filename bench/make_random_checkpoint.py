@@ -368,8 +368,12 @@ def write_components(spec: RandomSpec, root: Path, fixtures: Path = DEFAULT_FIXT
 # -- a model straight in memory (no file) -------------------------------------------------------
 def build_random_model(spec: RandomSpec, device="cpu", dtype: torch.dtype = torch.float32,
                        vae_dtype: torch.dtype | None = None, seed: int = 0, fixtures: Path = DEFAULT_FIXTURES,
-                       tokenizer: Path | None = None):
+                       tokenizer: Path | None = None, quantization: str | None = None):
     """A ``TBACModel`` with random weights drawn directly on ``device`` in ``dtype``.
+
+    ``quantization`` (``"fp8"``, ``"q8_0"``, ``"q5_k"``, ``"q4_k"``): the MLLM's decoder linears and the
+    DiT blocks' attention linears are quantised on ``device`` and swapped for the dequantising
+    layers, as ``load_model(..., quantization=...)`` does with a checkpoint.
 
     Assembled as ``tbac_core.load_model`` assembles a checkpoint (same builders, same strict
     assignment), minus the file: for the 3B architecture on a GPU this skips writing and reading
@@ -389,6 +393,7 @@ def build_random_model(spec: RandomSpec, device="cpu", dtype: torch.dtype = torc
     from tbac_core.modeling.mllm import attach_lm_head, num_rungs
     from tbac_core.modeling.model import TBACModel
     from tbac_core.processing.prompting import PromptBuilder, make_image_processor
+    from tbac_core.quantization import quantize_state, swap_linears
 
     device = torch.device(device)
     if vae_dtype is None:
@@ -400,6 +405,9 @@ def build_random_model(spec: RandomSpec, device="cpu", dtype: torch.dtype = torc
         state = {key: random_tensor(_plan_component_key(component, key), tuple(value.shape), target, device,
                                     generator)
                  for key, value in module.state_dict().items()}
+        if quantization and component in ("mllm", "dit"):
+            state = quantize_state(component, state, quantization)
+            swap_linears(module, state, f"random {spec.name} weights")
         load_strict(module, state, f"random {spec.name} weights")
         del state
     mllm = modules["mllm"]
