@@ -92,6 +92,18 @@ def summary(values: list[float]) -> dict:
     }
 
 
+def test_image(size: int):
+    """A deterministic ``size`` x ``size`` RGB picture with structure (gradients and a disc), no file needed."""
+    import numpy as np
+    from PIL import Image
+
+    y, x = np.mgrid[0:size, 0:size] / size
+    disc = ((x - 0.6) ** 2 + (y - 0.4) ** 2) < 0.04
+    rgb = np.stack([x, y, 1 - x], axis=-1)
+    rgb[disc] = [0.9, 0.2, 0.1]
+    return Image.fromarray((rgb * 255).astype("uint8"), "RGB")
+
+
 # -- facts ------------------------------------------------------------------------------------------
 def _cpu_model() -> str:
     try:
@@ -104,11 +116,11 @@ def _cpu_model() -> str:
 
 
 def _version(module: str) -> str | None:
-    try:
-        from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError, version
 
+    try:
         return version(module)
-    except Exception:
+    except PackageNotFoundError:
         return None
 
 

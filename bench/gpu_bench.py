@@ -8,12 +8,15 @@ random weights drawn straight on the GPU, see ``make_random_checkpoint.build_ran
   and ``offload-mllm``: seconds per image, MLLM encode time (in ``offload-mllm`` it includes moving
   the MLLM to the GPU and back), per-step time, VAE decode time, peak VRAM
   (``torch.cuda.max_memory_allocated``) and VRAM at rest;
+* quantised weights (``--weights``, default fp8 and GGUF Q8_0): the same model with the MLLM's decoder
+  linears and the DiT blocks' attention linears quantised on the GPU (``build_random_model(...,
+  quantization=...)``, the layers ``load_model`` puts in), memory mode ``full``, same batches;
 * parity on the tiny fixture: the golden text-to-image case run in bf16 (and in fp32) on the device
   against fp32 on the CPU; max abs difference of the final latents and of the decoded images,
   checked against the tolerances stated below.
 
 ``--smoke`` runs the same code on the CPU with the tiny architecture, 2 steps and batches 1/2 (a few
-seconds), so CI proves the script works before a GPU is lent. ``--load-checkpoint DIR`` also times
+seconds), fp8 and Q8_0 included, so CI proves every path of the script before a GPU is lent. ``--load-checkpoint DIR`` also times
 ``tbac_core.load_model`` of a checkpoint folder (e.g. the real release) onto the device.
 
 Writes ``bench/results/gpu-<gpu name>-<date>.json`` (``--out`` to choose) and prints a table.
@@ -34,9 +37,11 @@ for path in (str(REPO), str(BENCH)):
     if path not in sys.path:
         sys.path.insert(0, path)
 
-import benchutil as bu  # noqa: E402
-import make_random_checkpoint as mrc  # noqa: E402
-import torch  # noqa: E402
+import itertools
+
+import benchutil as bu
+import make_random_checkpoint as mrc
+import torch
 
 # Parity tolerances: max abs difference against fp32 on the CPU (tiny fixture, golden t2i case,
 # 8 steps, latents std ~1.7, images in 0..1). bf16 keeps 8 mantissa bits (relative step 2^-8);
@@ -115,7 +120,7 @@ def run_generation(pipe, batch: int, size: int, steps: int, guidance: float, see
     if not torch.isfinite(images).all():
         raise RuntimeError(f"non-finite images at batch {batch}: the benchmark would time garbage")
     return {"encode": encode[0], "sample": sample[0], "decode": decode[0],
-            "steps": [b - a for a, b in zip(stamps, stamps[1:])], "images": images.shape[0],
+            "steps": [b - a for a, b in itertools.pairwise(stamps)], "images": images.shape[0],
             "peak_encode": peak_encode, "peak_sampling": peak_sampling}
 
 
@@ -213,7 +218,9 @@ def time_load(checkpoint: Path, device, dtype: str) -> dict:
 # -- report ------------------------------------------------------------------------------------------
 def table(result: dict) -> str:
     rows = []
-    for mode, data in result["speed"].items():
+    runs = [(mode, data) for mode, data in result["speed"].items()]
+    runs += [(f"full, {fmt} weights", data) for fmt, data in result.get("quantized", {}).items()]
+    for mode, data in runs:
         for batch, stats in data["batches"].items():
             rows.append([
                 mode, batch,
@@ -227,14 +234,14 @@ def table(result: dict) -> str:
             ])
     s = result["settings"]
     memory = "VRAM" if result["device"].startswith("cuda") else "RSS"
-    lines = [f"{s['size']}x{s['size']}, {s['steps']} steps, guidance {s['guidance_scale']}, {s['dtype']}, "
-             f"medians of {s['repeats']} runs",
+    lines = [(f"{s['size']}x{s['size']}, {s['steps']} steps, guidance {s['guidance_scale']}, {s['dtype']}, "
+             f"medians of {s['repeats']} runs"),
              bu.markdown_table(["memory mode", "batch", "s/image", "encode s", "step ms", "decode s",
                                 f"peak {memory} encode", f"peak {memory} sample+decode", f"{memory} at rest"], rows)]
     if result.get("parity"):
         p = result["parity"]
-        lines += ["", f"parity ({p['case']}), reference {p['reference']}: vs golden latents max abs "
-                      f"{p['reference_vs_golden_latents_max_abs']:.2e} (tolerance {p['golden_tolerance']:.0e})"]
+        lines += ["", (f"parity ({p['case']}), reference {p['reference']}: vs golden latents max abs "
+                      f"{p['reference_vs_golden_latents_max_abs']:.2e} (tolerance {p['golden_tolerance']:.0e})")]
         prow = [[name, f"{d['latents_max_abs']:.3e}", f"{d['images_max_abs']:.3e}",
                  f"{d['tolerance']['latents']:g} / {d['tolerance']['images']:g}",
                  "yes" if d["within_tolerance"] else "NO"] for name, d in p["compared"].items()]
@@ -242,9 +249,9 @@ def table(result: dict) -> str:
                                         "within"], prow))
     if result.get("load"):
         load = result["load"]
-        lines += ["", f"load {load['checkpoint']}: {load['seconds']:.2f} s, weights {bu.gib(load['weights_bytes'])}, "
+        lines += ["", (f"load {load['checkpoint']}: {load['seconds']:.2f} s, weights {bu.gib(load['weights_bytes'])}, "
                       f"peak RSS {bu.gib(load['peak_rss'])}, peak device memory "
-                      f"{bu.gib(load['peak_device_memory']['bytes'])}"]
+                      f"{bu.gib(load['peak_device_memory']['bytes'])}")]
     return "\n".join(lines)
 
 
@@ -266,6 +273,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--warmup-steps", type=int, default=2, help="untimed warm-up generation per mode (0: none)")
     parser.add_argument("--repeats", type=int, default=None, help="runs per batch (default 2; 1 with --smoke)")
     parser.add_argument("--modes", default="full,offload-mllm")
+    parser.add_argument("--weights", default="fp8,q8_0",
+                        help="quantised weight formats also run in full mode (comma list; '' for none)")
     parser.add_argument("--compile", action="store_true", help="also pass compile_dit (torch.compile of DiT blocks)")
     parser.add_argument("--fixtures", type=Path, default=mrc.DEFAULT_FIXTURES)
     parser.add_argument("--skip-parity", action="store_true")
@@ -285,6 +294,11 @@ def main(argv=None) -> dict:
     steps = args.steps or (2 if smoke else 30)
     repeats = args.repeats or (1 if smoke else 2)
     modes = [m for m in args.modes.split(",") if m]
+    from tbac_core.params import QUANTIZATION_FORMATS
+
+    weight_formats = [w for w in args.weights.split(",") if w]
+    if set(weight_formats) - set(QUANTIZATION_FORMATS):
+        parser.error(f"--weights: choose from {', '.join(QUANTIZATION_FORMATS)}")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     started = time.perf_counter()
 
@@ -308,7 +322,8 @@ def main(argv=None) -> dict:
                   "dit_bytes": bu.tensor_bytes(model.dit), "vae_bytes": bu.tensor_bytes(model.vae)},
         "settings": {"size": image_size, "steps": steps, "guidance_scale": args.guidance, "sampler": "dpm++",
                      "dtype": args.dtype, "batches": batches, "repeats": repeats, "modes": modes,
-                     "compile_dit": args.compile, "prompts": "distinct prompts, one image each",
+                     "compile_dit": args.compile, "quantized_weights": weight_formats,
+                     "prompts": "distinct prompts, one image each",
                      "mllm_tokens_per_row": _tokens_per_row(model)},
         "speed": {},
     }
@@ -317,6 +332,19 @@ def main(argv=None) -> dict:
                                            repeats, args.warmup_steps)
     del model
     release(device)
+    result["quantized"] = {}
+    for fmt in weight_formats:
+        build = []
+        with bu.timed(build, device):
+            model = mrc.build_random_model(spec, device=device, dtype=dtype, fixtures=args.fixtures, quantization=fmt)
+        stats = bench_mode(model, "full", device, batches, image_size, steps, args.guidance, repeats,
+                           args.warmup_steps)
+        stats.update(weights_bytes=bu.tensor_bytes(model.mllm, model.dit, model.vae), build_seconds=build[0],
+                     quantized_layers=sum(type(m).__name__ in ("FP8Linear", "GGUFLinear")
+                                          for m in [*model.mllm.modules(), *model.dit.modules()]))
+        result["quantized"][fmt] = stats
+        del model
+        release(device)
     if args.load_checkpoint:
         result["load"] = time_load(args.load_checkpoint, device, args.dtype)
     if not args.skip_parity:

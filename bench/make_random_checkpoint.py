@@ -9,7 +9,11 @@ published layout instead of a 11.4 GB download. Three sizes:
   DiT 8 blocks x 640, a 6-stage DC-AE), 256x256 images, 138 M parameters, a 0.44 GB file.
 * ``medium-bf16``: ``medium`` with every part stored in bfloat16 (as the real release), 0.28 GB.
 * ``real``: the published TBAC-UniImage-3B architecture (``tbac_core.loading.builtin_configs``), 512x512
-  images, 5.68 B parameters. Only for GPU machines (``gpu_bench.py`` builds it straight on the GPU).
+  images, 5.68 B parameters, 11.4 GB in bf16 (``cpu_real_bench.py`` runs it on a CPU with 24 GB of
+  RAM; ``gpu_bench.py`` builds it straight on the GPU).
+* ``tiny-real-vocab``: the tiny architecture with the real vocabulary (151,936 rows), the real
+  special-token ids, a real-size tokenizer and Qwen2.5-VL's preprocessor settings: what ``real``
+  writes around its weights, at a size CI can afford (edits and understanding run in a second).
 
 A checkpoint folder is what ``TencentBAC/TBAC-UniImage-3B`` ships: ``config.json`` (model_type
 ``tbacuniimage``) and ``model.safetensors`` (or shards + index) with keys
@@ -23,10 +27,17 @@ where the core's resolver looks:
     bench/models/<size>/bench-<size>-Qwen2.5-VL-Instruct/ config.json, tokenizer files
     bench/models/<size>/bench-<size>-Sana_diffusers/      transformer/ vae/ scheduler/ configs
 
-The tokenizer is the fixture's byte-level BPE (342 tokens): prompts come out ~3-4x more tokens than
-with Qwen's real tokenizer, which makes MLLM encoding look slightly slower than it would be.
+``tiny`` and ``medium`` use the fixture's byte-level BPE (342 tokens, the fixture's ids): prompts come
+out ~3-4x more tokens than with Qwen's real tokenizer. ``real`` and ``tiny-real-vocab`` use Qwen2.5's
+ids (151643 <|endoftext|>, 151644 <|im_start|>, 151645 <|im_end|>, 151652/151653 vision start/end,
+151655 <|image_pad|>, 151656 <|video_pad|>) with ``--tokenizer DIR`` (a real Qwen2.5 tokenizer
+folder, e.g. ComfyUI's ``comfy/text_encoders/qwen25_tokenizer``) or, without it, a synthetic
+byte-level BPE of the real size (``real_tokenizer.py``), and Qwen2.5-VL's preprocessor settings
+(min_pixels 3136, max_pixels 12845056, patch 14, merge 2, temporal 2). Every written MLLM folder
+is checked: its tokenizer's ids must equal its config's.
 
-Usage: python bench/make_random_checkpoint.py {tiny,medium,medium-bf16,real} [--out bench/models] [--seed 0]
+Usage: python bench/make_random_checkpoint.py {tiny,medium,medium-bf16,real,tiny-real-vocab}
+       [--out bench/models] [--seed 0] [--tokenizer DIR]
 """
 from __future__ import annotations
 
@@ -41,18 +52,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # run as a script from anywhere: tbac_core lives in the repo root
-    sys.path.insert(0, str(REPO))
+for _path in (str(REPO), str(REPO / "bench")):  # run as a script from anywhere: tbac_core lives in the repo root
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
 
-import torch  # noqa: E402
+import real_tokenizer as rt
+import torch
 
-from tbac_core.loading import builtin_configs  # noqa: E402
+from tbac_core.loading import builtin_configs
 
 DEFAULT_FIXTURES = Path(os.environ.get("TBAC_FIXTURES") or REPO / "tests" / "fixtures")
 DEFAULT_OUT = REPO / "bench" / "models"
 TINY_QWEN = "tiny-Qwen2.5-VL-Instruct"
 TINY_SANA = "tiny-Sana_diffusers"
 # Small files of the fixture's MLLM folder that make a tokenizer + image processor (no weights).
+PREPROCESSOR_FILE = "preprocessor_config.json"
 TOKENIZER_FILES = ("added_tokens.json", "chat_template.json", "generation_config.json", "merges.txt",
                    "preprocessor_config.json", "special_tokens_map.json", "tokenizer.json",
                    "tokenizer_config.json", "vocab.json")
@@ -77,6 +91,8 @@ class RandomSpec:
     # dtype each component is stored in (the official save_pretrained keeps the DiT in bfloat16)
     storage: dict = field(default_factory=lambda: {"mllm": "float32", "connector": "float32",
                                                    "dit": "bfloat16", "vae": "float32"})
+    # False: the fixture's tokenizer + preprocessor; True: a real-size Qwen2.5 tokenizer + Qwen's settings
+    real_tokenizer: bool = False
 
     @property
     def vae_downsample_f(self) -> int:
@@ -171,12 +187,18 @@ def make_spec(name: str, fixtures: Path = DEFAULT_FIXTURES) -> RandomSpec:
         return RandomSpec("medium-bf16", medium.mllm, medium.transformer, medium.vae, medium.scheduler,
                           medium.num_metaqueries, medium.input_size,
                           storage={part: "bfloat16" for part in ("mllm", "connector", "dit", "vae")})
+    if name == "tiny-real-vocab":
+        mllm = json.loads(json.dumps(fixture_qwen))
+        real = builtin_configs.QWEN25_VL_3B_CONFIG
+        mllm.update({key: real[key] for key in (*TOKEN_ID_FIELDS, "vocab_size")})
+        tiny = make_spec("tiny", fixtures)
+        return RandomSpec("tiny-real-vocab", mllm, tiny.transformer, tiny.vae, tiny.scheduler,
+                          num_metaqueries=tiny.num_metaqueries, input_size=tiny.input_size, real_tokenizer=True)
     if name == "real":
-        mllm = _with_fixture_token_ids(builtin_configs.QWEN25_VL_3B_CONFIG, fixture_qwen,
-                                       builtin_configs.QWEN25_VL_3B_CONFIG["vocab_size"])
         return RandomSpec(
             name="real",
-            mllm=mllm,
+            mllm=json.loads(json.dumps(builtin_configs.QWEN25_VL_3B_CONFIG)),  # Qwen2.5-VL-3B's own token ids
+            real_tokenizer=True,
             transformer=dict(builtin_configs.SANA_1600M_512_TRANSFORMER_CONFIG),
             vae=json.loads(json.dumps(builtin_configs.DCAE_F32C32_CONFIG)),
             scheduler=dict(builtin_configs.SANA_FLOW_DPM_SCHEDULER_CONFIG),
@@ -184,10 +206,10 @@ def make_spec(name: str, fixtures: Path = DEFAULT_FIXTURES) -> RandomSpec:
             input_size=16,
             storage={"mllm": "bfloat16", "connector": "bfloat16", "dit": "bfloat16", "vae": "bfloat16"},
         )
-    raise ValueError(f"Unknown size {name!r}; choose {', '.join(SPEC_NAMES)}.")
+    raise ValueError(f"Unknown size {name!r}; choose one of {', '.join(SPEC_NAMES)}.")
 
 
-SPEC_NAMES = ("tiny", "medium", "medium-bf16", "real")
+SPEC_NAMES = ("tiny", "medium", "medium-bf16", "real", "tiny-real-vocab")
 
 
 # -- modules on the meta device ------------------------------------------------------------------
@@ -263,11 +285,14 @@ def _plan_component_key(component: str, key: str) -> str:
 
 # -- a checkpoint folder on disk ----------------------------------------------------------------
 def write_checkpoint(spec: RandomSpec, out_root: Path = DEFAULT_OUT, seed: int = 0,
-                     fixtures: Path = DEFAULT_FIXTURES, max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
+                     fixtures: Path = DEFAULT_FIXTURES, max_shard_bytes: int = MAX_SHARD_BYTES,
+                     tokenizer: Path | None = None) -> Path:
     """Write ``out_root/<spec.name>/`` (checkpoint + component folders); return the checkpoint folder.
 
     Tensors are drawn on the CPU from one seeded generator in file order (so a rebuild gives the
-    same bytes) and written one shard at a time, so memory stays below one shard.
+    same bytes) and written one shard at a time, so memory stays below one shard. ``tokenizer``:
+    a real Qwen2.5 tokenizer folder for the specs with ``real_tokenizer`` (default: synthetic).
+    The component folders are written and checked first, before any weight.
     """
     from safetensors.torch import save_file
 
@@ -276,7 +301,7 @@ def write_checkpoint(spec: RandomSpec, out_root: Path = DEFAULT_OUT, seed: int =
     if root.exists():
         shutil.rmtree(root)
     checkpoint.mkdir(parents=True)
-    _write_components(spec, root, Path(fixtures))
+    write_components(spec, root, Path(fixtures), tokenizer)
 
     plan = tensor_plan(spec)
     dtypes = {c: getattr(torch, spec.storage[c]) for c in spec.storage}
@@ -309,30 +334,60 @@ def write_checkpoint(spec: RandomSpec, out_root: Path = DEFAULT_OUT, seed: int =
     return checkpoint
 
 
-def _write_components(spec: RandomSpec, root: Path, fixtures: Path) -> None:
+def write_tokenizer_folder(spec: RandomSpec, folder: Path, fixtures: Path = DEFAULT_FIXTURES,
+                           tokenizer: Path | None = None) -> dict:
+    """Tokenizer + preprocessor files of ``spec`` into ``folder``, checked against ``spec.mllm``.
+
+    Returns where the tokenizer came from and its structure ids.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    if spec.real_tokenizer:
+        origin = rt.copy_tokenizer(tokenizer, folder) if tokenizer else rt.write_synthetic_tokenizer(folder)
+        (folder / PREPROCESSOR_FILE).write_text(json.dumps(rt.QWEN25_VL_PREPROCESSOR, indent=2) + "\n")
+    else:
+        if tokenizer:
+            raise ValueError(f"--tokenizer is for the real-vocabulary sizes; {spec.name} uses the fixture's")
+        source = Path(fixtures) / "tbac-tiny" / TINY_QWEN
+        for name in TOKENIZER_FILES:
+            if (source / name).is_file():
+                shutil.copyfile(source / name, folder / name)
+        origin = {"source": str(source)}
+    # The mismatch the first real-size run found (fixture ids in a real config) stops here.
+    origin["ids"] = rt.check_tokenizer_matches(folder, spec.mllm)
+    return origin
+
+
+def write_components(spec: RandomSpec, root: Path, fixtures: Path = DEFAULT_FIXTURES,
+                     tokenizer: Path | None = None) -> dict:
+    """The MLLM folder (config, tokenizer, preprocessor) and the SANA folder of ``spec`` under ``root``."""
     qwen = root / spec.qwen_folder
-    qwen.mkdir(parents=True)
-    source = fixtures / "tbac-tiny" / TINY_QWEN
-    for name in TOKENIZER_FILES:
-        if (source / name).is_file():
-            shutil.copyfile(source / name, qwen / name)
+    origin = write_tokenizer_folder(spec, qwen, fixtures, tokenizer)
     (qwen / "config.json").write_text(json.dumps(spec.mllm, indent=2) + "\n")
     sana = root / spec.sana_folder
     for part, file, config in (("transformer", "config.json", spec.transformer), ("vae", "config.json", spec.vae),
                                ("scheduler", "scheduler_config.json", spec.scheduler)):
         (sana / part).mkdir(parents=True)
         (sana / part / file).write_text(json.dumps(config, indent=2) + "\n")
+    return origin
 
 
 # -- a model straight in memory (no file) -------------------------------------------------------
 def build_random_model(spec: RandomSpec, device="cpu", dtype: torch.dtype = torch.float32,
-                       vae_dtype: torch.dtype | None = None, seed: int = 0, fixtures: Path = DEFAULT_FIXTURES):
+                       vae_dtype: torch.dtype | None = None, seed: int = 0, fixtures: Path = DEFAULT_FIXTURES,
+                       tokenizer: Path | None = None, quantization: str | None = None):
     """A ``TBACModel`` with random weights drawn directly on ``device`` in ``dtype``.
+
+    ``quantization`` (``"fp8"``, ``"q8_0"``, ``"q5_k"``, ``"q4_k"``): the MLLM's decoder linears and the
+    DiT blocks' attention linears are quantised on ``device`` and swapped for the dequantising
+    layers, as ``load_model(..., quantization=...)`` does with a checkpoint.
 
     Assembled as ``tbac_core.load_model`` assembles a checkpoint (same builders, same strict
     assignment), minus the file: for the 3B architecture on a GPU this skips writing and reading
-    11.4 GB. The tokenizer and image processor come from the fixture's MLLM folder.
+    11.4 GB. The tokenizer and image processor are the ones ``write_checkpoint`` would write
+    (the fixture's, or for ``real`` a real-size tokenizer with Qwen's ids), in a temporary folder.
     """
+    import tempfile
+
     from tbac_core.ladder.conditioning import ModelIdentity, fingerprint_tensor
     from tbac_core.loading.build import (
         image_processor_settings,
@@ -344,6 +399,7 @@ def build_random_model(spec: RandomSpec, device="cpu", dtype: torch.dtype = torc
     from tbac_core.modeling.mllm import attach_lm_head, num_rungs
     from tbac_core.modeling.model import TBACModel
     from tbac_core.processing.prompting import PromptBuilder, make_image_processor
+    from tbac_core.quantization import quantize_state, swap_linears
 
     device = torch.device(device)
     if vae_dtype is None:
@@ -355,6 +411,9 @@ def build_random_model(spec: RandomSpec, device="cpu", dtype: torch.dtype = torc
         state = {key: random_tensor(_plan_component_key(component, key), tuple(value.shape), target, device,
                                     generator)
                  for key, value in module.state_dict().items()}
+        if quantization and component in ("mllm", "dit"):
+            state = quantize_state(component, state, quantization)
+            swap_linears(module, state, f"random {spec.name} weights")
         load_strict(module, state, f"random {spec.name} weights")
         del state
     mllm = modules["mllm"]
@@ -364,10 +423,12 @@ def build_random_model(spec: RandomSpec, device="cpu", dtype: torch.dtype = torc
     vae = modules["vae"].to(device).eval().requires_grad_(False)
 
     config = TBACConfig.from_dict(spec.tbac_config(), f"random {spec.name} spec")
-    tokenizer_dir = Path(fixtures) / "tbac-tiny" / TINY_QWEN
-    settings = image_processor_settings([tokenizer_dir])
-    prompts = PromptBuilder(load_tokenizer(tokenizer_dir), make_image_processor(settings),
-                            config.max_input_text_tokens, settings)
+    with tempfile.TemporaryDirectory(prefix="tbac-tokenizer-") as folder:
+        tokenizer_dir = Path(folder)
+        write_tokenizer_folder(spec, tokenizer_dir, fixtures, tokenizer)
+        settings = image_processor_settings([tokenizer_dir])
+        prompts = PromptBuilder(load_tokenizer(tokenizer_dir), make_image_processor(settings),
+                                config.max_input_text_tokens, settings)
     embedding = mllm.get_input_embeddings().weight
     base_vocab = spec.mllm["vocab_size"]
     identity = ModelIdentity(
@@ -395,10 +456,14 @@ def main(argv=None) -> None:
     parser.add_argument("--fixtures", type=Path, default=DEFAULT_FIXTURES,
                         help="shared/fixtures folder (tokenizer + tiny configs); default $TBAC_FIXTURES or tests/fixtures")
     parser.add_argument("--max-shard-gb", type=float, default=MAX_SHARD_BYTES / 1024**3)
+    parser.add_argument("--tokenizer", type=Path, default=None,
+                        help="a real Qwen2.5 tokenizer folder for real / tiny-real-vocab (e.g. ComfyUI's "
+                             "comfy/text_encoders/qwen25_tokenizer); default: a synthetic one of the real size")
     args = parser.parse_args(argv)
     spec = make_spec(args.size, args.fixtures)
     start = time.perf_counter()
-    checkpoint = write_checkpoint(spec, args.out, args.seed, args.fixtures, int(args.max_shard_gb * 1024**3))
+    checkpoint = write_checkpoint(spec, args.out, args.seed, args.fixtures, int(args.max_shard_gb * 1024**3),
+                                  tokenizer=args.tokenizer)
     files = sorted(checkpoint.glob("*.safetensors"))
     counts = parameter_counts(spec)
     print(json.dumps({
@@ -408,6 +473,7 @@ def main(argv=None) -> None:
         "total_parameters": sum(counts.values()),
         "file_bytes": sum(f.stat().st_size for f in files),
         "files": [f.name for f in files],
+        "tokenizer": args.tokenizer and str(args.tokenizer) or ("synthetic" if spec.real_tokenizer else "fixture"),
         "seconds": round(time.perf_counter() - start, 2),
     }, indent=2))
 

@@ -20,12 +20,15 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from tbac_core.loading import load_model  # noqa: E402
-from tbac_core.params import QUANTIZATION_FORMATS, GenerationSettings  # noqa: E402
-from tbac_core.pipeline.tbac_pipeline import TBACPipeline  # noqa: E402
-from tbac_core.pipeline.understanding import generate_answer_ids  # noqa: E402
-from tbac_core.quantization import quantize_checkpoint  # noqa: E402
+import benchutil as bu
+
+from tbac_core.loading import load_model
+from tbac_core.params import QUANTIZATION_FORMATS, GenerationSettings
+from tbac_core.pipeline.tbac_pipeline import TBACPipeline
+from tbac_core.pipeline.understanding import generate_answer_ids
+from tbac_core.quantization import quantize_checkpoint
 
 PROMPTS = ("a red circle on a blue background", "a lighthouse at dusk, oil painting", "a green cat")
 QUESTIONS = ("What is in this picture?", "Describe the colours.")
@@ -38,13 +41,14 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def run(model, size: int, steps: int, tokens: int):
-    pipe = TBACPipeline(model)
+    """Images of ``PROMPTS`` (seed = index) and greedy answers about one fixed picture (the same input
+    for every format, so the agreement measures the answering model only)."""
+    pipe = TBACPipeline(model, cache_size=0)
     images = [np.asarray(pipe.generate(p, width=size, height=size, steps=steps, seed=i).images[0])
               for i, p in enumerate(PROMPTS)]
     settings = GenerationSettings(max_new_tokens=tokens)
-    answers = [generate_answer_ids(model, q, images=[pipe.generate(PROMPTS[0], width=size, height=size, steps=steps,
-                                                                   seed=0).images[0]], settings=settings)[1]
-               for q in QUESTIONS]
+    picture = bu.test_image(size)
+    answers = [generate_answer_ids(pipe, q, images=[picture], settings=settings)[1] for q in QUESTIONS]
     return images, answers
 
 
@@ -68,7 +72,7 @@ def main() -> None:
     parser.add_argument("--formats", nargs="+", default=["fp8", "q8_0", "q5_k", "q4_k"], choices=QUANTIZATION_FORMATS)
     args = parser.parse_args()
     torch.manual_seed(0)
-    load = dict(device="cpu", dtype=args.dtype, models_dirs=args.models_dir + [args.model.parent])
+    load = {"device": "cpu", "dtype": args.dtype, "models_dirs": args.models_dir + [args.model.parent]}
     ref_images, ref_answers = run(load_model(args.model, **load), args.size, args.steps, args.tokens)
     rows = [("unquantised", weight_bytes(args.model), "-", "-", "100%")]
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,6 +1,7 @@
 """The benchmark scripts work before a GPU is lent: gpu_bench --smoke end to end, random checkpoints load."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -14,7 +15,8 @@ ROOT = Path(__file__).resolve().parents[2]
 BENCH = ROOT / "bench"
 sys.path.insert(0, str(BENCH))
 
-import make_random_checkpoint as mrc  # noqa: E402
+import make_random_checkpoint as mrc
+import real_tokenizer as rt
 
 PUBLISHED_PARAMETERS = 5_681_505_091  # TencentBAC/TBAC-UniImage-3B, all tensors
 
@@ -24,7 +26,7 @@ def test_gpu_bench_smoke_runs_and_reports(tmp_path, fixture_root):
     done = subprocess.run(
         [sys.executable, str(BENCH / "gpu_bench.py"), "--smoke", "--threads", "1", "--out", str(out),
          "--fixtures", str(fixture_root.parent)],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True, text=True, timeout=600, check=False,
     )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     assert "| memory mode | batch | s/image |" in done.stdout
@@ -39,6 +41,14 @@ def test_gpu_bench_smoke_runs_and_reports(tmp_path, fixture_root):
                 assert stats[key]["median"] > 0, key
             assert stats["step_seconds"]["runs"] == 1  # 2 steps -> one interval between step callbacks
             assert stats["peak_memory"]["bytes"] > 0
+    # fp8 and GGUF Q8_0 ran through the dequantising layers (item 6: full mode, same batches).
+    assert set(result["quantized"]) == {"fp8", "q8_0"}
+    for fmt, stats in result["quantized"].items():
+        assert stats["quantized_layers"] > 0, fmt
+        assert stats["weights_bytes"] < result["model"]["weights_bytes"], fmt
+        for batch_stats in stats["batches"].values():
+            assert batch_stats["seconds_per_image"]["median"] > 0
+    assert "| full, q8_0 weights | 1 |" in done.stdout
     parity = result["parity"]
     assert parity["golden_ok"] and parity["reference_vs_golden_latents_max_abs"] <= 1e-4
     bf16 = parity["compared"]["bf16 on cpu"]
@@ -61,7 +71,7 @@ def test_random_tiny_checkpoint_has_the_official_format(tiny_random, fixture_roo
     with safe_open(str(checkpoint / "model.safetensors"), "pt") as mine, \
             safe_open(str(fixture_root / "checkpoint" / "model.safetensors"), "pt") as official:
         assert set(mine.keys()) == set(official.keys())  # <=4.51 Qwen layout, no lm_head
-        for key in official.keys():
+        for key in official.keys():  # noqa: SIM118 (safe_open is not iterable)
             assert mine.get_slice(key).get_shape() == official.get_slice(key).get_shape(), key
             assert mine.get_slice(key).get_dtype() == official.get_slice(key).get_dtype(), key
         rows = mine.get_slice("model.mllm_backbone.model.embed_tokens.weight").get_shape()[0]
@@ -94,3 +104,67 @@ def test_real_spec_is_the_published_architecture(fixture_root):
     spec = mrc.make_spec("real", fixture_root.parent)
     assert sum(mrc.parameter_counts(spec).values()) == PUBLISHED_PARAMETERS
     assert spec.image_size == 512 and spec.embedding_rows == 151936 + 64 + 2
+
+
+# Qwen2.5-VL's ids, as ComfyUI's qwen25_tokenizer and Qwen2.5-VL-3B's config.json give them.
+QWEN_IDS = {"pad": 151643, "im_start": 151644, "im_end": 151645, "vision_start": 151652, "vision_end": 151653,
+            "image_pad": 151655}
+
+
+def test_real_size_components_have_qwen_ids_tokenizer_and_preprocessor(tmp_path, fixture_root):
+    spec = mrc.make_spec("real", fixture_root.parent)
+    origin = mrc.write_components(spec, tmp_path, fixture_root.parent)
+    qwen = tmp_path / spec.qwen_folder
+    config = json.loads((qwen / "config.json").read_text())
+    assert origin["ids"] == QWEN_IDS
+    assert (config["image_token_id"], config["vision_start_token_id"], config["video_token_id"]) == (151655, 151652,
+                                                                                                   151656)
+    assert origin["regular_tokens"] == 151_643 and config["vocab_size"] == 151_936
+    preprocessor = json.loads((qwen / "preprocessor_config.json").read_text())
+    assert (preprocessor["min_pixels"], preprocessor["max_pixels"]) == (3136, 12845056)
+    assert (preprocessor["patch_size"], preprocessor["merge_size"], preprocessor["temporal_patch_size"]) == (14, 2, 2)
+
+
+def test_fixture_ids_in_a_real_vocabulary_config_are_refused(tmp_path, fixture_root):
+    """The first real-size run's bug: the fixture's tokenizer (image token 332) with a 151,936-row config."""
+    real = mrc.make_spec("real", fixture_root.parent)
+    with pytest.raises(ValueError, match="image_pad: tokenizer 151655, config image_token_id = 332"):
+        fixture_ids = json.loads((fixture_root / mrc.TINY_QWEN / "config.json").read_text())
+        wrong = dict(real.mllm, **{k: fixture_ids[k] for k in mrc.TOKEN_ID_FIELDS})
+        mrc.write_components(dataclasses.replace(real, mllm=wrong), tmp_path / "a", fixture_root.parent)
+    with pytest.raises(ValueError, match="image_pad: tokenizer 332, config image_token_id = 151655"):
+        mrc.write_components(dataclasses.replace(real, real_tokenizer=False), tmp_path / "b", fixture_root.parent)
+
+
+def test_synthetic_tokenizer_is_a_valid_bpe_of_the_real_size():
+    vocab, merges = rt.synthetic_vocab_and_merges()
+    assert len(vocab) == 151_643 and sorted(vocab.values()) == list(range(151_643))
+    assert all(a + b in vocab for a, b in merges[:1000] + merges[-1000:])
+
+
+def test_cpu_real_bench_phases_edit_and_understand_with_the_real_vocabulary(tmp_path, fixture_root):
+    """cpu_real_bench's worker code on tiny-real-vocab (real vocabulary, ids, tokenizer, preprocessor), bf16
+    and GGUF Q8_0, in this process (``--smoke`` runs the same functions, one process each)."""
+    import cpu_real_bench as crb
+
+    spec = mrc.make_spec("tiny-real-vocab", fixture_root.parent)
+    checkpoint = mrc.write_checkpoint(spec, tmp_path / "models", fixtures=fixture_root.parent)
+    check = crb.load_checks(checkpoint, fixture_root / mrc.TINY_QWEN)
+    assert check["refused"] and "332" in check["message"] and "151655" in check["message"]
+    quantized = crb.quantize(checkpoint, crb.format_dir(checkpoint, "q8_0"), "q8_0")
+    assert quantized["file_bytes"] > 0 and (crb.format_dir(checkpoint, "q8_0") / "model.gguf").is_file()
+    runs = [crb.worker(crb.format_dir(checkpoint, fmt), fmt, spec.image_size, steps=2, tokens=8, threads=2,
+                       headroom=crb.SMOKE_HEADROOM_BYTES) for fmt in ("bf16", "q8_0")]
+    for run in runs:
+        assert run["finite"] == {"t2i": True, "edit": True}
+        # 64x64 under Qwen's min_pixels 3136: resized to 56x56 -> 2x2 merged patches (the fixture's
+        # settings would give the same here; the real-size run checks 324 for 512x512).
+        assert run["counts"]["understand_vision_tokens"] == 4
+        assert 1 <= run["counts"]["answer_tokens"] <= 8
+        assert run["image_processor"] == {"min_pixels": 3136, "max_pixels": 12845056}
+        assert set(run["phases"]) == {"load", "t2i_encode", "t2i_sample", "t2i_decode", "edit_encode",
+                                      "edit_sample", "edit_decode", "understand"}
+        assert all(phase["seconds"] > 0 and phase["peak_rss"] > 0 for phase in run["phases"].values())
+    assert runs[1]["weights_bytes"] < runs[0]["weights_bytes"]
+    table = crb.tables({"architecture": spec.name, "runs": runs, "quantize": [quantized], "load_check": check})
+    assert "| understand 8 tokens |" in table and "| q8_0 |" in table
