@@ -39,13 +39,13 @@ options = parser.parse_args()
 HERE = Path(__file__).resolve().parent  # holds the tests' comfy_api double: the real one must win
 sys.path = [str(options.comfy_dir)] + [p for p in sys.path if Path(p or ".").resolve() != HERE]
 sys.argv = ["main.py", "--cpu"]
-import comfy.options  # noqa: E402
+import comfy.options
 
 comfy.options.enable_args_parsing()
-import comfy.cli_args  # noqa: E402, F401
-import comfy.model_management as mm  # noqa: E402
-import folder_paths  # noqa: E402, F401
-import torch  # noqa: E402
+import comfy.cli_args
+import comfy.model_management as mm
+import folder_paths  # noqa: F401
+import torch
 
 spec = importlib.util.spec_from_file_location("tbac_partial_check", options.pack_root / "__init__.py",
                                               submodule_search_locations=[str(options.pack_root)])
