@@ -1,7 +1,7 @@
 """Run inside a real ComfyUI's Python: TBAC parts loaded partially by ComfyUI's own ModelPatcher vs fully.
 
-    python partial_load_check.py COMFYUI_DIR PACK_ROOT CHECKPOINT_DIR [MODELS_DIR] [--quantization Q]
-        [--fractions 0.5,0.1] [--repeats N]     -> one "FIGURES {json}" line
+    python partial_load_check.py COMFYUI_DIR PACK_ROOT CHECKPOINT_DIR [MODELS_DIR]
+        [--quantizations none,q4_k] [--fractions 0.5,0.1] [--repeats N]  -> one "FIGURES {json}" line
 
 On a CPU-only machine ComfyUI's memory manager never loads partially (its ``load_models_gpu`` treats
 a CPU load device as "VRAM disabled" and loads fully), so the budget is given the way
@@ -30,7 +30,7 @@ parser.add_argument("comfy_dir", type=Path)
 parser.add_argument("pack_root", type=Path)
 parser.add_argument("checkpoint", type=Path)
 parser.add_argument("models_dir", type=Path, nargs="?")
-parser.add_argument("--quantization", default=None)
+parser.add_argument("--quantizations", default="none", help="comma-separated: none, fp8, q4_k, ...")
 parser.add_argument("--fractions", default="0.5,0.1")
 parser.add_argument("--repeats", type=int, default=1)
 parser.add_argument("--size", type=int, default=64)
@@ -57,10 +57,6 @@ layer_offload = pack.tbac_core.modeling.layer_offload
 SamplingParams = pack.tbac_core.params.SamplingParams
 assert bridge.IN_COMFYUI
 
-tbac = pack.tbac_core.load_model(options.checkpoint, device="cpu", dtype="float32", quantization=options.quantization,
-                                 models_dirs=[options.models_dir or options.checkpoint.parent])
-model = bridge.ManagedModel(tbac, bridge.devices_for("cpu"), "check")
-pipeline, patchers = model.pipeline, model.pipeline.placement._patchers
 PROMPT, SIZE = "a red cat on a blue chair", options.size
 budget = {"fraction": None}  # None: ComfyUI's own load_models_gpu (a full load on the CPU)
 real_load_models_gpu = mm.load_models_gpu
@@ -82,11 +78,7 @@ def budgeted_load_models_gpu(models, **kwargs):
 mm.load_models_gpu = budgeted_load_models_gpu
 
 
-def state_bytes(module) -> int:
-    return sum(t.nbytes for t in module.state_dict().values())
-
-
-def placement_figures(part: str) -> dict:
+def placement_figures(patchers, part: str) -> dict:
     holder = patchers[part].model
     offloaded = [m for m in holder.modules() if getattr(m, bridge.COMFY_CAST_FLAG, False)]
     total = sum(layer_offload.tensor_bytes(m) for m in holder.modules())
@@ -115,7 +107,7 @@ def timed(function, repeats: int):
     return value, statistics.median(seconds)
 
 
-def run(label: str) -> tuple[dict, dict]:
+def run(pipeline) -> tuple[dict, dict]:
     with torch.no_grad():
         cond, encode_s = timed(lambda: pipeline.encode(PROMPT), options.repeats)
         states = torch.cat([cond.sources[0].positive, cond.sources[0].negative])  # [rungs, 2B, N, H]
@@ -127,14 +119,24 @@ def run(label: str) -> tuple[dict, dict]:
     return outputs, {"encode_s": encode_s, "step_s": step_s}
 
 
-figures = {"quantization": options.quantization, "budgets": {}}
-pipeline.encode(PROMPT)  # warm-up (first-call allocations)
-reference, reference_times = run("full")
-figures["full"] = {**reference_times, **{part: placement_figures(part) for part in ("mllm", "dit")}}
-for fraction in [float(f) for f in options.fractions.split(",")]:
-    budget["fraction"] = fraction
-    outputs, times = run(str(fraction))
-    entry = {**times, **{part: placement_figures(part) for part in ("mllm", "dit", "vae")}}
-    entry["max_diff"] = {key: float((outputs[key].float() - reference[key].float()).abs().max()) for key in outputs}
-    figures["budgets"][str(fraction)] = entry
-print("FIGURES " + json.dumps(figures))
+def check(quantization: str | None) -> dict:
+    tbac = pack.tbac_core.load_model(options.checkpoint, device="cpu", dtype="float32", quantization=quantization,
+                                     models_dirs=[options.models_dir or options.checkpoint.parent])
+    pipeline = bridge.ManagedModel(tbac, bridge.devices_for("cpu"), "check").pipeline
+    patchers = pipeline.placement._patchers
+    budget["fraction"] = None
+    pipeline.encode(PROMPT)  # warm-up (first-call allocations)
+    reference, reference_times = run(pipeline)
+    figures = {"full": {**reference_times, **{part: placement_figures(patchers, part) for part in patchers}},
+               "budgets": {}}
+    for fraction in [float(f) for f in options.fractions.split(",")]:
+        budget["fraction"] = fraction
+        outputs, times = run(pipeline)
+        entry = {**times, **{part: placement_figures(patchers, part) for part in patchers}}
+        entry["max_diff"] = {key: float((outputs[key].float() - reference[key].float()).abs().max())
+                             for key in outputs}
+        figures["budgets"][str(fraction)] = entry
+    return figures
+
+
+print("FIGURES " + json.dumps({q: check(None if q == "none" else q) for q in options.quantizations.split(",")}))
