@@ -38,11 +38,11 @@ class OffloadableLayer:
     weights_offloaded = False  # set per layer by the placement that keeps its weights elsewhere
 
     def forward(self, *args, **kwargs):
-        device = _input_device(args, kwargs)
-        if device is None or not (self.weights_offloaded or _held_elsewhere(self, device)):
-            return super().forward(*args, **kwargs)
-        with _tensors_moved(self, device):
-            return super().forward(*args, **kwargs)
+        device = args[0].device if args and isinstance(args[0], torch.Tensor) else _input_device(args, kwargs)
+        if device is not None and (self.weights_offloaded or _held_elsewhere(self, device)):
+            with _tensors_moved(self, device):
+                return super().forward(*args, **kwargs)
+        return super().forward(*args, **kwargs)
 
 
 def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -64,8 +64,14 @@ def _own_tensors(module: torch.nn.Module) -> dict[str, dict]:
 
 
 def _held_elsewhere(layer: torch.nn.Module, device: torch.device) -> bool:
-    return any(t is not None and t.device != device
-               for table in _own_tensors(layer).values() for t in table.values())
+    # Called on every forward of every layer: plain loops, no containers built.
+    for tensor in layer._parameters.values():
+        if tensor is not None and tensor.device != device:
+            return True
+    for tensor in layer._buffers.values():
+        if tensor is not None and tensor.device != device:
+            return True
+    return False
 
 
 @contextmanager
