@@ -14,7 +14,8 @@ Inside ComfyUI:
   entries of ``extra_model_paths.yaml`` (ComfyUI registers those keys before packs load; we append);
 * ``ComfyPlacement`` is the pipeline's placement: the MLLM, the ladder DiT and the DC-AE are each
   wrapped in a ``ModelPatcher`` and ``use(part)`` asks ``load_models_gpu`` for that part, so ComfyUI
-  offloads the others when VRAM is short and "Unload models" frees them. Nodes just call the
+  offloads the others when VRAM is short, loads a part partially when it does not fit (its layers
+  then move their weights per call) and "Unload models" frees them. Nodes just call the
   pipeline; the pipeline loads each part when it runs it, after checking its inputs;
 * progress goes to ``comfy.utils.ProgressBar`` and cancellation is
   ``throw_exception_if_processing_interrupted`` (its exception is a BaseException: never caught).
@@ -25,6 +26,7 @@ yields each part where it already is.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
@@ -44,6 +46,7 @@ if IN_COMFYUI:
     import comfy.model_base
     import comfy.model_management
     import comfy.model_patcher
+    import comfy.patcher_extension
     import comfy.sd
     import comfy.utils
     import folder_paths
@@ -51,13 +54,19 @@ if IN_COMFYUI:
 from ..tbac_core.devices import resolve_device
 from ..tbac_core.errors import InvalidParameterError
 from ..tbac_core.loading import MODELS_DIR_ENV
+from ..tbac_core.modeling import (
+    make_layers_offloadable,
+    offloadable_layers,
+    place_resident,
+)
 from ..tbac_core.pipeline import PARTS, PreviewProjections, TBACPipeline
 
 __all__ = [
     "ComfyExtension", "io", "TBAC_MODEL", "LADDER_CONDITIONING", "IN_COMFYUI", "MODELS_DIR_ENV",
     "ADAPTERS_DIR_ENV", "OUTPUT_DIR_ENV", "DEVICE_CHOICES", "model_roots", "adapter_roots",
     "output_directory", "comfy_tokenizer_dir", "Devices", "devices_for", "intermediate_device",
-    "ComfyPlacement", "ManagedModel", "Progress", "cancel_check", "preview_max_size", "PREVIEW_FORMAT",
+    "ComfyPlacement", "ManagedModel", "offloadable_patcher", "prepare_partial_loading", "after_comfy_load",
+    "Progress", "cancel_check", "preview_max_size", "PREVIEW_FORMAT",
     "NativeBaseModel", "NativeLatentFormat", "FLOW_MODEL_TYPE", "model_patcher", "cross_attention_cond",
     "regular_cond", "NativeVAE", "vae_patcher", "dtype_size",
 ]
@@ -186,12 +195,55 @@ class TBACPart(torch.nn.Module):
         self.part = part
 
 
+COMFY_CAST_FLAG = "comfy_cast_weights"  # ComfyUI's mark of a layer it may leave offloaded (comfy.ops)
+
+
+def prepare_partial_loading(module: torch.nn.Module) -> list[torch.nn.Module]:
+    """Make ``module``'s layers offloadable and mark them for ComfyUI's memory manager (idempotent).
+
+    ``ModelPatcher.load(lowvram_model_memory=...)`` moves a marked layer to the GPU while the budget
+    lasts and otherwise leaves it on the offload device with ``comfy_cast_weights = True``; the
+    layer then moves its weights per call (``tbac_core.modeling.layer_offload``). An unmarked
+    layer that does not fit would be left behind with nothing to move its weights.
+    ComfyUI reads ``weight`` and ``bias`` of every marked layer (as comfy.ops layers have them), so a
+    layer without a bias (``nn.Embedding``, Qwen's RMSNorm) gets ``bias = None``.
+    """
+    layers = make_layers_offloadable(module)
+    for layer in layers:
+        if not hasattr(layer, COMFY_CAST_FLAG):
+            setattr(layer, COMFY_CAST_FLAG, False)
+        for name in ("weight", "bias"):
+            if not hasattr(layer, name):
+                setattr(layer, name, None)
+    return layers
+
+
+def after_comfy_load(module: torch.nn.Module, patcher, device_to=None, *unused) -> None:
+    """ComfyUI's ON_LOAD callback: follow its per-layer decisions, put the resident tensors on the device.
+
+    ComfyUI moves only layers; the tensors owned by other modules (and the first layer, which
+    frameworks read the model's device from) are placed here, after every (partial) load.
+    """
+    for layer in offloadable_layers(module):
+        layer.weights_offloaded = bool(getattr(layer, COMFY_CAST_FLAG))
+    place_resident(module, device_to if device_to is not None else patcher.load_device)
+
+
+def offloadable_patcher(module: torch.nn.Module, load_device: torch.device, offload_device: torch.device):
+    """A ``ModelPatcher`` around ``module`` that ComfyUI may load fully or partly."""
+    prepare_partial_loading(module)
+    patcher = comfy.model_patcher.ModelPatcher(module, load_device=load_device, offload_device=offload_device)
+    patcher.add_callback(comfy.patcher_extension.CallbacksMP.ON_LOAD, functools.partial(after_comfy_load, module))
+    return patcher
+
+
 class ComfyPlacement:
     """The pipeline's placement inside ComfyUI: each part is a ``ModelPatcher`` ComfyUI loads on use.
 
-    Parts are loaded fully: they are plain torch modules, which cannot run partly offloaded the way
-    ComfyUI's own models (with cast-on-the-fly layers) can. Outside ComfyUI every part already sits
-    on its compute device and ``use`` only yields it.
+    ComfyUI's memory manager decides how much of a part goes to the GPU: all of it when it fits,
+    else as many layers as its budget allows (``--lowvram``, ``--novram``, ``--reserve-vram`` and
+    its automatic mode), the other layers moving their weights per call. Outside ComfyUI every part
+    already sits on its compute device and ``use`` only yields it.
     """
 
     def __init__(self, model, devices: Devices):
@@ -199,9 +251,7 @@ class ComfyPlacement:
         self._patchers = {}
         if IN_COMFYUI:
             self._patchers = {
-                part: comfy.model_patcher.ModelPatcher(
-                    TBACPart(getattr(model, part)), load_device=devices.compute, offload_device=devices.offload[part]
-                )
+                part: offloadable_patcher(TBACPart(getattr(model, part)), devices.compute, devices.offload[part])
                 for part in PARTS
             }
 
@@ -210,7 +260,7 @@ class ComfyPlacement:
         if part not in PARTS:
             raise ValueError(f"Unknown model parts {[part]}; parts are {PARTS}.")
         if self._patchers:
-            comfy.model_management.load_models_gpu([self._patchers[part]], force_full_load=True)
+            comfy.model_management.load_models_gpu([self._patchers[part]])
         yield getattr(self.model, part)
 
 
@@ -251,7 +301,7 @@ FLOW_MODEL_TYPE = comfy.model_base.ModelType.FLOW if IN_COMFYUI else None
 
 def model_patcher(model: torch.nn.Module, devices: Devices):
     """A ``ModelPatcher`` (ComfyUI's MODEL value) around a native model."""
-    return comfy.model_patcher.ModelPatcher(model, load_device=devices.compute, offload_device=devices.offload["dit"])
+    return offloadable_patcher(model, devices.compute, devices.offload["dit"])
 
 
 def cross_attention_cond(tensor: torch.Tensor):

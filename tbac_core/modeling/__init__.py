@@ -5,6 +5,7 @@ _EXPORTS = {  # module -> the names it exports
     ".model": ("TBACModel",),
     ".dit": ("LadderDiT", "Connector", "mask_to_bias"),
     ".vae": ("decode_signed", "encode_signed"),
+    ".layer_offload": ("make_layers_offloadable", "offloadable_layers", "place_resident", "resident_tensors"),
 }
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 __all__ = sorted(name for names in _EXPORTS.values() for name in names)

@@ -14,6 +14,8 @@ from accelerate import init_empty_weights
 from torch import nn
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
+from .layer_offload import to_device
+
 
 def canonical_key(key: str) -> str:
     """Map a Qwen2.5-VL state-dict key of either transformers layout to the >=4.52 layout."""
@@ -69,7 +71,8 @@ class BaseVocabHead(nn.Module):
         return self._embedding[0].weight[: self.out_features]
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(hidden_states, self.weight)
+        # The embedding may rest off the compute device (partial loading): read it where the states are.
+        return nn.functional.linear(hidden_states, to_device(self.weight, hidden_states.device))
 
 
 def attach_lm_head(model: Qwen2_5_VLForConditionalGeneration, base_vocab: int) -> None:
@@ -171,7 +174,7 @@ def metaquery_rung_states(
 
 
 def _metaquery_rung_states(model, inputs, positions, rungs, image_token_id, check_cancel) -> torch.Tensor:
-    device = model.get_input_embeddings().weight.device
+    device = model.device  # the first parameter's: resident under partial loading (see layer_offload)
     input_ids = inputs["input_ids"].to(device)
     attention_mask = inputs["attention_mask"].to(device)
     grid = inputs.get("image_grid_thw")

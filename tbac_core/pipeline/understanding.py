@@ -246,7 +246,7 @@ def generate_answer_ids(
         check_cancel()
 
     with model.mllm_lock, pipe.placement.use("mllm") as mllm:
-        device = mllm.get_input_embeddings().weight.device
+        device = mllm.device  # the first parameter's: resident under partial loading (see layer_offload)
         kwargs = {
             "input_ids": inputs["input_ids"].to(device),  # [1, S]
             "attention_mask": inputs["attention_mask"].to(device),

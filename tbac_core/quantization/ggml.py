@@ -145,7 +145,8 @@ def _unpack_k_scales(packed: torch.Tensor):
 
 
 def _unpack_nibbles(qs: torch.Tensor) -> torch.Tensor:
-    chunks = qs.reshape(-1, 4, 1, SUB_BLOCK) >> torch.tensor([0, 4], dtype=torch.uint8).reshape(1, 1, 2, 1)
+    shifts = torch.tensor([0, 4], dtype=torch.uint8, device=qs.device).reshape(1, 1, 2, 1)  # where the blocks are
+    chunks = qs.reshape(-1, 4, 1, SUB_BLOCK) >> shifts
     return (chunks & 0x0F).reshape(-1, 8, SUB_BLOCK)
 
 
@@ -162,7 +163,8 @@ def _dequantize_q4_k(blocks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _dequantize_q5_k(blocks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    qh = blocks[:, 16:48].reshape(-1, 1, SUB_BLOCK) >> torch.arange(8, dtype=torch.uint8).reshape(1, 8, 1)
+    bits = torch.arange(8, dtype=torch.uint8, device=blocks.device).reshape(1, 8, 1)
+    qh = blocks[:, 16:48].reshape(-1, 1, SUB_BLOCK) >> bits
     q = _unpack_nibbles(blocks[:, 48:176]) | ((qh & 0x01) << 4)
     return _k_values(blocks, q, dtype)
 
