@@ -30,6 +30,10 @@ class NonFiniteOutputError(TBACError):
     """Sampling produced NaN/inf values; saving the image would give a black or garbage picture."""
 
 
+class NonFiniteWeightsError(CheckpointError):
+    """A checkpoint's or an adapter's weights hold NaN or inf values; the message names the tensors."""
+
+
 class AdapterError(CheckpointError):
     """An adapter folder is unreadable, incomplete, or made for another base model."""
 
