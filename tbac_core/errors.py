@@ -58,6 +58,13 @@ class UsageError(TBACError):
     """Arguments, files or rows that cannot be used; reported without a traceback (exit 2)."""
 
 
+class OutputExistsError(UsageError, FileExistsError):
+    """A no-overwrite writer found its file already there (still a ``FileExistsError`` for callers that count on)."""
+
+    def __init__(self, path):
+        super().__init__(f"{path} already exists; choose another name or allow overwriting.")
+
+
 class TrainingDivergedError(TBACError):
     """The loss or the gradient norm became NaN or infinite."""
 

@@ -120,7 +120,7 @@ def check_prompt_count(count: int) -> None:
     """Refuse a job of more prompts than one DiT call may hold, before any of them is encoded."""
     if not 1 <= count <= MAX_BATCH:
         raise InvalidParameterError(
-            f"{count} prompts in one job are not allowed: use 1..{MAX_BATCH} (one prompt per line makes one "
+            f"A batch of {count} prompts is not allowed: use 1..{MAX_BATCH} (one prompt per line makes one "
             f"prompt of every non-blank line); split the list over several jobs."
         )
 

@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from ..errors import UsageError
+from ..errors import OutputExistsError, UsageError
 
 # The longest file name (in bytes, one path component) that ext4, APFS, NTFS and others all take.
 MAX_NAME_BYTES = 255
@@ -55,10 +55,10 @@ def _rename_no_replace(source: Path, target: Path) -> None:
     try:
         os.link(source, target)
     except FileExistsError:
-        raise FileExistsError(f"{target} already exists; choose another name or allow overwriting.") from None
+        raise OutputExistsError(target) from None
     except OSError:  # file systems without hard links: check, then rename (a small race remains)
         if target.exists():
-            raise FileExistsError(f"{target} already exists; choose another name or allow overwriting.") from None
+            raise OutputExistsError(target) from None
         os.replace(source, target)
 
 

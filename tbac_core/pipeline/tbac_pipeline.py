@@ -121,6 +121,8 @@ class TBACPipeline:
         batch (prompts x ``num_images_per_prompt``) are checked too.
         """
         prompts = _prompt_list(prompt)
+        if not isinstance(negative_prompt, str):
+            raise InvalidParameterError(f"negative_prompt must be a string, got {type(negative_prompt).__name__}.")
         check_text(negative_prompt, "negative_prompt")
         block_rungs = self.model.block_rungs(layers)
         if params is not None:
@@ -347,6 +349,8 @@ def _prompt_list(prompt) -> list[str]:
         raise InvalidParameterError("No prompt given: pass at least one prompt (it may be empty).")
     check_prompt_count(len(prompts))
     for item in prompts:
+        if not isinstance(item, str):
+            raise InvalidParameterError(f"Prompts must be strings, got {type(item).__name__}.")
         check_text(item, "prompt")
     return list(prompts)
 

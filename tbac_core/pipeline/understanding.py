@@ -202,6 +202,10 @@ def _check_request(question, system_prompt, settings) -> None:
     if not isinstance(settings, GenerationSettings):
         raise InvalidParameterError(f"settings must be a GenerationSettings, got {type(settings).__name__}.")
     settings.validate()
+    if system_prompt is not None and not isinstance(system_prompt, str):
+        raise InvalidParameterError(f"system_prompt must be a string or None, got {type(system_prompt).__name__}.")
+    if not isinstance(question, str):
+        raise InvalidParameterError(f"Questions must be strings, got {type(question).__name__}.")
     if system_prompt is not None:
         check_text(system_prompt, "system_prompt")
     check_text(question, "question")
