@@ -30,12 +30,14 @@ def test_threads_on_one_pipeline_match_a_single_thread_run(pipe):
     prompts = [f"a {c} square" for c in ("red", "green", "blue", "gray")]
     pipe.clear_cache()
     alone = {p: pipe.encode_prompt(p).sources[0].positive.clone() for p in prompts}
+    alone.update({p + "/edit": pipe.encode_prompt(p, images=Image.new("RGB", (32, 32))).sources[0].positive.clone()
+                  for p in prompts})
     pipe.clear_cache()
     got, errors = {}, []
 
     def work(prompt):
         try:
-            got[prompt] = pipe.encode_prompt(prompt, images=Image.new("RGB", (32, 32))).sources[0].positive
+            got[prompt + "/edit"] = pipe.encode_prompt(prompt, images=Image.new("RGB", (32, 32))).sources[0].positive
             got[prompt + "/t2i"] = pipe.encode_prompt(prompt).sources[0].positive
         except BaseException as exc:  # collected: the test thread judges
             errors.append(exc)
@@ -47,6 +49,7 @@ def test_threads_on_one_pipeline_match_a_single_thread_run(pipe):
         t.join(120)
     assert errors == [] and not any(t.is_alive() for t in threads)
     assert all(torch.equal(got[p + "/t2i"], alone[p]) for p in prompts)
+    assert all(torch.equal(got[p + "/edit"], alone[p + "/edit"]) for p in prompts)
 
 
 def test_exif_rotated_photo_is_upright():
