@@ -263,7 +263,7 @@ def load_conditioning(path: str | os.PathLike, expected: ModelIdentity | None = 
             f"{path} uses conditioning file format version {version!r}; this version of the pack reads "
             f"version {FORMAT_VERSION}. Update the pack (or re-save it with this version)."
         )
-    document = parse_json(metadata.get("tbac_conditioning", ""), f"{path} (its conditioning metadata)",
+    document = parse_json(metadata.get("tbac_conditioning", ""), f"{path} has malformed conditioning metadata",
                           error=ConditioningFileError)  # bounded depth: never a RecursionError
     try:
         identity = _parse_identity(document)
