@@ -117,7 +117,8 @@ def read_adapter_config(folder: str | os.PathLike) -> dict:
             raise AdapterError(f"{path}: {section!r} must be an object (as the trainer writes), got "
                                f"{type(config.get(section)).__name__}.")
     if config["parts"].get("dit") not in DIT_MODES:
-        raise AdapterError(f"{path}: parts.dit must be one of {', '.join(DIT_MODES)}, got {config['parts'].get('dit')!r}.")
+        raise AdapterError(f"{path}: parts.dit must be one of {', '.join(DIT_MODES)}, "
+                           f"got {config['parts'].get('dit')!r}.")
     if config["parts"]["dit"] == "lora":
         check_lora_config(config.get("lora"), str(folder))
     return config

@@ -51,7 +51,8 @@ def check_model_weights_finite(model) -> None:
         return
     parts = []
     for path, names in found.items():
-        listed = ", ".join(names[:MAX_NAMED]) + (f" and {len(names) - MAX_NAMED} more" if len(names) > MAX_NAMED else "")
+        more = f" and {len(names) - MAX_NAMED} more" if len(names) > MAX_NAMED else ""
+        listed = ", ".join(names[:MAX_NAMED]) + more
         parts.append(f"{COMPONENTS[path]} ({path}: {len(names)} tensors: {listed})")
     raise NonFiniteWeightsError(
         f"The weights of model {model.identity.name!r} are not finite (NaN or inf) in " + "; ".join(parts)

@@ -8,7 +8,16 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from hostile import HOSTILE, bounded, hostile_json_value, hostile_number, hostile_seed, hostile_text, nested_json, not_text
+from hostile import (
+    HOSTILE,
+    bounded,
+    hostile_json_value,
+    hostile_number,
+    hostile_seed,
+    hostile_text,
+    nested_json,
+    not_text,
+)
 from hypothesis import example, given
 from hypothesis import strategies as st
 from PIL import Image
