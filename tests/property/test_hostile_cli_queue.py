@@ -122,8 +122,9 @@ def test_batch_rows(pipe, tmp_path, rows, deep):
 @pytest.fixture(scope="module")
 def workflow_path(tmp_path_factory):
     path = tmp_path_factory.mktemp("wf") / "workflow.json"
-    path.write_text(json.dumps({"1": {"class_type": "TBACLadderEncode", "inputs": {"prompt": "x", "layers": "default"}},
-                                "2": {"class_type": "SaveImage", "inputs": {"filename_prefix": "a", "images": ["1", 0]}}}))
+    workflow = {"1": {"class_type": "TBACLadderEncode", "inputs": {"prompt": "x", "layers": "default"}},
+                "2": {"class_type": "SaveImage", "inputs": {"filename_prefix": "a", "images": ["1", 0]}}}
+    path.write_text(json.dumps(workflow))
     return path
 
 

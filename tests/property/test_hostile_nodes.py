@@ -80,8 +80,8 @@ LATENTS = {
 @example(latent="ok", originals="empty")
 def test_decode(model, latent, originals):
     image = None if originals is None else IMAGE_BATCHES[originals]()
-    bounded(lambda: outputs(generate.TBACDecode, model=model, latent=LATENTS[latent](model.pipeline.model.latent_channels),
-                            tiling="auto",
+    channels = model.pipeline.model.latent_channels
+    bounded(lambda: outputs(generate.TBACDecode, model=model, latent=LATENTS[latent](channels), tiling="auto",
                             original_images=image), OURS)
 
 
