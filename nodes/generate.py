@@ -92,7 +92,7 @@ class TBACLadderEncode(io.ComfyNode):
                 one_prompt_per_line: bool, images=None) -> io.NodeOutput:
         cond = model.pipeline.encode(
             processing.split_prompts(prompt, one_prompt_per_line),
-            images=None if images is None else [processing.to_pil_rgb(image) for image in images],
+            images=images,  # the IMAGE batch as is: its frames are counted before any is converted
             negative_prompt=negative_prompt,
             layers=layers,
             keep_all_rungs=keep_all_rungs,

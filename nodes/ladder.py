@@ -11,6 +11,7 @@ from typing import Callable, ClassVar
 
 from ..tbac_core import ladder
 from ..tbac_core.errors import InvalidParameterError
+from ..tbac_core.io import check_name_length, check_path_text
 from ..tbac_core.ladder import (
     FILE_EXTENSION,
     LAYER_SPEC_SYNTAX,
@@ -51,8 +52,10 @@ def _inside(root: Path, candidate: Path) -> bool:
 
 def save_target(prefix: str, root: Path) -> tuple[Path, str]:
     """(folder, file stem) for a filename prefix like ComfyUI's SaveImage: 'name' or 'sub/name'."""
+    check_path_text(prefix, "filename_prefix")
     text = prefix.strip().replace("\\", "/")
     stem = text.rsplit("/", 1)[-1]
+    check_name_length(f"{stem}_{99999:05}_{FILE_EXTENSION}", "filename_prefix")  # with its counter
     if not stem or stem in (".", ".."):
         raise InvalidParameterError(
             f"filename_prefix {prefix!r} has no file name; write e.g. '{DEFAULT_PREFIX}' or 'looks/portrait'."
@@ -82,6 +85,7 @@ def next_counter(folder: Path, stem: str) -> int:
 
 def load_path(file: str, path: str, root: Path) -> Path:
     """The file to load: ``path`` when given (absolute, or relative to ``root``), else the listed ``file``."""
+    check_path_text(path, "path")
     path = path.strip()
     if path:
         target = Path(path).expanduser()

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from ..tbac_core.params import MAX_NEW_TOKENS, MAX_SEED, GenerationSettings
 from ..tbac_core.pipeline import PRESETS, answer, resolve_question
-from ..tbac_core.processing import to_pil_rgb
 from . import comfy_bridge as bridge
 from .comfy_bridge import TBAC_MODEL, io
 from .loader import MODEL_TOOLTIP, ROOT_CATEGORY
@@ -77,7 +76,7 @@ class TBACUnderstand(io.ComfyNode):
         reply = answer(
             model.pipeline,
             resolve_question(preset, question),
-            images=[] if images is None else [to_pil_rgb(image) for image in images],
+            images=images,  # the IMAGE batch as is: its frames are counted before any is converted
             system_prompt=system_prompt or None,
             settings=settings,
             callback=progress.token_callback,

@@ -30,6 +30,10 @@ class NonFiniteOutputError(TBACError):
     """Sampling produced NaN/inf values; saving the image would give a black or garbage picture."""
 
 
+class NonFiniteWeightsError(CheckpointError):
+    """A checkpoint's or an adapter's weights hold NaN or inf values; the message names the tensors."""
+
+
 class AdapterError(CheckpointError):
     """An adapter folder is unreadable, incomplete, or made for another base model."""
 
@@ -52,6 +56,13 @@ class PNGMetadataError(TBACError):
 
 class UsageError(TBACError):
     """Arguments, files or rows that cannot be used; reported without a traceback (exit 2)."""
+
+
+class OutputExistsError(UsageError, FileExistsError):
+    """A no-overwrite writer found its file already there (still a ``FileExistsError`` for callers that count on)."""
+
+    def __init__(self, path):
+        super().__init__(f"{path} already exists; choose another name or allow overwriting.")
 
 
 class TrainingDivergedError(TBACError):

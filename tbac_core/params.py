@@ -31,6 +31,14 @@ QUANTIZATION_FORMATS = ("fp8", "q8_0", "q5_k", "q4_k")
 # -- understanding ---------------------------------------------------------------------------------
 MAX_NEW_TOKENS = 8192
 
+# -- inputs of one encode or question ----------------------------------------------------------------
+# The MLLM's memory grows about quadratically with the images of one conversation (every image adds
+# its visual tokens to the sequence): on the tiny test model 8 images of one prompt cost +248 MB,
+# 16 +583 MB, 32 +1656 MB (peak RSS of one TBACPipeline.encode_prompt, 64x64 images, CPU float32).
+MAX_INPUT_IMAGES = 8  # input images per prompt (edit) or per question (understanding)
+VISION_TOKEN_PIXELS = 28 * 28  # pixels of one merged Qwen2.5-VL visual token
+MAX_VISION_TOKENS = 4 * 1280  # visual tokens of all images of one conversation (4 images at 1280 each)
+
 
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
@@ -106,6 +114,74 @@ def check_size(width: int, height: int, factor: int) -> None:
 def check_batch(count: int) -> None:
     if not 1 <= count <= MAX_BATCH:
         raise InvalidParameterError(f"A batch of {count} images is not allowed: use 1..{MAX_BATCH}.")
+
+
+def check_prompt_count(count: int) -> None:
+    """Refuse a job of more prompts than one DiT call may hold, before any of them is encoded."""
+    if not 1 <= count <= MAX_BATCH:
+        raise InvalidParameterError(
+            f"A batch of {count} prompts is not allowed: use 1..{MAX_BATCH} (one prompt per line makes one "
+            f"prompt of every non-blank line); split the list over several jobs."
+        )
+
+
+def check_text(value, name: str) -> str:
+    """Refuse text that is not a ``str`` or cannot be written as UTF-8 (a lone surrogate such as ``\\ud800``)."""
+    if not isinstance(value, str):
+        raise InvalidParameterError(f"{name} must be text (a string), got {type(value).__name__}.")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidParameterError(
+            f"{name} holds the character {value[exc.start]!r} at position {exc.start}, which is not valid "
+            f"Unicode text (a lone UTF-16 surrogate); remove it or retype the text."
+        ) from None
+    return value
+
+
+def check_image_count(count: int, what: str = "input images of one prompt") -> None:
+    """Refuse too many input images before any of them is converted or shown to the MLLM."""
+    if count > MAX_INPUT_IMAGES:
+        raise InvalidParameterError(
+            f"{count} {what} are too many: at most {MAX_INPUT_IMAGES} are allowed (the MLLM's memory grows about "
+            f"quadratically with the images of one conversation). An IMAGE batch counts every frame as one input "
+            f"image: pick the frames you need first (e.g. every n-th frame of a video, or one of the batch)."
+        )
+
+
+def check_latents(latents, channels: int, what: str = "latents") -> None:
+    """Refuse latents the DC-AE cannot decode: not a float tensor [B, C, h, w] with B in 1..MAX_BATCH, or NaN/inf."""
+    import torch  # here, so that reading the limits never needs torch
+
+    if not isinstance(latents, torch.Tensor) or not latents.is_floating_point() or latents.ndim != 4:
+        shape = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
+        raise InvalidParameterError(
+            f"{what} must be a float tensor [B, {channels}, h, w] (TBAC latents from 'TBAC Sampler' or 'TBAC Encode "
+            f"Image'), got {shape}."
+        )
+    batch, got_channels, height, width = latents.shape
+    if got_channels != channels or 0 in (height, width):
+        raise InvalidParameterError(
+            f"{what} of shape {tuple(latents.shape)} do not fit this model's DC-AE, which takes [B, {channels}, h, w] "
+            f"with h, w >= 1; they come from another model or VAE."
+        )
+    if not 1 <= batch <= MAX_BATCH:
+        raise InvalidParameterError(f"{what} hold {batch} images; 1..{MAX_BATCH} are allowed (an empty batch has "
+                                    f"nothing to decode).")
+    if not torch.isfinite(latents).all():
+        raise InvalidParameterError(f"{what} contain NaN or infinite values; the image would be black or garbage.")
+
+
+def check_vision_budget(num_images: int, pixels_per_image: int) -> None:
+    """Refuse conversations whose images together exceed ``MAX_VISION_TOKENS`` visual tokens."""
+    check_image_count(num_images)
+    tokens = num_images * (int(pixels_per_image) // VISION_TOKEN_PIXELS)
+    if tokens > MAX_VISION_TOKENS:
+        raise InvalidParameterError(
+            f"{num_images} images of {pixels_per_image} pixels each make {tokens} visual tokens; one conversation "
+            f"may hold {MAX_VISION_TOKENS} ({MAX_VISION_TOKENS * VISION_TOKEN_PIXELS} pixels in all). Use fewer "
+            f"images or a lower pixel setting (max_pixels / the processor's min_pixels)."
+        )
 
 
 @dataclass(frozen=True)

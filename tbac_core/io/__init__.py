@@ -4,7 +4,8 @@ from .._exports import lazy_exports
 
 _EXPORTS = {  # module -> the names it exports
     ".files": (
-        "MAX_NAME_BYTES", "atomic_path", "atomic_write", "atomic_write_json", "check_name_length", "next_counter",
+        "MAX_NAME_BYTES", "atomic_path", "atomic_write", "atomic_write_json", "check_name_length", "check_path_text",
+        "next_counter",
         "safe_name", "write_new_file",
     ),
     ".jsonfile": ("MAX_JSON_DEPTH", "parse_json", "read_json", "read_text_bounded"),

@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from ..errors import UsageError
+from ..errors import OutputExistsError, UsageError
 
 # The longest file name (in bytes, one path component) that ext4, APFS, NTFS and others all take.
 MAX_NAME_BYTES = 255
@@ -36,9 +36,24 @@ def safe_name(value: Any) -> str:
     return _UNSAFE_CHARS.sub("_", str(value)).strip("._")
 
 
+def check_path_text(path: str, what: str) -> None:
+    """Refuse a path typed by a user that no file system takes: a NUL byte, text that is not valid
+    Unicode (a lone surrogate), or a part (file or folder name) over ``MAX_NAME_BYTES``."""
+    if not isinstance(path, str):
+        raise UsageError(f"{what} must be text, got {type(path).__name__}.")
+    if "\x00" in path:
+        raise UsageError(f"{what} {path!r} holds a NUL byte, which no file name may contain; remove it.")
+    for part in path.replace("\\", "/").split("/"):
+        check_name_length(part, what)
+
+
 def check_name_length(name: str, what: str) -> None:
     """Refuse a file name longer than the file systems allow, before anything is rendered."""
-    size = len(os.fsencode(name))
+    try:
+        size = len(os.fsencode(name))
+    except UnicodeEncodeError as exc:
+        raise UsageError(f"{what} gives the file name {name[:40]!r}, which is not valid Unicode text (character "
+                         f"{name[exc.start]!r}); retype it.") from None
     if size > MAX_NAME_BYTES:
         raise UsageError(f"{what} gives the file name {name[:40]}... of {size} bytes; file names may have at most "
                          f"{MAX_NAME_BYTES} bytes: use a shorter name.")
@@ -55,10 +70,10 @@ def _rename_no_replace(source: Path, target: Path) -> None:
     try:
         os.link(source, target)
     except FileExistsError:
-        raise FileExistsError(f"{target} already exists; choose another name or allow overwriting.") from None
+        raise OutputExistsError(target) from None
     except OSError:  # file systems without hard links: check, then rename (a small race remains)
         if target.exists():
-            raise FileExistsError(f"{target} already exists; choose another name or allow overwriting.") from None
+            raise OutputExistsError(target) from None
         os.replace(source, target)
 
 

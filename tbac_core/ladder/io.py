@@ -17,8 +17,13 @@ from pathlib import Path
 
 import torch
 
-from ..errors import ConditioningFileError, IncompatibleConditioningError
+from ..errors import (
+    ConditioningFileError,
+    IncompatibleConditioningError,
+    OutputExistsError,
+)
 from ..io.files import atomic_write
+from ..io.jsonfile import parse_json
 from .conditioning import (
     BRANCHES,
     BlockTerm,
@@ -114,8 +119,8 @@ def save_conditioning(cond: LadderConditioning, path: str | os.PathLike, *, over
     return path
 
 
-def _exists(path: Path) -> FileExistsError:
-    return FileExistsError(f"{path} already exists; choose another name or allow overwriting.")
+def _exists(path: Path) -> OutputExistsError:
+    return OutputExistsError(path)
 
 
 def _write_new_file(path: Path, data: bytes) -> None:
@@ -258,8 +263,9 @@ def load_conditioning(path: str | os.PathLike, expected: ModelIdentity | None = 
             f"{path} uses conditioning file format version {version!r}; this version of the pack reads "
             f"version {FORMAT_VERSION}. Update the pack (or re-save it with this version)."
         )
+    document = parse_json(metadata.get("tbac_conditioning", ""), f"{path} has malformed conditioning metadata",
+                          error=ConditioningFileError)  # bounded depth: never a RecursionError
     try:
-        document = json.loads(metadata.get("tbac_conditioning", ""))
         identity = _parse_identity(document)
     except (ValueError, TypeError) as exc:
         raise ConditioningFileError(f"{path} has malformed conditioning metadata: {exc}.") from exc

@@ -21,7 +21,9 @@ model, or on a model that already has an adapter applied.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -32,6 +34,7 @@ from safetensors.torch import save_file
 from ..errors import AdapterError
 from ..io.files import atomic_path, atomic_write_json
 from ..io.jsonfile import read_json
+from .weight_checks import nonfinite_tensors
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -44,6 +47,7 @@ CONNECTOR_PREFIX = "connector."
 DIT_PREFIX = "dit."
 LORA_PREFIX = "dit_lora."
 DIT_MODES = ("full", "lora", "frozen")
+MAX_LORA_RANK = 4096  # above the width of every TBAC DiT layer
 
 
 # -- identity of the base ---------------------------------------------------------------------
@@ -101,13 +105,22 @@ def read_adapter_config(folder: str | os.PathLike) -> dict:
     config = read_json(path, "adapter config", error=AdapterError)
     if not isinstance(config, dict) or config.get("format") != ADAPTER_FORMAT:
         raise AdapterError(f"{path} is not a TBAC trained-parts config (format {ADAPTER_FORMAT!r} expected).")
-    if int(config.get("version", 0)) > ADAPTER_VERSION:
+    version = config.get("version", 0)
+    if not isinstance(version, int) or isinstance(version, bool) or version < 0:
+        raise AdapterError(f"{path}: 'version' must be a whole number (1 for this format), got {version!r}.")
+    if version > ADAPTER_VERSION:
         raise AdapterError(
-            f"{path} has format version {config.get('version')}; this tbac_core reads up to {ADAPTER_VERSION}. "
-            f"Update tbac_core."
+            f"{path} has format version {version}; this tbac_core reads up to {ADAPTER_VERSION}. Update tbac_core."
         )
-    if config.get("parts", {}).get("dit") not in DIT_MODES:
-        raise AdapterError(f"{path}: parts.dit must be one of {', '.join(DIT_MODES)}.")
+    for section in ("parts", "base"):
+        if not isinstance(config.get(section), dict):
+            raise AdapterError(f"{path}: {section!r} must be an object (as the trainer writes), got "
+                               f"{type(config.get(section)).__name__}.")
+    if config["parts"].get("dit") not in DIT_MODES:
+        raise AdapterError(f"{path}: parts.dit must be one of {', '.join(DIT_MODES)}, "
+                           f"got {config['parts'].get('dit')!r}.")
+    if config["parts"]["dit"] == "lora":
+        check_lora_config(config.get("lora"), str(folder))
     return config
 
 
@@ -151,6 +164,38 @@ def split_parts(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.T
 
 
 # -- applying ---------------------------------------------------------------------------------
+@contextmanager
+def restore_on_failure(tensors: list[torch.Tensor]):
+    """All or nothing: snapshot ``tensors`` (copies on the CPU) and write them back if the block raises.
+
+    Costs one CPU copy of exactly the tensors about to be written (views, such as embedding rows,
+    are snapshotted as views: only their rows). An interrupt (``BaseException``) restores too.
+    """
+    saved = [tensor.detach().to("cpu", copy=True) for tensor in tensors]
+    try:
+        yield
+    except BaseException:
+        with torch.no_grad():
+            for tensor, copy in zip(tensors, saved):
+                tensor.copy_(copy.to(tensor.device))
+        raise
+
+
+def check_adapter_tensors(tensors: dict[str, torch.Tensor], where: str) -> None:
+    """Every adapter tensor must be floating point and finite (a NaN adapter would damage every image)."""
+    not_float = sorted(key for key, tensor in tensors.items() if not tensor.is_floating_point())
+    if not_float:
+        raise AdapterError(f"Adapter {where}: tensors {', '.join(not_float[:5])} are of dtype "
+                           f"{tensors[not_float[0]].dtype}; trained parts are floating-point weights.")
+    bad = nonfinite_tensors(tensors.items())
+    if bad:
+        raise AdapterError(
+            f"Adapter {where}: the weights are not finite (NaN or inf) in {len(bad)} tensors: {', '.join(bad[:5])}"
+            f"{' ...' if len(bad) > 5 else ''}. The training run diverged or the file is damaged; use an earlier "
+            f"checkpoint of the run."
+        )
+
+
 def _check_shapes(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str, where: str,
                   require_all: bool) -> None:
     expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
@@ -165,12 +210,25 @@ def _check_shapes(module: torch.nn.Module, state: dict[str, torch.Tensor], what:
         raise AdapterError("\n".join(lines))
 
 
-def _assign(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Copy tensors into existing parameters/buffers, keeping their dtype and device."""
-    current = module.state_dict()
-    with torch.no_grad():
-        for key, tensor in state.items():
-            current[key].copy_(tensor.to(dtype=current[key].dtype, device=current[key].device))
+def _assignments(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(existing parameter/buffer, new value) pairs; the values are cast when written."""
+    current = module.state_dict(keep_vars=True)
+    return [(current[key].data, tensor) for key, tensor in state.items()]
+
+
+def check_lora_config(lora, where: str) -> dict:
+    """The ``lora`` section of an adapter config: ``rank`` an integer >= 1, ``alpha`` a finite number."""
+    if not isinstance(lora, dict):
+        raise AdapterError(f"Adapter {where} declares LoRA on the DiT but its {ADAPTER_CONFIG} has no 'lora' section "
+                           f"(a dict with rank and alpha, as the trainer writes).")
+    rank, alpha, rslora = lora.get("rank"), lora.get("alpha"), lora.get("use_rslora", False)
+    if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= MAX_LORA_RANK:
+        raise AdapterError(f"Adapter {where}: lora.rank must be an integer in 1..{MAX_LORA_RANK}, got {rank!r}.")
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
+        raise AdapterError(f"Adapter {where}: lora.alpha must be a finite number, got {alpha!r}.")
+    if not isinstance(rslora, bool):
+        raise AdapterError(f"Adapter {where}: lora.use_rslora must be true or false, got {rslora!r}.")
+    return lora
 
 
 def lora_scale(lora: dict) -> float:
@@ -178,45 +236,73 @@ def lora_scale(lora: dict) -> float:
     return alpha / rank**0.5 if lora.get("use_rslora") else alpha / rank
 
 
-def merge_lora(transformer: torch.nn.Module, state: dict[str, torch.Tensor], lora: dict, where: str) -> int:
-    """Merge peft LoRA matrices (``<module>.lora_A.weight`` / ``lora_B.weight``) into Linear weights.
-
-    Returns the number of merged modules. W [out, in] += scale * B [out, r] @ A [r, in], computed
-    in float32 and cast to W's dtype.
-    """
+def lora_pairs(transformer: torch.nn.Module, state: dict[str, torch.Tensor], lora: dict,
+               where: str) -> list[tuple[torch.nn.Linear, torch.Tensor, torch.Tensor]]:
+    """Check peft LoRA matrices against the DiT -> (Linear, A [r, in], B [out, r]) per module; writes nothing."""
     modules = dict(transformer.named_modules())
-    scale = lora_scale(lora)
-    names = sorted({key.rsplit(".lora_", 1)[0] for key in state})
-    for name in names:
+    rank = check_lora_config(lora, where)["rank"]
+    for key in state:
+        if key.rpartition(".lora_")[2] not in ("A.weight", "B.weight"):
+            raise AdapterError(f"Adapter {where}: LoRA key {key!r} is neither <module>.lora_A.weight nor "
+                               f"<module>.lora_B.weight.")
+    pairs = []
+    for name in sorted({key.rsplit(".lora_", 1)[0] for key in state}):
         a_key, b_key = f"{name}.lora_A.weight", f"{name}.lora_B.weight"
         if a_key not in state or b_key not in state:
-            raise AdapterError(f"Adapter {where} has an incomplete LoRA pair for DiT module {name!r}.")
+            raise AdapterError(f"Adapter {where} has an incomplete LoRA pair for DiT module {name!r} (needs both "
+                               f"{a_key} and {b_key}).")
         target = modules.get(name)
         if not isinstance(target, torch.nn.Linear):
             raise AdapterError(f"Adapter {where} has LoRA weights for {name!r}, which is not a Linear layer of "
                                f"the loaded DiT.")
-        a, b = state[a_key].float(), state[b_key].float()
-        if a.shape[1] != target.in_features or b.shape[0] != target.out_features or a.shape[0] != b.shape[1]:
+        a, b = state[a_key], state[b_key]
+        fits = (a.ndim == 2 and b.ndim == 2 and a.shape == (rank, target.in_features)
+                and b.shape == (target.out_features, rank))
+        if not fits:
             raise AdapterError(f"Adapter {where}: LoRA matrices for {name!r} have shapes {tuple(a.shape)} / "
-                               f"{tuple(b.shape)}, which do not fit its weight {tuple(target.weight.shape)}.")
-        with torch.no_grad():
-            delta = (b @ a) * scale
-            target.weight.add_(delta.to(device=target.weight.device, dtype=target.weight.dtype))
-    return len(names)
+                               f"{tuple(b.shape)}; its weight {tuple(target.weight.shape)} with rank {rank} needs "
+                               f"{(rank, target.in_features)} / {(target.out_features, rank)}.")
+        pairs.append((target, a, b))
+    return pairs
+
+
+def merge_lora(transformer: torch.nn.Module, state: dict[str, torch.Tensor], lora: dict, where: str) -> int:
+    """Merge peft LoRA matrices (``<module>.lora_A.weight`` / ``lora_B.weight``) into Linear weights.
+
+    Returns the number of merged modules. W [out, in] += scale * B [out, r] @ A [r, in], computed
+    in float32 and cast to W's dtype. Every pair is checked before the first weight is changed, and
+    a failure while merging restores every weight.
+    """
+    pairs = lora_pairs(transformer, state, lora, where)
+    with restore_on_failure([target.weight.data for target, _, _ in pairs]):
+        _add_lora(pairs, lora_scale(lora))
+    return len(pairs)
+
+
+@torch.no_grad()
+def _add_lora(pairs: list[tuple[torch.nn.Linear, torch.Tensor, torch.Tensor]], scale: float) -> None:
+    for target, a, b in pairs:
+        delta = (b.float() @ a.float()) * scale  # [out, in]
+        target.weight.add_(delta.to(device=target.weight.device, dtype=target.weight.dtype))
 
 
 def apply_adapter(model, adapter_dir: str | os.PathLike) -> None:
-    """Load a trained-parts folder on top of a loaded ``TBACModel``, in place.
+    """Load a trained-parts folder on top of a loaded ``TBACModel``, in place, all or nothing.
 
-    Checks everything before changing anything: a refused adapter leaves the model untouched. The
-    model's identity gets the adapter's name and a new fingerprint, so conditioning encoded before
-    is refused afterwards (pipelines should be built, or their caches cleared, after applying).
+    Everything is checked before anything changes (config, base, tensor names, shapes, dtypes,
+    finiteness, LoRA pairs, rank and alpha), and a failure while writing (out of memory, an
+    interrupt) restores every written tensor: a refused or failed adapter leaves the model bit for
+    bit as it was, with its identity. On success the identity gets the adapter's name and a new
+    fingerprint, so conditioning encoded before is refused afterwards (pipelines should be built,
+    or their caches cleared, after applying).
     """
     folder = Path(adapter_dir)
     where = str(folder)
     config = read_adapter_config(folder)
     check_base(config, model, where)
-    parts = split_parts(read_adapter_tensors(folder))
+    tensors = read_adapter_tensors(folder)
+    check_adapter_tensors(tensors, where)
+    parts = split_parts(tensors)
     mode = config["parts"]["dit"]
 
     rows = parts["metaqueries"].get(METAQUERY_KEY)
@@ -234,36 +320,28 @@ def apply_adapter(model, adapter_dir: str | os.PathLike) -> None:
         raise AdapterError(f"Adapter {where} declares LoRA on the DiT but holds no LoRA weights.")
     if mode != "lora" and parts["dit_lora"]:
         raise AdapterError(f"Adapter {where} holds LoRA weights but declares parts.dit = {mode!r}.")
-    if mode == "lora":
-        _check_lora(model.dit.transformer, parts["dit_lora"], where)
-
-    if rows is not None:
-        embedding = model.mllm.get_input_embeddings().weight
-        with torch.no_grad():
-            start = model.base_vocab
-            embedding[start: start + count].copy_(rows.to(dtype=embedding.dtype, device=embedding.device))
-    if parts["connector"]:
-        _assign(model.dit.connector, parts["connector"])
-    if mode == "full":
-        _assign(model.dit.transformer, parts["dit"])
-    elif mode == "lora":
-        merge_lora(model.dit.transformer, parts["dit_lora"], config["lora"], where)
-
+    pairs = lora_pairs(model.dit.transformer, parts["dit_lora"], config.get("lora"), where) if mode == "lora" else []
     digest = hashlib.sha256((model.identity.fingerprint + adapter_fingerprint(folder)).encode()).hexdigest()
+
+    # Everything is checked: write. ``writes`` are (target, new value) copies; LoRA adds to its targets.
+    writes = []
+    if rows is not None:
+        embedding = model.mllm.get_input_embeddings().weight.data
+        writes.append((embedding[model.base_vocab: model.base_vocab + count], rows))
+    writes += _assignments(model.dit.connector, parts["connector"])
+    if mode == "full":
+        writes += _assignments(model.dit.transformer, parts["dit"])
+    targets = [target for target, _ in writes] + [linear.weight.data for linear, _, _ in pairs]
+    with restore_on_failure(targets), torch.no_grad():
+        for target, value in writes:
+            target.copy_(value.to(dtype=target.dtype, device=target.device))
+        if pairs:
+            _add_lora(pairs, lora_scale(config["lora"]))
+        overflowed = nonfinite_tensors((str(i), t) for i, t in enumerate(targets))
+        if overflowed:  # e.g. a large LoRA delta added to float16 weights: restored on the way out
+            raise AdapterError(f"Adapter {where}: applying it made {len(overflowed)} weights of the model infinite "
+                               f"(overflow in {targets[0].dtype}); load the model in float32 or bfloat16.")
     model.identity = replace(model.identity, name=f"{model.identity.name}+{folder.name}", fingerprint=digest)
-
-
-def _check_lora(transformer: torch.nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
-    modules = dict(transformer.named_modules())
-    for key, tensor in state.items():
-        name, _, kind = key.rpartition(".lora_")
-        target = modules.get(name)
-        if kind not in ("A.weight", "B.weight") or not isinstance(target, torch.nn.Linear):
-            raise AdapterError(f"Adapter {where}: LoRA key {key!r} does not name a Linear layer of the loaded DiT.")
-        fits = tensor.shape[1] == target.in_features if kind == "A.weight" else tensor.shape[0] == target.out_features
-        if tensor.ndim != 2 or not fits:
-            raise AdapterError(f"Adapter {where}: LoRA matrix {key!r} of shape {tuple(tensor.shape)} does not fit "
-                               f"{name!r} ({target.in_features} -> {target.out_features}).")
 
 
 def adapter_fingerprint(folder: str | os.PathLike) -> str:

@@ -23,12 +23,20 @@ import torch
 from PIL import Image
 
 from ..devices import resolve_device
-from ..errors import InvalidParameterError
+from ..errors import InvalidParameterError, NonFiniteOutputError
 from ..ladder.conditioning import LadderConditioning
 from ..loading.build import load_model
+from ..loading.weight_checks import check_model_weights_finite
 from ..modeling.model import TBACModel
 from ..modeling.vae import decode_latents, encode_images
-from ..params import SamplingParams, check_batch, check_size
+from ..params import (
+    SamplingParams,
+    check_batch,
+    check_latents,
+    check_prompt_count,
+    check_size,
+    check_text,
+)
 from ..processing.images import image_batch, images_per_prompt, images_to_uint8
 from .batch_memory import check_denoise_memory
 from .compile import compile_dit_blocks
@@ -126,6 +134,7 @@ class TBACPipeline:
         prompts = _prompt_list(prompt)
         if not isinstance(negative_prompt, str):
             raise InvalidParameterError(f"negative_prompt must be a string, got {type(negative_prompt).__name__}.")
+        check_text(negative_prompt, "negative_prompt")
         block_rungs = self.model.block_rungs(layers)
         if params is not None:
             if not isinstance(params, SamplingParams):
@@ -282,8 +291,12 @@ class TBACPipeline:
                                                  img2img=init_latents is not None)
             latents = self.prepare_latents(batch, width, height, params, scheduler, init_latents, dit.device,
                                            prompt_seeds)
-            return denoise(dit, cond, latents, scheduler, timesteps, params,
-                           callback=callback, check_cancel=check_cancel, inpaint=inpaint)
+            try:
+                return denoise(dit, cond, latents, scheduler, timesteps, params,
+                               callback=callback, check_cancel=check_cancel, inpaint=inpaint)
+            except NonFiniteOutputError:
+                check_model_weights_finite(self.model)  # NaN weights: say so and where, not "lower the guidance"
+                raise
 
     # -- 4. decoding ---------------------------------------------------------------------------
     def decode(self, latents: torch.Tensor, tiled: bool | None = None) -> torch.Tensor:
@@ -291,6 +304,7 @@ class TBACPipeline:
 
         ``tiled``: decode tile by tile (bounded memory for large images); None = above 1024x1024.
         """
+        check_latents(latents, self.model.latent_channels)
         pixels = latents.shape[-1] * latents.shape[-2] * self.vae_scale_factor**2
         tiled = pixels > TILED_DECODE_ABOVE if tiled is None else tiled
         with self.placement.use("vae") as vae:
@@ -384,9 +398,11 @@ def _prompt_list(prompt) -> list[str]:
         )
     if not prompts:
         raise InvalidParameterError("No prompt given: pass at least one prompt (it may be empty).")
+    check_prompt_count(len(prompts))
     for item in prompts:
         if not isinstance(item, str):
             raise InvalidParameterError(f"Prompts must be strings, got {type(item).__name__}.")
+        check_text(item, "prompt")
     empty = [index for index, item in enumerate(prompts) if not item.strip()]
     if empty:  # allowed (the official code accepts it), but almost always a forgotten prompt box
         logger.warning(

@@ -35,7 +35,7 @@ from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaLis
 from ..errors import InvalidParameterError
 from ..modeling.mllm import vision_dtype
 from ..modeling.model import TBACModel
-from ..params import GenerationSettings
+from ..params import GenerationSettings, check_text, check_vision_budget
 from ..processing.images import image_list
 from ..processing.prompting import QWEN_DEFAULT_SYSTEM_PROMPT, PromptBuilder
 from .tbac_pipeline import TBACPipeline
@@ -95,6 +95,7 @@ def pixel_budget(model: TBACModel, num_images: int, max_pixels: int | None = Non
         high = max_pixels
     if num_images > 1:
         high = min(high, MAX_TOTAL_IMAGE_PIXELS // num_images)
+    check_vision_budget(num_images, max(low, high))  # a saved min_pixels may be huge
     return low, max(low, high)
 
 
@@ -205,6 +206,9 @@ def _check_request(question, system_prompt, settings) -> None:
         raise InvalidParameterError(f"system_prompt must be a string or None, got {type(system_prompt).__name__}.")
     if not isinstance(question, str):
         raise InvalidParameterError(f"Questions must be strings, got {type(question).__name__}.")
+    if system_prompt is not None:
+        check_text(system_prompt, "system_prompt")
+    check_text(question, "question")
     if not question.strip():
         raise InvalidParameterError(
             "The question is empty: type a question, or pick a preset ("

@@ -14,6 +14,7 @@ import torch
 from PIL import Image, ImageOps
 
 from ..errors import InvalidParameterError
+from ..params import MAX_BATCH, check_image_count
 
 MAX_INPUT_PIXELS = 64 * 1024 * 1024  # refuse absurd inputs before converting them
 MAX_ASPECT_RATIO = 200  # Qwen2-VL's image processor refuses more extreme aspect ratios
@@ -21,10 +22,25 @@ EXIF_ORIENTATION = 0x0112
 
 
 def image_list(images) -> list:
-    """The images of one prompt as a list: None -> [], one image -> [it], a batch [B, H, W, C] -> B images."""
+    """The images of one prompt as a list: None -> [], one image -> [it], a batch [B, H, W, C] -> B images.
+
+    Refuses more than ``MAX_INPUT_IMAGES`` (an IMAGE batch of video frames counts every frame) and an
+    empty IMAGE batch, before any image is converted.
+    """
+    items = _as_list(images)
+    check_image_count(len(items))
+    return items
+
+
+def _as_list(images) -> list:
     if images is None:
         return []
     if isinstance(images, (torch.Tensor, np.ndarray)) and images.ndim == 4:
+        if images.shape[0] == 0:
+            raise InvalidParameterError(
+                f"The image batch {tuple(images.shape)} holds no image; connect a batch of at least one image, or "
+                f"leave the input unconnected."
+            )
         return list(images)  # a ComfyUI IMAGE batch [B, H, W, C]: several images
     if isinstance(images, (list, tuple)):
         return list(images)
@@ -37,11 +53,12 @@ def images_per_prompt(images, num_prompts: int) -> list[list[Image.Image]] | Non
     ``images``: None (or only Nones); one image or a flat list (shared by every prompt); an image
     batch; or one list (or batch) per prompt, each with at least one image.
     """
-    items = [item for item in image_list(images) if item is not None]
+    items = [item for item in _as_list(images) if item is not None]
     if not items:
         return None
     nested = all(isinstance(item, (list, tuple)) for item in items)
     if not nested:
+        check_image_count(len(items))
         shared = [to_pil_rgb(item) for item in items]
         return [shared] * num_prompts  # the same objects: each input image is processed once
     if len(items) != num_prompts:
@@ -49,7 +66,8 @@ def images_per_prompt(images, num_prompts: int) -> list[list[Image.Image]] | Non
             f"Got image lists for {len(items)} prompts but {num_prompts} prompts; give one list of input "
             f"images per prompt, or one flat list shared by all prompts."
         )
-    per_prompt = [[to_pil_rgb(image) for image in image_list(item)] for item in items]
+    lists = [image_list(item) for item in items]  # every count checked before any image is converted
+    per_prompt = [[to_pil_rgb(image) for image in images] for images in lists]
     if any(not imgs for imgs in per_prompt):
         raise InvalidParameterError("Every prompt of an edit batch needs at least one input image.")
     return per_prompt
@@ -65,13 +83,17 @@ def image_batch(images) -> torch.Tensor:
         tensor = images if images.ndim == 4 else images[None]
         if tensor.ndim != 4 or tensor.shape[-1] != 3 or 0 in tensor.shape:
             raise InvalidParameterError(f"An image tensor must be [B, H, W, 3] in 0..1, got {tuple(images.shape)}.")
+        if tensor.shape[0] > MAX_BATCH:
+            raise InvalidParameterError(f"A batch of {tensor.shape[0]} images is not allowed: use 1..{MAX_BATCH}.")
         tensor = tensor.detach().float()
         if not torch.isfinite(tensor).all():
             raise InvalidParameterError("Image contains NaN or infinite values.")
         return tensor.clamp(0, 1)
-    items = image_list(images)
+    items = _as_list(images)
     if not items:
         raise InvalidParameterError("No image given: pass at least one image.")
+    if len(items) > MAX_BATCH:
+        raise InvalidParameterError(f"A batch of {len(items)} images is not allowed: use 1..{MAX_BATCH}.")
     tensors = [pil_to_tensor(to_pil_rgb(image)) for image in items]
     if len({tuple(t.shape) for t in tensors}) != 1:
         raise InvalidParameterError("Images of one batch must share one size; resize them first.")
@@ -143,6 +165,16 @@ def _array_to_uint8(array) -> np.ndarray:
         )
     if array.shape[0] == 0 or array.shape[1] == 0:
         raise InvalidParameterError(f"Image array of shape {tuple(array.shape)} is empty.")
+    if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
+        raise InvalidParameterError(
+            f"Image array of dtype {array.dtype} is not an image: give floats in 0..1 or integers in 0..255 "
+            f"(uint8) / 0..65535 (uint16)."
+        )
+    if array.shape[0] * array.shape[1] > MAX_INPUT_PIXELS:  # before converting (and copying) it
+        raise InvalidParameterError(
+            f"Input image of {array.shape[1]}x{array.shape[0]} pixels is larger than the {MAX_INPUT_PIXELS} pixels "
+            f"allowed; downscale it first."
+        )
     if np.issubdtype(array.dtype, np.floating):
         if not np.isfinite(array).all():
             raise InvalidParameterError("Image contains NaN or infinite values.")

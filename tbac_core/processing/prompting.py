@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from ..errors import ComponentNotFoundError, InvalidParameterError
+from ..params import check_text
 from .images import to_pil_rgb
 
 logger = logging.getLogger(__name__)
@@ -97,6 +98,7 @@ class PromptBuilder:
         """Token ids of user text, special-token look-alikes kept as plain text."""
         if not text:
             return []
+        check_text(text, "text")  # the backstop: every text reaches the tokenizer through here
         return list(self.tokenizer(text, add_special_tokens=False, split_special_tokens=True).input_ids)
 
     def truncate_caption(self, caption: str) -> str:

@@ -35,8 +35,11 @@ def crop_to_multiple(images: torch.Tensor, factor: int) -> torch.Tensor:
     At most ``factor - 1`` rows/columns are removed, split between both sides. Images smaller
     than ``factor`` on a side are refused: there is nothing left to encode.
     """
-    if images.ndim != 4:
-        raise InvalidParameterError(f"Expected an image batch [B, H, W, C], got shape {tuple(images.shape)}.")
+    if not isinstance(images, torch.Tensor) or images.ndim != 4:
+        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise InvalidParameterError(f"Expected an image batch [B, H, W, C], got {shape}.")
+    if images.shape[0] == 0:
+        raise InvalidParameterError("The image batch holds no image; connect a batch of at least one image.")
     height, width = images.shape[1:3]
     if height < factor or width < factor:
         raise InvalidParameterError(

@@ -63,10 +63,12 @@ def swap_linears(module: torch.nn.Module, state: dict, source: str, rename=None)
     Runs on the meta-device module before ``load_strict``; afterwards the state's entries have the
     quantised layers' shapes (``BlockQuantizedWeight`` becomes its raw bytes). ``rename`` maps state
     keys and module names to a common layout (the two transformers layouts). Returns how many.
+    Every layer is checked before the first is swapped: a refused file leaves ``module`` and ``state``
+    as they were.
     """
     rename = rename or (lambda key: key)
     by_name = {rename(key): key for key in state}
-    swapped = 0
+    plan = []  # (module name, new layer, state key, new state value): every layer checked before the first swap
     for name, child in list(module.named_modules()):
         state_key = by_name.get(rename(f"{name}.weight"))
         value = state.get(state_key) if state_key else None
@@ -89,11 +91,13 @@ def swap_linears(module: torch.nn.Module, state: dict, source: str, rename=None)
                                       f"{value.format.name} blocks; {expected} needs "
                                       f"{(expected[0], row_bytes(expected[1], value.format))}. The file is corrupt.")
             layer = GGUFLinear(child.in_features, child.out_features, bias, value.format, device="meta")
-            state[state_key] = value.data
+            plan.append((name, layer, state_key, value.data))
         else:
             scale_key = state_key[: -len("weight")] + SCALE_SUFFIX
             layer = FP8Linear(child.in_features, child.out_features, bias, scaled=scale_key in state, device="meta")
+            plan.append((name, layer, state_key, value))
+    for name, layer, state_key, value in plan:
         parent_name, _, attr = name.rpartition(".")
         setattr(module.get_submodule(parent_name) if parent_name else module, attr, layer)
-        swapped += 1
-    return swapped
+        state[state_key] = value
+    return len(plan)

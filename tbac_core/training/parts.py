@@ -26,7 +26,9 @@ from ..loading.adapters import (
     METAQUERY_KEY,
     AdapterError,
     base_record,
+    check_adapter_tensors,
     check_base_record,
+    restore_on_failure,
     split_parts,
 )
 from ..modeling.mllm import text_model
@@ -186,13 +188,24 @@ class TrainableParts:
                 f"Cannot resume from {where}: it trained parts {config.get('parts')} (LoRA {config.get('lora')}), "
                 f"this run trains {self.adapter_config()['parts']} (LoRA {self.lora}). Use the same settings."
             )
+        check_adapter_tensors(tensors, where)
         parts = split_parts(tensors)
-        with torch.no_grad():
+        expected = self._expected_shapes()
+        for part, shapes in expected.items():
+            given = {key: tuple(value.shape) for key, value in parts[part].items()}
+            if given != shapes:
+                wrong = sorted(set(given) ^ set(shapes) | {k for k in given if shapes.get(k, given[k]) != given[k]})
+                raise AdapterError(f"Cannot resume from {where}: its {part} tensors do not match this run's "
+                                   f"({len(wrong)} differ: {', '.join(wrong[:5])}).")
+        # Everything is checked: write, restoring every trained tensor if a write fails.
+        transformer = self.model.dit.transformer
+        written = ([self.model.dit.connector] if self.train_connector else []) + ([transformer] if self.dit_mode == "full" else [])
+        targets = [p.data for p in self.parameters()] + [b.data for module in written for b in module.buffers()]
+        with restore_on_failure(targets), torch.no_grad():
             if self.metaqueries is not None:
                 self.metaqueries.weight.copy_(parts["metaqueries"][METAQUERY_KEY])
             if self.train_connector:
                 self.model.dit.connector.load_state_dict(parts["connector"], strict=True)
-            transformer = self.model.dit.transformer
             if self.dit_mode == "full":
                 load_full_state(transformer, parts["dit"])
             elif self.dit_mode == "lora":
@@ -201,6 +214,23 @@ class TrainableParts:
                 result = set_peft_model_state_dict(transformer, parts["dit_lora"], adapter_name="default")
                 if getattr(result, "unexpected_keys", None):
                     raise AdapterError(f"Cannot resume from {where}: unexpected LoRA keys {result.unexpected_keys[:5]}.")
+
+    def _expected_shapes(self) -> dict[str, dict[str, tuple]]:
+        """Per adapter part, the names and shapes ``state_dict`` writes for this run (nothing copied)."""
+        shapes: dict[str, dict[str, tuple]] = {"metaqueries": {}, "connector": {}, "dit": {}, "dit_lora": {}}
+        if self.metaqueries is not None:
+            shapes["metaqueries"][METAQUERY_KEY] = tuple(self.metaqueries.weight.shape)
+        if self.train_connector:
+            shapes["connector"] = {k: tuple(v.shape) for k, v in self.model.dit.connector.state_dict().items()}
+        transformer = self.model.dit.transformer
+        if self.dit_mode == "full":
+            shapes["dit"] = {k: tuple(v.shape) for k, v in transformer.state_dict().items()}
+        elif self.dit_mode == "lora":
+            from peft import get_peft_model_state_dict
+
+            lora_state = get_peft_model_state_dict(transformer, adapter_name="default")
+            shapes["dit_lora"] = {k: tuple(v.shape) for k, v in lora_state.items()}
+        return shapes
 
     def finish(self) -> None:
         """Write the trained metaquery rows into the embedding and remove the hook."""
