@@ -206,6 +206,16 @@ def render_training_data(work: Path, train_scenes, spec: DemoSpec, images_per_sc
 PRETRAINED_FILE = "pretrained.safetensors"  # in the work folder: the frozen MLLM and the VAE
 
 
+def read_vae_state(checkpoint_dir: Path) -> dict:
+    """The DC-AE weights of a built demo checkpoint (``--vae-from``)."""
+    from safetensors.torch import load_file
+
+    from ..training.export import VAE_PREFIX
+
+    tensors = load_file(str(Path(checkpoint_dir) / "model.safetensors"))
+    return {k[len(VAE_PREFIX):]: v for k, v in tensors.items() if k.startswith(VAE_PREFIX)}
+
+
 def save_pretrained_parts(path: Path, mllm: dict, vae_state: dict) -> None:
     from safetensors.torch import save_file
 
@@ -226,7 +236,7 @@ def load_pretrained_parts(path: Path) -> tuple[dict, dict]:
 def build(out: Path, work: Path, *, spec: DemoSpec, steps: int, batch_size: int, learning_rate: float,
           vae_steps: int, mllm_steps: int, layers: str, evaluate_after: bool,
           images_per_scene: int = IMAGES_PER_SCENE, mllm_batch_size: int = 32, mllm_lr: float = 2e-3,
-          log=print) -> dict:
+          vae_from: Path | None = None, log=print) -> dict:
     from ..processing.images import pil_to_tensor
     from ..training.export import checkpoint_tensors, write_checkpoint
 
@@ -251,7 +261,13 @@ def build(out: Path, work: Path, *, spec: DemoSpec, steps: int, batch_size: int,
                               for s in train_scenes for _ in range(images_per_scene)]).permute(0, 3, 1, 2) * 2 - 1
     vae = build_vae(spec)
     tick, cpu = time.perf_counter(), time.process_time()
-    vae_loss = train_vae(vae, vae_images, vae_steps, 32, 2e-3, spec.seed, log)
+    if vae_from is not None:  # a demo built before with the same seed and VAE steps: the same weights
+        vae.load_state_dict(read_vae_state(vae_from))
+        vae.eval().requires_grad_(False)
+        vae_loss = float("nan")
+        log(f"VAE weights taken from {vae_from} instead of training them again.")
+    else:
+        vae_loss = train_vae(vae, vae_images, vae_steps, 32, 2e-3, spec.seed, log)
     scale = latent_scale(vae, vae_images)
     vae.register_to_config(scaling_factor=scale)
     write_json(out / SANA_ID / "vae" / "config.json", vae_config(spec, scale))
@@ -287,7 +303,7 @@ def build(out: Path, work: Path, *, spec: DemoSpec, steps: int, batch_size: int,
     info = {
         "spec": asdict(spec),
         "training": {"steps": steps, "batch_size": batch_size, "learning_rate": learning_rate, "layers": layers,
-                     "vae_steps": vae_steps, "mllm_steps": mllm_steps, "mllm_batch_size": mllm_batch_size,
+                     "vae_steps": vae_steps, "vae_from": str(vae_from) if vae_from else None, "mllm_steps": mllm_steps, "mllm_batch_size": mllm_batch_size,
                      "mllm_lr": mllm_lr, "images_per_scene": images_per_scene,
                      "mllm_final_loss_mean50": mllm_final, "final_loss_mean20": sum(last) / len(last)},
         "timings": timings,
@@ -326,6 +342,9 @@ def main(argv=None) -> int:
     parser.add_argument("--lr", type=float, default=1e-3, help="Peak learning rate (default 1e-3: the DiT starts "
                         "from random weights, unlike the official fine-tuning of a pretrained SANA at 1e-4).")
     parser.add_argument("--vae-steps", type=int, default=1000)
+    parser.add_argument("--vae-from", type=Path, default=None,
+                        help="Take the VAE weights from a demo checkpoint built with the same --seed and --vae-steps "
+                             "(stage 3 is deterministic, so this only saves its time).")
     parser.add_argument("--mllm-steps", type=int, default=1500, help="Qwen2.5-VL pretraining steps (default 1500).")
     parser.add_argument("--mllm-batch-size", type=int, default=32)
     parser.add_argument("--mllm-lr", type=float, default=2e-3)
@@ -349,7 +368,7 @@ def main(argv=None) -> int:
     common = dict(spec=spec, steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr,
                   vae_steps=args.vae_steps, mllm_steps=args.mllm_steps, mllm_batch_size=args.mllm_batch_size,
                   mllm_lr=args.mllm_lr, images_per_scene=args.images_per_scene, layers=args.layers,
-                  evaluate_after=not args.no_eval, log=log)
+                  evaluate_after=not args.no_eval, vae_from=args.vae_from, log=log)
     # Build next to the target and swap at the end: a failed build leaves the old model intact.
     staging = args.out.with_name(args.out.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
