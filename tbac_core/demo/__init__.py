@@ -1,9 +1,12 @@
 """The built-in demo model: a TOY that shows the whole TBAC-UniImage pipeline work with no download.
 
-It paints 32x32 pictures of one coloured shape on a coloured background, from prompts such as
+Its world is 32x32 pictures of one coloured shape on a coloured background, captioned like
 ``a red circle on a blue background`` (colours: red, orange, yellow, green, blue, purple, white,
-black; shapes: circle, square, triangle). A random, frozen tiny Qwen2.5-VL reads the prompt and a
-small ladder DiT, trained with the project's own trainer, draws it. It knows nothing else.
+black; shapes: circle, square, triangle). It does the three jobs of TBAC-UniImage there: a tiny
+Qwen2.5-VL, pretrained on these scenes and then frozen, answers questions about them ("What colour
+is the background?", the "describe in detail" preset) and reads prompts and edit instructions
+("make the circle green", "change the background to black"); a small ladder DiT, trained with the
+project's own trainer, draws the result. It knows nothing else.
 
 ``DEMO_CHECKPOINT`` is an official-format checkpoint folder (config.json + model.safetensors, with
 its component folders inside); rebuild it with ``python -m tbac_core.demo.build``.

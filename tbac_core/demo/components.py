@@ -8,9 +8,9 @@ depend on the installed transformers/diffusers versions and a rebuild gives the 
   instructions, chat template and TBAC system prompt is ONE token. One token per word keeps the
   caption-to-metaquery distance fixed, which a frozen random MLLM needs to tell "a red circle on a
   blue background" from "a blue circle on a red background".
-* MLLM: Qwen2.5-VL with the fixture's tiny sizes, randomly initialised and frozen. The weights are
-  drawn key by key from a seeded generator, so they do not depend on how a transformers version
-  initialises modules.
+* MLLM: Qwen2.5-VL with the fixture's tiny sizes. The initial weights are drawn key by key from a
+  seeded generator, so they do not depend on how a transformers version initialises modules; the
+  build then pretrains them (``demo.pretrain``) and freezes them.
 * DiT / VAE / scheduler: diffusers configs (SANA transformer, DC-AE, SANA's flow DPM-Solver++).
 """
 from __future__ import annotations
@@ -174,17 +174,18 @@ def _unbyte(piece: str, byte_map: dict[int, str]) -> str:
     return bytes(inverse[ch] for ch in piece).decode("utf-8")
 
 
-def tokenizer_texts(words: list[str]) -> list[str]:
-    """What the tokenizer must keep whole: the chat template's texts and every word, with and
-    without a leading space (a caption's first word follows ``user\\n`` with no space)."""
+def tokenizer_texts(words: list[str], sentences: list[str] = ()) -> list[str]:
+    """What the tokenizer must keep whole: the chat template's texts, every word, with and
+    without a leading space (a caption's first word follows ``user\\n`` with no space), and the
+    words of ``sentences`` (the demo's questions)."""
     texts = ["system\n" + TBAC_SYSTEM_PROMPT, "system\nYou are a helpful assistant.", "user\n", "assistant\n", "\n"]
-    texts += [w for w in words] + [" " + w for w in words]
+    texts += [w for w in words] + [" " + w for w in words] + list(sentences)
     return texts
 
 
-def write_tokenizer(folder: Path, words: list[str], spare_vocab: int) -> dict:
+def write_tokenizer(folder: Path, words: list[str], spare_vocab: int, sentences: list[str] = ()) -> dict:
     """Write tokenizer.json, vocab.json, merges.txt and the config files; return their ids."""
-    vocab, merges, _ = word_merges(tokenizer_texts(words))
+    vocab, merges, _ = word_merges(tokenizer_texts(words, sentences))
     tok = _make_tokenizer(vocab, merges)
     folder.mkdir(parents=True, exist_ok=True)
     tok.save(str(folder / "tokenizer.json"), pretty=True)
@@ -278,16 +279,14 @@ def _key_generator(seed: int, key: str) -> torch.Generator:
     return torch.Generator("cpu").manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
 
 
-def init_mllm_state(config: dict, num_metaqueries: int, seed: int) -> dict[str, torch.Tensor]:
-    """Random frozen Qwen2.5-VL weights (canonical key layout), metaquery rows included.
+def random_mllm_state(config: dict, seed: int) -> dict[str, torch.Tensor]:
+    """Random Qwen2.5-VL weights (canonical key layout) over the config's vocabulary, no LM head.
 
     Matrices ~ N(0, initializer_range), norms 1, biases 0 (as transformers initialises Qwen), but
     each tensor comes from its own generator seeded by its name: independent of module order and
-    of the transformers version. The embedding gets ``num_metaqueries + 2`` extra rows, drawn like
-    transformers' mean-resizing (the base rows' mean and per-dimension spread).
+    of the transformers version. The demo build pretrains these (``demo.pretrain``).
     """
-    rows = config["vocab_size"] + num_metaqueries + 2
-    model, base_vocab = build_mllm(config, rows)
+    model, _ = build_mllm(config, config["vocab_size"])
     std = float(config["initializer_range"])
     state = {}
     for key, meta in sorted(model.state_dict().items()):
@@ -297,16 +296,31 @@ def init_mllm_state(config: dict, num_metaqueries: int, seed: int) -> dict[str, 
             tensor = torch.zeros(meta.shape)
         elif meta.ndim == 1:
             if not any(name in key for name in ("norm", "ln_q")):
-                raise RuntimeError(f"Unexpected 1-D weight {key}; extend init_mllm_state.")
+                raise RuntimeError(f"Unexpected 1-D weight {key}; extend random_mllm_state.")
             tensor = torch.ones(meta.shape)
         else:
             tensor = torch.randn(meta.shape, generator=generator) * std
         state[key] = tensor
-    embed = state["model.language_model.embed_tokens.weight"]
-    base = embed[:base_vocab]
-    extra = torch.randn(rows - base_vocab, embed.shape[1], generator=_key_generator(seed, "metaqueries"))
-    embed[base_vocab:] = base.mean(0) + extra * base.std(0)
     return state
+
+
+EMBED_KEY = "model.language_model.embed_tokens.weight"
+
+
+def with_metaquery_rows(state: dict[str, torch.Tensor], num_metaqueries: int, seed: int) -> dict[str, torch.Tensor]:
+    """``state`` with ``num_metaqueries + 2`` embedding rows appended, as TBAC's checkpoint has them.
+
+    The new rows are drawn like transformers' mean-resizing: the base rows' mean and per-dimension
+    spread. Only the embedding changes; the other tensors are shared with ``state``.
+    """
+    base = state[EMBED_KEY]  # [base_vocab, hidden]
+    extra = torch.randn(num_metaqueries + 2, base.shape[1], generator=_key_generator(seed, "metaqueries"))
+    return {**state, EMBED_KEY: torch.cat([base, base.mean(0) + extra * base.std(0)])}
+
+
+def init_mllm_state(config: dict, num_metaqueries: int, seed: int) -> dict[str, torch.Tensor]:
+    """Random Qwen2.5-VL weights with the metaquery rows (a checkpoint for tests of the build)."""
+    return with_metaquery_rows(random_mllm_state(config, seed), num_metaqueries, seed)
 
 
 # -- diffusion parts ------------------------------------------------------------------------

@@ -193,19 +193,37 @@ def write_caption_folder(folder: str | Path, scenes: list[Scene], size: int, per
     return index
 
 
+EDIT_KINDS = ("colour", "background")  # what the demo's edit triples change (one attribute each)
+
+
 def edit_instruction(source: Scene, target: Scene) -> str:
+    """``make the circle green`` / ``change the background to black`` / ``turn the circle into a square``."""
     if source.colour != target.colour:
         return f"make the {source.shape} {target.colour}"
     if source.background != target.background:
-        return f"make the background {target.background}"
+        return f"change the background to {target.background}"
     return f"turn the {source.shape} into a {target.shape}"
 
 
-def write_edit_folder(folder: str | Path, scenes: list[Scene], size: int, count: int, seed: int) -> int:
+def edit_target(source: Scene, kind: str, rng: random.Random) -> Scene:
+    """``source`` with one attribute (``kind``: colour, background or shape) changed at random."""
+    others = [c for c in COLOURS if c not in (source.colour, source.background)]
+    if kind == "colour":
+        return Scene(rng.choice(others), source.shape, source.background)
+    if kind == "background":
+        return Scene(source.colour, source.shape, rng.choice(others))
+    if kind == "shape":
+        return Scene(source.colour, rng.choice([s for s in SHAPES if s != source.shape]), source.background)
+    raise ValueError(f"Unknown edit kind {kind!r}; known: colour, background, shape.")
+
+
+def write_edit_folder(folder: str | Path, scenes: list[Scene], size: int, count: int, seed: int,
+                      kinds: tuple[str, ...] = EDIT_KINDS) -> int:
     """Write ``count`` edit triples (one attribute changed) in the trainer's edit layout.
 
     ``NNNNN_source.png`` + ``NNNNN.txt`` (the instruction) + ``NNNNN_target.png``; the source and
-    target share the layout, so only the named attribute changes.
+    target share the layout, so only the named attribute changes. Source and target are both
+    among ``scenes`` (held-out combinations stay out of training).
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -214,15 +232,7 @@ def write_edit_folder(folder: str | Path, scenes: list[Scene], size: int, count:
     written = 0
     while written < count:
         source = rng.choice(scenes)
-        kind = rng.choice(("colour", "background", "shape"))
-        if kind == "colour":
-            target = Scene(rng.choice([c for c in COLOURS if c not in (source.colour, source.background)]),
-                           source.shape, source.background)
-        elif kind == "background":
-            target = Scene(source.colour, source.shape,
-                           rng.choice([c for c in COLOURS if c not in (source.colour, source.background)]))
-        else:
-            target = Scene(source.colour, rng.choice([s for s in SHAPES if s != source.shape]), source.background)
+        target = edit_target(source, rng.choice(kinds), rng)
         if target not in allowed:
             continue
         layout = Layout.random(rng)
@@ -234,9 +244,33 @@ def write_edit_folder(folder: str | Path, scenes: list[Scene], size: int, count:
     return written
 
 
+def held_out_edits(train: list[Scene], held_out: list[Scene], seed: int,
+                   kinds: tuple[str, ...] = EDIT_KINDS) -> list[tuple[Scene, Scene]]:
+    """(source, target) pairs, one per held-out scene and kind, whose TARGET is the held-out scene.
+
+    The source is a training scene one attribute away; the result is a combination the model never
+    saw, in any job. Deterministic in ``seed``.
+    """
+    rng = random.Random(seed)
+    known = set(train)
+    pairs = []
+    for target in held_out:
+        for kind in kinds:
+            if kind == "colour":
+                options = [Scene(c, target.shape, target.background) for c in COLOURS]
+            elif kind == "background":
+                options = [Scene(target.colour, target.shape, b) for b in COLOURS]
+            else:
+                options = [Scene(target.colour, s, target.background) for s in SHAPES]
+            sources = [s for s in options if s in known and s != target]
+            if sources:
+                pairs.append((rng.choice(sources), target))
+    return pairs
+
+
 def vocabulary() -> list[str]:
     """Every word a demo caption or edit instruction uses."""
-    words = {"a", "on", "background", "make", "the", "turn", "into", *COLOURS, *SHAPES}
+    words = {"a", "on", "background", "make", "the", "turn", "into", "change", "to", *COLOURS, *SHAPES}
     return sorted(words)
 
 

@@ -29,7 +29,12 @@ from ..modeling.mllm import (
     text_model,
 )
 from ..modeling.model import TBACModel
-from ..processing.prompting import PromptBuilder, SpecialIds, make_image_processor
+from ..processing.prompting import (
+    TBAC_IMAGE_PIXELS,
+    PromptBuilder,
+    SpecialIds,
+    make_image_processor,
+)
 from ..quantization.hook import load_component_state, open_checkpoint_files
 from . import builtin_configs
 from .checkpoint import CheckpointFiles, read_checkpoint_config
@@ -98,8 +103,8 @@ def load_model(
     tokenizer_path = find_tokenizer_dir([user_tokenizer_dir, checkpoint_dir, components.mllm_dir])
     tokenizer = load_tokenizer(tokenizer_path)
     processor_settings = image_processor_settings([user_tokenizer_dir, components.mllm_dir, checkpoint_dir])
-    prompts = PromptBuilder(tokenizer, make_image_processor(processor_settings), config.max_input_text_tokens,
-                            processor_settings)
+    prompts = PromptBuilder(tokenizer, make_image_processor(processor_settings, _input_image_pixels(raw_config)),
+                            config.max_input_text_tokens, processor_settings)
 
     # Cheap checks first (headers and configs), then the weights.
     mllm, base_vocab = _build_mllm(files, components.mllm, config)
@@ -131,6 +136,16 @@ def find_tokenizer_dir(candidates: list[Path | None]) -> Path:
         "merges.txt + tokenizer_config.json) of Qwen2.5-VL-3B-Instruct in the checkpoint folder, place "
         "the Qwen2.5-VL-3B-Instruct folder next to it, or pass tokenizer_dir."
     )
+
+
+def _input_image_pixels(raw_config: dict) -> int:
+    """Pixels per input image of generation and editing: TBAC's 256 * 28 * 28 unless the checkpoint
+    says otherwise (the 32x32 demo model: ``input_image_pixels`` 3136 = 56 * 56 px, 4 visual tokens)."""
+    pixels = raw_config.get("input_image_pixels", TBAC_IMAGE_PIXELS)
+    if not isinstance(pixels, int) or isinstance(pixels, bool) or pixels < 3136 or pixels % 784:
+        raise CheckpointError(f"config.json's input_image_pixels must be a multiple of 784 (28 * 28) and at least "
+                              f"3136, got {pixels!r}.")
+    return pixels
 
 
 def load_tokenizer(folder: Path):

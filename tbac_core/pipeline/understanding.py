@@ -26,6 +26,7 @@ whose placement brings the MLLM to its compute device (``placement.use("mllm")``
 from __future__ import annotations
 
 import inspect
+import unicodedata
 from contextlib import contextmanager, nullcontext
 from typing import Callable
 
@@ -287,7 +288,17 @@ def decode_answer(model: TBACModel, new_ids: list[int]) -> str:
         if token in (ids.im_end, ids.pad):
             new_ids = new_ids[:index]
             break
-    return model.prompts.tokenizer.decode(new_ids, skip_special_tokens=True).strip()
+    text = model.prompts.tokenizer.decode(new_ids, skip_special_tokens=True)
+    return strip_control_characters(text).strip()
+
+
+def strip_control_characters(text: str) -> str:
+    """``text`` without control characters (Unicode category Cc) other than newline and tab.
+
+    A byte-level tokenizer can emit any byte; a weak or confused model's stray BEL, ESC or NUL would
+    otherwise reach terminals, PNG text chunks and JSON output.
+    """
+    return "".join(ch for ch in text if ch in "\n\t" or unicodedata.category(ch) != "Cc")
 
 
 def answer_batch(
@@ -353,7 +364,8 @@ def answer(
     ``callback(done_tokens, max_new_tokens)`` runs after every generated token; ``check_cancel()``
     runs before the prompt is read and after every token, and what it raises propagates.
     ``max_pixels``: per-image pixel budget (default: the processor's, capped at MAX_IMAGE_PIXELS).
-    The answer is the text up to ``<|im_end|>``, special tokens dropped, stripped.
+    The answer is the text up to ``<|im_end|>``, special tokens and control characters (but newline
+    and tab) dropped, stripped.
     """
     _, new_ids = generate_answer_ids(
         pipe, question, images, system_prompt=system_prompt, settings=settings,

@@ -1,4 +1,4 @@
-"""The built-in demo model: format, size, prompt following on unseen combinations, reproducible build."""
+"""The built-in demo model: format, size, its three jobs on unseen combinations, reproducible build."""
 from __future__ import annotations
 
 import json
@@ -9,7 +9,13 @@ import torch
 
 from tbac_core.demo import DEMO_CHECKPOINT, DEMO_DEFAULTS, demo_defaults
 from tbac_core.demo.components import DemoSpec
-from tbac_core.demo.evaluate import score_held_out
+from tbac_core.demo.evaluate import (
+    held_out_edit_pairs,
+    score_edits,
+    score_held_out,
+    score_understanding,
+)
+from tbac_core.demo.questions import IMAGE_QUESTIONS, question_sentences
 from tbac_core.demo.scenes import (
     COLOURS,
     SHAPES,
@@ -25,6 +31,14 @@ from tbac_core.demo.scenes import (
 )
 
 MAX_BYTES = 10 * 1024 * 1024
+# The shipped checkpoint was built before the MLLM pretraining and edit training existed (its MLLM is
+# random). These tests state the targets of the new build; strict: once the checkpoint is rebuilt
+# with `python -m tbac_core.demo.build` and meets them, they XPASS, which fails -- then drop the marker.
+NEW_WORDS = {"change", "to"}  # of "change the background to black", new with the edit-trained build
+NEEDS_REBUILD = pytest.mark.xfail(
+    not (DEMO_CHECKPOINT / "demo_info.json").is_file()
+    or "mllm_steps" not in json.loads((DEMO_CHECKPOINT / "demo_info.json").read_text())["training"],
+    reason="the shipped demo checkpoint predates the pretrained-MLLM build", strict=True)
 
 
 @pytest.fixture(scope="module")
@@ -58,10 +72,19 @@ def test_demo_model_loads_with_its_sizes(demo_pipe):
 
 def test_every_caption_word_is_one_token(demo_pipe):
     builder = demo_pipe.model.prompts
-    for word in vocabulary():
+    for word in sorted(set(vocabulary()) - NEW_WORDS):
         assert len(builder.text_ids(" " + word)) == 1, word
         assert len(builder.text_ids(word)) == 1, word
     assert len(builder.text_ids("a red circle on a blue background")) == 7
+
+
+@NEEDS_REBUILD
+def test_every_instruction_and_question_word_is_one_token(demo_pipe):
+    builder = demo_pipe.model.prompts
+    for word in sorted(NEW_WORDS):
+        assert len(builder.text_ids(" " + word)) == 1 and len(builder.text_ids(word)) == 1, word
+    for sentence in question_sentences():  # each question word (and its punctuation) is one token
+        assert len(builder.text_ids(sentence)) == len(sentence.replace("?", " ?").replace(".", " .").replace(",", " ,").split())
 
 
 def test_held_out_combinations_were_never_trained():
@@ -73,11 +96,43 @@ def test_held_out_combinations_were_never_trained():
 
 
 def test_held_out_prompts_get_the_right_colours(demo_pipe):
-    """>= 80 % of unseen colour/shape/background prompts: both colours right (pixel measure)."""
+    """>= 90 % of unseen colour/shape/background prompts: both colours right (pixel measure)."""
     score = score_held_out(DEMO_CHECKPOINT, pipe=demo_pipe, seeds=(0,))
     print("held-out colour score:", score.summary())
     assert score.total >= 20
-    assert score.fraction >= 0.8, [row for row in score.rows if not row["ok"]]
+    assert score.fraction >= 0.9, [row for row in score.rows if not row["ok"]]
+
+
+@NEEDS_REBUILD
+def test_held_out_scenes_are_understood(demo_pipe):
+    """>= 90 % exact captions and answers (colour of shape, shape, background) on unseen scenes."""
+    _, held_out = load_split(DEMO_CHECKPOINT / "split.json")
+    score = score_understanding(demo_pipe, held_out)
+    print("held-out understanding:", score.summary())
+    assert score.total == len(held_out) * len(IMAGE_QUESTIONS) >= 100
+    assert score.fraction >= 0.9, [row for row in score.rows if not row["ok"]][:10]
+    for row in score.rows:  # whatever the answer, no control characters reach the caller
+        assert row["answer"].isprintable(), row
+
+
+@NEEDS_REBUILD
+def test_held_out_edits_apply_the_instruction_and_keep_the_rest(demo_pipe):
+    """Edits into unseen combinations: the named colour changes (>= 80 %), the other stays (>= 80 %)."""
+    pairs = held_out_edit_pairs(DEMO_CHECKPOINT)
+    assert len(pairs) >= 40 and {bool(s.colour != t.colour) for s, t in pairs} == {True, False}
+    score = score_edits(demo_pipe, pairs)
+    print("held-out edits:", score.summary(("applied", "kept", "shape_kept")))
+    assert score.share("applied") >= 0.8, [row for row in score.rows if not row["applied"]]
+    assert score.share("kept") >= 0.8, [row for row in score.rows if not row["kept"]]
+
+
+def test_edit_pairs_target_unseen_combinations_from_trained_ones():
+    train, held_out = load_split(DEMO_CHECKPOINT / "split.json")
+    for source, target in held_out_edit_pairs(DEMO_CHECKPOINT):
+        assert source in train and target in held_out
+        changed = [source.colour != target.colour, source.shape != target.shape,
+                   source.background != target.background]
+        assert sum(changed) == 1 and not changed[1]
 
 
 def test_colour_measure_is_exact_on_rendered_scenes_and_rejects_wrong_ones():
@@ -101,8 +156,8 @@ def test_build_is_reproducible(tmp_path):
     try:
         for name in ("a", "b"):
             build(tmp_path / name / "out", tmp_path / name / "work", spec=DemoSpec(), steps=3, batch_size=4,
-                  learning_rate=1e-3, vae_steps=2, layers="default", evaluate_after=False, images_per_scene=1,
-                  log=lambda message: None)
+                  learning_rate=1e-3, vae_steps=2, mllm_steps=2, mllm_batch_size=4, layers="default",
+                  evaluate_after=False, images_per_scene=1, log=lambda message: None)
     finally:
         torch.set_num_threads(threads)
     files = sorted(p.relative_to(tmp_path / "a" / "out") for p in (tmp_path / "a" / "out").rglob("*")

@@ -363,3 +363,12 @@ def test_decode_answer_stops_at_the_first_stop_token(model):
     assert decode_answer(model, hello + [ids.im_end] + model.prompts.text_ids(" more")) == "hello"
     assert decode_answer(model, hello + [ids.pad, ids.pad]) == "hello"
     assert decode_answer(model, [ids.vision_start] + hello) == "hello"
+
+
+def test_decoded_answers_hold_no_control_characters(model):
+    """A byte-level tokenizer can emit BEL/ESC/NUL bytes; answers drop them but keep newlines and tabs."""
+    prompts = model.prompts
+    ids = prompts.text_ids("a\x07b\x1b[31mc\x00d\ne\tf\x7f")
+    assert prompts.tokenizer.decode(ids) == "a\x07b\x1b[31mc\x00d\ne\tf\x7f"  # the raw decode has them
+    assert decode_answer(model, ids) == "ab[31mcd\ne\tf"
+    assert understanding.strip_control_characters("x\r\ny\x85z") == "x\nyz"

@@ -13,7 +13,7 @@ def data_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("data")
     train, _ = split_scenes(24, 0)
     write_caption_folder(folder, train[:4], 64, 1, seed=0)
-    write_edit_folder(folder / "edits", train, 64, 2, seed=0)
+    write_edit_folder(folder / "edits", train, 64, 2, seed=0, kinds=("colour", "shape"))  # "make the ..." / "turn the ..."
     return folder
 
 

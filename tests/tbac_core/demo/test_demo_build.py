@@ -1,0 +1,84 @@
+"""The demo build command end to end in miniature (a few steps), and its MLLM pretraining data."""
+from __future__ import annotations
+
+import json
+import random
+import unicodedata
+
+import pytest
+import torch
+
+from tbac_core.demo.build import demo_prompt_builder, main, write_components
+from tbac_core.demo.components import DemoSpec
+from tbac_core.demo.pretrain import IGNORE, conversation_batch
+from tbac_core.demo.questions import (
+    DESCRIBE,
+    SHAPE,
+    edit_prompt,
+    generation_prompt,
+    image_question,
+    random_conversation,
+    text_question,
+)
+from tbac_core.demo.scenes import Scene, all_scenes, edit_instruction
+
+
+@pytest.fixture(scope="module")
+def components(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("components")
+    write_components(folder, DemoSpec())
+    return folder
+
+
+def test_pretraining_labels_are_the_answer_and_its_end_token(components):
+    builder = demo_prompt_builder(components)
+    scene, other = Scene("red", "circle", "blue"), Scene("green", "circle", "blue")
+    conversations = [image_question(scene, DESCRIBE, 32), image_question(scene, SHAPE, 32),
+                     text_question(scene, SHAPE), generation_prompt(scene), edit_prompt(scene, other, 32)]
+    batch = conversation_batch(builder, conversations)
+    assert batch["input_ids"].shape == batch["labels"].shape
+    assert batch["image_grid_thw"].tolist() == [[1, 4, 4]] * 3  # 32x32 -> 56x56 px -> 4 visual tokens
+    tokenizer = builder.tokenizer
+    for row, conversation in enumerate(conversations):
+        labels = batch["labels"][row]
+        assert tokenizer.decode(labels[labels != IGNORE]) == conversation.answer + "<|im_end|>"
+        # supervised tokens are the last ones of the row (left padding), never padding or the prompt
+        supervised = (labels != IGNORE).nonzero().flatten()
+        assert supervised.tolist() == list(range(len(labels) - len(supervised), len(labels)))
+    assert conversations[-1].text == edit_instruction(scene, other) == "make the circle green"
+    assert conversations[-1].answer == other.caption()
+
+
+def test_random_conversations_stay_within_the_given_scenes():
+    scenes = all_scenes()[:20]
+    rng = random.Random(0)
+    for _ in range(200):
+        conversation = random_conversation(scenes, 32, rng)
+        words = set(conversation.answer.split())
+        assert words <= set(" ".join(s.caption() for s in scenes).split()) | {"circle", "square", "triangle"}
+
+
+def test_build_command_makes_a_model_that_does_all_three_jobs(tmp_path):
+    """``python -m tbac_core.demo.build`` with a tiny budget: a loadable model; each job runs."""
+    from tbac_core import TBACPipeline
+    from tbac_core.pipeline.understanding import GenerationSettings, answer
+
+    out = tmp_path / "out"
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    try:
+        assert main(["--out", str(out), "--work", str(tmp_path / "work"), "--steps", "2", "--batch-size", "4",
+                     "--mllm-steps", "2", "--mllm-batch-size", "4", "--vae-steps", "2", "--images-per-scene", "1",
+                     "--no-eval"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
+    config = json.loads((out / "config.json").read_text())
+    assert config["input_image_pixels"] == 3136 and config["demo_defaults"]["layers"] == "default"
+    info = json.loads((out / "demo_info.json").read_text())
+    assert info["training"]["mllm_steps"] == 2 and info["timings"]["total_cpu_seconds"] > 0
+    pipe = TBACPipeline.from_pretrained(out, device="cpu", dtype="fp32")
+    source = pipe.generate("a red circle on a blue background", steps=2).images[0]
+    assert source.size == (32, 32)
+    assert pipe.edit("make the circle green", [[source]], steps=2).images[0].size == (32, 32)
+    text = answer(pipe, DESCRIBE, source, settings=GenerationSettings(max_new_tokens=8))
+    assert isinstance(text, str) and not [ch for ch in text if unicodedata.category(ch) == "Cc" and ch not in "\n\t"]
