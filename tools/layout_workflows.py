@@ -59,14 +59,23 @@ NOTE_LINE_H = 16.0             # ... and line height, in graph units
 NOTE_PAD = 24
 NOTE_COLUMN_W = 340            # the note's width when it is a column of its own
 NODE_MARGIN = 8                # nodes closer than this count as overlapping; links keep this clearance
-# Widths that keep every widget readable (the front end never shrinks a node below its widgets).
-WIDTHS = {
-    "TBACModelLoader": 260, "LoadImage": 260, "TBACLadderEncode": 300, "TBACSampler": 270,
-    "TBACDecode": 220, "TBACEncodeImage": 220, "SetLatentNoiseMask": 200, "SaveImage": 250,
-    "PreviewImage": 250, "PreviewAny": 250, "TBACUnderstand": 280, "TBACLadderMix": 250,
-    "TBACLadderInspect": 250, "TBACLadderWeight": 250, "TBACLadderSelect": 250,
+# The smallest size the front end draws each node at (``node.computeSize()``, frontend 1.45.15, measured
+# with tools/browser_check.mjs --sizes): a smaller size in the file is enlarged to this on load, so the
+# layout must use at least this or the shown nodes overlap what the script placed below them.
+MIN_SIZES = {
+    "TBACModelLoader": (210, 130), "LoadImage": (223, 326), "TBACLadderEncode": (222, 234),
+    "TBACSampler": (210, 362), "TBACDecode": (210, 98), "TBACEncodeImage": (234, 78),
+    "SetLatentNoiseMask": (188, 46), "SaveImage": (210, 58), "PreviewImage": (140, 26),
+    "PreviewAny": (210, 112), "TBACUnderstand": (210, 378), "TBACLadderMix": (210, 78),
+    "TBACLadderInspect": (180, 66), "TBACNativeModel": (169, 26), "TBACNativeVAE": (154, 26),
+    "TBACToConditioning": (210, 98), "EmptyLatentImage": (210, 106), "KSampler": (210, 262),
+    "VAEDecode": (140, 46), "Note": (281, 88), "MarkdownNote": (281, 88),
 }
-HEIGHTS = {"SaveImage": 270, "PreviewImage": 250, "PreviewAny": 160, "LoadImage": 320}
+# Our widths: the front end's smallest, rounded up (its widgets are laid out for it); wider where text is typed.
+WIDTHS = {kind: max(math.ceil(w / 10) * 10, 210) for kind, (w, _) in MIN_SIZES.items()}
+WIDTHS.update(TBACLadderEncode=250, TBACUnderstand=250)
+# Image outputs get room for the picture; other nodes keep their height unless below the front end's smallest.
+HEIGHTS = {"SaveImage": 270, "PreviewImage": 250, "PreviewAny": 160, "LoadImage": 330}
 OUTPUT_TYPES = ("SaveImage", "PreviewImage", "PreviewAny")
 STACKABLE_HEIGHT = 120         # nodes up to this tall may also be stacked below their feeder
 
@@ -189,10 +198,12 @@ def check(graph: dict, window=WINDOW) -> list[str]:
 
 
 # -- layout -------------------------------------------------------------------------------------------
-def _columns(graph: dict, stacked: frozenset = frozenset()) -> dict[int, int]:
+def _columns(graph: dict, stacked: frozenset = frozenset(), late: bool = False) -> dict[int, int]:
     """Column of every non-note node: the longest path from a node without inputs.
 
-    A node in ``stacked`` takes the column of its deepest feeder (it is stacked below it).
+    A node in ``stacked`` takes the column of its deepest feeder (it is stacked below it). With ``late``
+    a node that feeds others (and is not a source such as the model loader) then moves right to the column
+    just before its first consumer, so a wire into a far column does not cross the columns in between.
     """
     ids = [n["id"] for n in graph["nodes"] if n["type"] not in NOTE_TYPES]
     preds = {i: set() for i in ids}
@@ -210,16 +221,31 @@ def _columns(graph: dict, stacked: frozenset = frozenset()) -> dict[int, int]:
 
     for i in ids:
         depth(i)
+    if late:
+        succs = {i: [] for i in ids}
+        for _, src, _, dst, _, _ in graph["links"]:
+            succs[src].append(dst)
+        for i in sorted(ids, key=lambda i: -column[i]):  # consumers are settled before their feeders
+            if preds[i] and succs[i] and i not in stacked:
+                column[i] = max(column[i], min(column[d] - (0 if d in stacked else 1) for d in succs[i]))
     return column
 
 
 def note_height(text: str, width: float) -> float:
     per_line = max(1, int((width - NOTE_PAD) / NOTE_CHAR_W))
     lines = sum(max(1, math.ceil(len(par) / per_line)) for par in text.split("\n"))
-    return math.ceil(lines * NOTE_LINE_H + NOTE_PAD)
+    return max(math.ceil(lines * NOTE_LINE_H + NOTE_PAD), MIN_SIZES["Note"][1])
 
 
-def _arrange(graph: dict, column: dict[int, int], note_span: int, order_key, stair: int) -> dict:
+def layout_size(node: dict) -> list:
+    """The size the layout gives a (non-note) node: our width, and at least the front end's smallest height."""
+    if node["type"] not in WIDTHS:
+        return list(node["size"])
+    min_h = math.ceil(MIN_SIZES[node["type"]][1])
+    return [WIDTHS[node["type"]], HEIGHTS.get(node["type"], max(min_h, node["size"][1]))]
+
+
+def _arrange(graph: dict, column: dict[int, int], note_span: int, order_key, stair: int, gap_x: float = GAP_X) -> dict:
     """Positions for one choice.
 
     ``note_span``: the note spans the first columns on top (0: it heads column 0 instead; -1: it is a
@@ -231,20 +257,22 @@ def _arrange(graph: dict, column: dict[int, int], note_span: int, order_key, sta
     out = copy.deepcopy(graph)
     nodes = {n["id"]: n for n in out["nodes"]}
     for node in out["nodes"]:
-        if node["type"] in WIDTHS:
-            node["size"] = [WIDTHS[node["type"]], HEIGHTS.get(node["type"], node["size"][1])]
+        if node["type"] not in NOTE_TYPES:
+            node["size"] = layout_size(node)
     n_cols = max(column.values()) + 1
     members = [sorted((i for i, c in column.items() if c == col), key=order_key) for col in range(n_cols)]
     widths = [max(nodes[i]["size"][0] for i in m) for m in members]
     notes = [n for n in out["nodes"] if n["type"] in NOTE_TYPES]
-    shift = NOTE_COLUMN_W + GAP_X if note_span == -1 else 0
-    wide_first = GAP_X if stair else 0  # steep wires out of column 0 need room to turn
-    xs = [shift + sum(widths[:c]) + GAP_X * c + (wide_first if c else 0) for c in range(n_cols)]
+    if notes and note_span == 0:  # the note heads column 0: the column is at least the note's smallest width
+        widths[0] = max(widths[0], WIDTHS[notes[0]["type"]])
+    shift = NOTE_COLUMN_W + gap_x if note_span == -1 else 0
+    wide_first = gap_x if stair else 0  # steep wires out of column 0 need room to turn
+    xs = [shift + sum(widths[:c]) + gap_x * c + (wide_first if c else 0) for c in range(n_cols)]
     note_span = min(note_span, n_cols)
     top = 0.0
     col0_top = 0.0
     for note in notes if note_span < 0 else ():
-        x = 0 if note_span == -1 else xs[-1] + widths[-1] + GAP_X
+        x = 0 if note_span == -1 else xs[-1] + widths[-1] + gap_x
         note["pos"], note["size"] = [x, TITLE_H], [NOTE_COLUMN_W, note_height(note["widgets_values"][0], NOTE_COLUMN_W)]
     for note in notes if note_span >= 0 else ():
         width = xs[note_span - 1] + widths[note_span - 1] if note_span else widths[0]
@@ -283,7 +311,7 @@ def _arrange(graph: dict, column: dict[int, int], note_span: int, order_key, sta
 def layout(graph: dict, window=WINDOW) -> tuple[dict, list[str], str]:
     """(the graph with new positions, note size and saved view, the rules it still breaks, how it was chosen)."""
     types = {n["id"]: n["type"] for n in graph["nodes"]}
-    heights = {n["id"]: HEIGHTS.get(n["type"], n["size"][1]) for n in graph["nodes"]}
+    heights = {n["id"]: layout_size(n)[1] for n in graph["nodes"]}
     preds: dict[int, list[int]] = {}
     for _, src, _, dst, _, _ in graph["links"]:
         preds.setdefault(dst, []).append(src)
@@ -291,20 +319,22 @@ def layout(graph: dict, window=WINDOW) -> tuple[dict, list[str], str]:
     # output nodes and short nodes may sit below the node that feeds them (saves a column)
     stackable = [i for i in types if i in preds and (i in sinks or heights[i] <= STACKABLE_HEIGHT)]
     candidates = []
-    for pull in itertools.product((0, 1), repeat=len(stackable)):
-        column = _columns(graph, frozenset(i for i, pulled in zip(stackable, pull) if pulled))
+    for pull, late in itertools.product(itertools.product((0, 1), repeat=len(stackable)), (False, True)):
+        column = _columns(graph, frozenset(i for i, pulled in zip(stackable, pull) if pulled), late)
         n_cols = max(column.values()) + 1
-        for order in ("id", "reverse", "feed"):
+        for order in ("id", "reverse", "feed", "shallow"):
             def key(i, column=column, order=order):
                 if order in ("id", "reverse"):
                     return (i in sinks, i if order == "id" else -i)
                 feeders = preds.get(i, [])
+                if order == "shallow":  # fed from nearer columns first: their wires stay above the rest
+                    return (i in sinks, max((column[p] for p in feeders), default=0), i)
                 return (i in sinks, sum(column[p] for p in feeders) / max(1, len(feeders)), i)
             for note_span, stair in itertools.product(range(-2, min(n_cols, 3) + 1), (0, 8, 30)):
                 arranged = _arrange(graph, column, note_span, key, stair)
                 arranged.setdefault("extra", {})["ds"] = fitted_view(arranged, window)
                 problems = check(arranged, window)
-                choice = f"note {note_span}, stair {stair}, order {order}, stacked {pull}"
+                choice = f"note {note_span}, stair {stair}, order {order}, stacked {pull}, {'late' if late else 'early'}"
                 candidates.append((len(problems), -arranged["extra"]["ds"]["scale"], problems, arranged, choice))
     # fewest broken rules first (a too small font counts like any other), then the largest zoom
     candidates.sort(key=lambda c: (c[0], c[1]))
