@@ -74,8 +74,8 @@ MIN_SIZES = {
 # Our widths: the front end's smallest, rounded up (its widgets are laid out for it); wider where text is typed.
 WIDTHS = {kind: max(math.ceil(w / 10) * 10, 210) for kind, (w, _) in MIN_SIZES.items()}
 WIDTHS.update(TBACLadderEncode=250, TBACUnderstand=250)
-# Image outputs get room for the picture; other nodes keep their height unless below the front end's smallest.
-HEIGHTS = {"SaveImage": 270, "PreviewImage": 250, "PreviewAny": 160, "LoadImage": 330}
+# Image outputs get room for the picture, the prompt box room for a few lines; other nodes take the smallest.
+HEIGHTS = {"SaveImage": 270, "PreviewImage": 250, "PreviewAny": 160, "LoadImage": 330, "TBACLadderEncode": 270}
 OUTPUT_TYPES = ("SaveImage", "PreviewImage", "PreviewAny")
 STACKABLE_HEIGHT = 120         # nodes up to this tall may also be stacked below their feeder
 
@@ -185,7 +185,10 @@ def check(graph: dict, window=WINDOW) -> list[str]:
             problems.append(f"{label[a['id']]} and {label[b['id']]} overlap")
     rects = {n["id"]: node_rect(n) for n in graph["nodes"]}
     for lid, src, dst, points in link_curves(graph):
+        box = (min(p[0] for p in points), min(p[1] for p in points), max(p[0] for p in points), max(p[1] for p in points))
         for nid, rect in rects.items():
+            if not _overlap(box, rect, NODE_MARGIN):
+                continue
             if nid == src:  # a wire that loops back behind its own node (e.g. to a node stacked below it)
                 behind = any(_inside(p, rect) and p[0] < rect[2] - 2 for p in points)
             elif nid == dst:
@@ -238,11 +241,10 @@ def note_height(text: str, width: float) -> float:
 
 
 def layout_size(node: dict) -> list:
-    """The size the layout gives a (non-note) node: our width, and at least the front end's smallest height."""
+    """The size the layout gives a (non-note) node: our width, and the front end's smallest height rounded up."""
     if node["type"] not in WIDTHS:
         return list(node["size"])
-    min_h = math.ceil(MIN_SIZES[node["type"]][1])
-    return [WIDTHS[node["type"]], HEIGHTS.get(node["type"], max(min_h, node["size"][1]))]
+    return [WIDTHS[node["type"]], HEIGHTS.get(node["type"], math.ceil(MIN_SIZES[node["type"]][1] / 10) * 10)]
 
 
 def _arrange(graph: dict, column: dict[int, int], note_span: int, order_key, stair: int, gap_x: float = GAP_X) -> dict:
@@ -305,7 +307,36 @@ def _arrange(graph: dict, column: dict[int, int], note_span: int, order_key, sta
         for i in members[col]:
             nodes[i]["pos"] = [xs[col], y + TITLE_H]
             y += TITLE_H + nodes[i]["size"][1] + GAP_Y
+    _push_below_wires(out)
     return out
+
+
+def _push_below_wires(graph: dict, rounds: int = 12) -> None:
+    """Move a node that a passing wire (one that neither starts nor ends at it) runs behind down below
+    that wire, together with the nodes under it in its column; repeat while that helps (in place)."""
+    for _ in range(rounds):
+        moved = False
+        for _, src, dst, points in link_curves(graph):
+            box = (min(p[0] for p in points), min(p[1] for p in points), max(p[0] for p in points), max(p[1] for p in points))
+            for node in graph["nodes"]:
+                if node["id"] in (src, dst) or node["type"] in NOTE_TYPES:
+                    continue
+                rect = node_rect(node)
+                if not _overlap(box, rect, NODE_MARGIN):
+                    continue
+                if not any(_inside(p, rect, NODE_MARGIN) for p in points):
+                    continue
+                lowest = max(p[1] for p in points if rect[0] - NODE_MARGIN < p[0] < rect[2] + NODE_MARGIN)
+                dy = math.ceil(lowest + NODE_MARGIN + 2 - rect[1])
+                for other in graph["nodes"]:  # the node and everything below it in its column
+                    if other["pos"][0] == node["pos"][0] and other["pos"][1] >= node["pos"][1]:
+                        other["pos"] = [other["pos"][0], other["pos"][1] + dy]
+                moved = True
+                break
+            if moved:
+                break
+        if not moved:
+            return
 
 
 def layout(graph: dict, window=WINDOW) -> tuple[dict, list[str], str]:
@@ -318,28 +349,31 @@ def layout(graph: dict, window=WINDOW) -> tuple[dict, list[str], str]:
     sinks = [i for i in types if types[i] in OUTPUT_TYPES]
     # output nodes and short nodes may sit below the node that feeds them (saves a column)
     stackable = [i for i in types if i in preds and (i in sinks or heights[i] <= STACKABLE_HEIGHT)]
-    candidates = []
+    candidates, tried, best_clean = [], 0, 0.0
     for pull, late in itertools.product(itertools.product((0, 1), repeat=len(stackable)), (False, True)):
         column = _columns(graph, frozenset(i for i, pulled in zip(stackable, pull) if pulled), late)
         n_cols = max(column.values()) + 1
-        for order in ("id", "reverse", "feed", "shallow"):
+        for order in ("id", "reverse", "feed"):
             def key(i, column=column, order=order):
                 if order in ("id", "reverse"):
                     return (i in sinks, i if order == "id" else -i)
                 feeders = preds.get(i, [])
-                if order == "shallow":  # fed from nearer columns first: their wires stay above the rest
-                    return (i in sinks, max((column[p] for p in feeders), default=0), i)
                 return (i in sinks, sum(column[p] for p in feeders) / max(1, len(feeders)), i)
             for note_span, stair in itertools.product(range(-2, min(n_cols, 3) + 1), (0, 8, 30)):
                 arranged = _arrange(graph, column, note_span, key, stair)
                 arranged.setdefault("extra", {})["ds"] = fitted_view(arranged, window)
+                tried += 1
+                if arranged["extra"]["ds"]["scale"] < best_clean:
+                    continue  # a smaller zoom than a rule-keeping arrangement found already: cannot win
                 problems = check(arranged, window)
+                if not problems:
+                    best_clean = arranged["extra"]["ds"]["scale"]
                 choice = f"note {note_span}, stair {stair}, order {order}, stacked {pull}, {'late' if late else 'early'}"
                 candidates.append((len(problems), -arranged["extra"]["ds"]["scale"], problems, arranged, choice))
     # fewest broken rules first (a too small font counts like any other), then the largest zoom
     candidates.sort(key=lambda c: (c[0], c[1]))
     _, _, problems, best, choice = candidates[0]
-    return best, problems, f"best of {len(candidates)} arrangements: {choice}"
+    return best, problems, f"best of {tried} arrangements: {choice}"
 
 
 def main(argv=None) -> int:
