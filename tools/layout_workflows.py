@@ -9,9 +9,11 @@ it scales the bounding box of all nodes (title bars included) to 75 % of the can
 (``DragAndScale.fitToBounds``, frontend 1.45) and centres it. The front end stops drawing node text
 below 8 px (``LiteGraph.Canvas.MinFontSizeForLOD``; node text is 14 units), so a template wider than
 about 1900 units is unreadable in a 1600x1000 window. This script places the nodes left to right in
-columns by their depth in the graph, stacks the nodes of a column, sizes the Read-me note from its
-text, tries the note and the output nodes in a few places and keeps the arrangement with the largest
-fitted zoom that breaks no rule. The saved view (``extra.ds``) is that same fitted view, so opening the
+columns by their depth in the graph (or, "late", each node just before its first consumer), stacks the
+nodes of a column, moves a node down below a wire that would pass behind it, gives every node the
+front end's smallest size (``computeSize``; a smaller saved size is enlarged on load), sizes the Read-me
+note from its text, tries the note and the output nodes in a few places and keeps the arrangement with
+the largest fitted zoom that breaks no rule. The saved view (``extra.ds``) is that same fitted view, so opening the
 file any other way (drag and drop, the workflow browser) shows the same picture.
 
 Rules (``check`` returns one line per violation; tests/workflows/test_layout_rules.py runs it on every
