@@ -297,6 +297,14 @@ async function checkTemplate(page, name, opts) {
   if (seen.lowQuality) problems.push(`drawn in low quality at ${(seen.scale * 100).toFixed(1)} % (text not drawn)`);
   if (fontPx < MIN_FONT_PX) problems.push(`text ${fontPx.toFixed(1)} px at the fitted zoom, below ${MIN_FONT_PX} px`);
   problems.push(...seen.covered);
+  // the front end enlarges a node whose saved size is below what its widgets need (computeSize): the layout
+  // (tools/layout_workflows.py) then no longer holds, so any change of size counts
+  const file = JSON.parse(readFileSync(path.join(opts.workflows, `${name}.json`), "utf8"));
+  for (const node of seen.nodes) {
+    const saved = file.nodes.find((n) => n.id === node.id)?.size;
+    if (saved && (Math.abs(saved[0] - node.size[0]) > 0.5 || Math.abs(saved[1] - node.size[1]) > 0.5))
+      problems.push(`node ${node.id} (${node.type}) shown at ${node.size.map(Math.round).join("x")}, saved as ${saved.join("x")}`);
+  }
   if (opts.screenshots) await page.screenshot({ path: path.join(opts.screenshots, `${name}.template.png`) });
   return problems;
 }

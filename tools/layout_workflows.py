@@ -9,9 +9,11 @@ it scales the bounding box of all nodes (title bars included) to 75 % of the can
 (``DragAndScale.fitToBounds``, frontend 1.45) and centres it. The front end stops drawing node text
 below 8 px (``LiteGraph.Canvas.MinFontSizeForLOD``; node text is 14 units), so a template wider than
 about 1900 units is unreadable in a 1600x1000 window. This script places the nodes left to right in
-columns by their depth in the graph, stacks the nodes of a column, sizes the Read-me note from its
-text, tries the note and the output nodes in a few places and keeps the arrangement with the largest
-fitted zoom that breaks no rule. The saved view (``extra.ds``) is that same fitted view, so opening the
+columns by their depth in the graph (or, "late", each node just before its first consumer), stacks the
+nodes of a column, moves a node down below a wire that would pass behind it, gives every node the
+front end's smallest size (``computeSize``; a smaller saved size is enlarged on load), sizes the Read-me
+note from its text, tries the note and the output nodes in a few places and keeps the arrangement with
+the largest fitted zoom that breaks no rule. The saved view (``extra.ds``) is that same fitted view, so opening the
 file any other way (drag and drop, the workflow browser) shows the same picture.
 
 Rules (``check`` returns one line per violation; tests/workflows/test_layout_rules.py runs it on every
@@ -59,14 +61,23 @@ NOTE_LINE_H = 16.0             # ... and line height, in graph units
 NOTE_PAD = 24
 NOTE_COLUMN_W = 340            # the note's width when it is a column of its own
 NODE_MARGIN = 8                # nodes closer than this count as overlapping; links keep this clearance
-# Widths that keep every widget readable (the front end never shrinks a node below its widgets).
-WIDTHS = {
-    "TBACModelLoader": 260, "LoadImage": 260, "TBACLadderEncode": 300, "TBACSampler": 270,
-    "TBACDecode": 220, "TBACEncodeImage": 220, "SetLatentNoiseMask": 200, "SaveImage": 250,
-    "PreviewImage": 250, "PreviewAny": 250, "TBACUnderstand": 280, "TBACLadderMix": 250,
-    "TBACLadderInspect": 250, "TBACLadderWeight": 250, "TBACLadderSelect": 250,
+# The smallest size the front end draws each node at (``node.computeSize()``, frontend 1.45.15, measured
+# with tools/browser_check.mjs --sizes): a smaller size in the file is enlarged to this on load, so the
+# layout must use at least this or the shown nodes overlap what the script placed below them.
+MIN_SIZES = {
+    "TBACModelLoader": (210, 130), "LoadImage": (223, 326), "TBACLadderEncode": (222, 234),
+    "TBACSampler": (210, 362), "TBACDecode": (210, 98), "TBACEncodeImage": (234, 78),
+    "SetLatentNoiseMask": (188, 46), "SaveImage": (210, 58), "PreviewImage": (140, 26),
+    "PreviewAny": (210, 112), "TBACUnderstand": (210, 378), "TBACLadderMix": (210, 78),
+    "TBACLadderInspect": (180, 66), "TBACNativeModel": (169, 26), "TBACNativeVAE": (154, 26),
+    "TBACToConditioning": (210, 98), "EmptyLatentImage": (210, 106), "KSampler": (210, 262),
+    "VAEDecode": (140, 46), "Note": (281, 88), "MarkdownNote": (281, 88),
 }
-HEIGHTS = {"SaveImage": 270, "PreviewImage": 250, "PreviewAny": 160, "LoadImage": 320}
+# Our widths: the front end's smallest, rounded up (its widgets are laid out for it); wider where text is typed.
+WIDTHS = {kind: max(math.ceil(w / 10) * 10, 210) for kind, (w, _) in MIN_SIZES.items()}
+WIDTHS.update(TBACLadderEncode=250, TBACUnderstand=250)
+# Image outputs get room for the picture, the prompt box room for a few lines; other nodes take the smallest.
+HEIGHTS = {"SaveImage": 270, "PreviewImage": 250, "PreviewAny": 160, "LoadImage": 330, "TBACLadderEncode": 270}
 OUTPUT_TYPES = ("SaveImage", "PreviewImage", "PreviewAny")
 STACKABLE_HEIGHT = 120         # nodes up to this tall may also be stacked below their feeder
 
@@ -176,7 +187,10 @@ def check(graph: dict, window=WINDOW) -> list[str]:
             problems.append(f"{label[a['id']]} and {label[b['id']]} overlap")
     rects = {n["id"]: node_rect(n) for n in graph["nodes"]}
     for lid, src, dst, points in link_curves(graph):
+        box = (min(p[0] for p in points), min(p[1] for p in points), max(p[0] for p in points), max(p[1] for p in points))
         for nid, rect in rects.items():
+            if not _overlap(box, rect, NODE_MARGIN):
+                continue
             if nid == src:  # a wire that loops back behind its own node (e.g. to a node stacked below it)
                 behind = any(_inside(p, rect) and p[0] < rect[2] - 2 for p in points)
             elif nid == dst:
@@ -189,10 +203,12 @@ def check(graph: dict, window=WINDOW) -> list[str]:
 
 
 # -- layout -------------------------------------------------------------------------------------------
-def _columns(graph: dict, stacked: frozenset = frozenset()) -> dict[int, int]:
+def _columns(graph: dict, stacked: frozenset = frozenset(), late: bool = False) -> dict[int, int]:
     """Column of every non-note node: the longest path from a node without inputs.
 
-    A node in ``stacked`` takes the column of its deepest feeder (it is stacked below it).
+    A node in ``stacked`` takes the column of its deepest feeder (it is stacked below it). With ``late``
+    a node that feeds others (and is not a source such as the model loader) then moves right to the column
+    just before its first consumer, so a wire into a far column does not cross the columns in between.
     """
     ids = [n["id"] for n in graph["nodes"] if n["type"] not in NOTE_TYPES]
     preds = {i: set() for i in ids}
@@ -210,16 +226,30 @@ def _columns(graph: dict, stacked: frozenset = frozenset()) -> dict[int, int]:
 
     for i in ids:
         depth(i)
+    if late:
+        succs = {i: [] for i in ids}
+        for _, src, _, dst, _, _ in graph["links"]:
+            succs[src].append(dst)
+        for i in sorted(ids, key=lambda i: -column[i]):  # consumers are settled before their feeders
+            if preds[i] and succs[i] and i not in stacked:
+                column[i] = max(column[i], min(column[d] - (0 if d in stacked else 1) for d in succs[i]))
     return column
 
 
 def note_height(text: str, width: float) -> float:
     per_line = max(1, int((width - NOTE_PAD) / NOTE_CHAR_W))
     lines = sum(max(1, math.ceil(len(par) / per_line)) for par in text.split("\n"))
-    return math.ceil(lines * NOTE_LINE_H + NOTE_PAD)
+    return max(math.ceil(lines * NOTE_LINE_H + NOTE_PAD), MIN_SIZES["Note"][1])
 
 
-def _arrange(graph: dict, column: dict[int, int], note_span: int, order_key, stair: int) -> dict:
+def layout_size(node: dict) -> list:
+    """The size the layout gives a (non-note) node: our width, and the front end's smallest height rounded up."""
+    if node["type"] not in WIDTHS:
+        return list(node["size"])
+    return [WIDTHS[node["type"]], HEIGHTS.get(node["type"], math.ceil(MIN_SIZES[node["type"]][1] / 10) * 10)]
+
+
+def _arrange(graph: dict, column: dict[int, int], note_span: int, order_key, stair: int, gap_x: float = GAP_X) -> dict:
     """Positions for one choice.
 
     ``note_span``: the note spans the first columns on top (0: it heads column 0 instead; -1: it is a
@@ -231,20 +261,22 @@ def _arrange(graph: dict, column: dict[int, int], note_span: int, order_key, sta
     out = copy.deepcopy(graph)
     nodes = {n["id"]: n for n in out["nodes"]}
     for node in out["nodes"]:
-        if node["type"] in WIDTHS:
-            node["size"] = [WIDTHS[node["type"]], HEIGHTS.get(node["type"], node["size"][1])]
+        if node["type"] not in NOTE_TYPES:
+            node["size"] = layout_size(node)
     n_cols = max(column.values()) + 1
     members = [sorted((i for i, c in column.items() if c == col), key=order_key) for col in range(n_cols)]
     widths = [max(nodes[i]["size"][0] for i in m) for m in members]
     notes = [n for n in out["nodes"] if n["type"] in NOTE_TYPES]
-    shift = NOTE_COLUMN_W + GAP_X if note_span == -1 else 0
-    wide_first = GAP_X if stair else 0  # steep wires out of column 0 need room to turn
-    xs = [shift + sum(widths[:c]) + GAP_X * c + (wide_first if c else 0) for c in range(n_cols)]
+    if notes and note_span == 0:  # the note heads column 0: the column is at least the note's smallest width
+        widths[0] = max(widths[0], WIDTHS[notes[0]["type"]])
+    shift = NOTE_COLUMN_W + gap_x if note_span == -1 else 0
+    wide_first = gap_x if stair else 0  # steep wires out of column 0 need room to turn
+    xs = [shift + sum(widths[:c]) + gap_x * c + (wide_first if c else 0) for c in range(n_cols)]
     note_span = min(note_span, n_cols)
     top = 0.0
     col0_top = 0.0
     for note in notes if note_span < 0 else ():
-        x = 0 if note_span == -1 else xs[-1] + widths[-1] + GAP_X
+        x = 0 if note_span == -1 else xs[-1] + widths[-1] + gap_x
         note["pos"], note["size"] = [x, TITLE_H], [NOTE_COLUMN_W, note_height(note["widgets_values"][0], NOTE_COLUMN_W)]
     for note in notes if note_span >= 0 else ():
         width = xs[note_span - 1] + widths[note_span - 1] if note_span else widths[0]
@@ -277,22 +309,51 @@ def _arrange(graph: dict, column: dict[int, int], note_span: int, order_key, sta
         for i in members[col]:
             nodes[i]["pos"] = [xs[col], y + TITLE_H]
             y += TITLE_H + nodes[i]["size"][1] + GAP_Y
+    _push_below_wires(out)
     return out
+
+
+def _push_below_wires(graph: dict, rounds: int = 12) -> None:
+    """Move a node that a passing wire (one that neither starts nor ends at it) runs behind down below
+    that wire, together with the nodes under it in its column; repeat while that helps (in place)."""
+    for _ in range(rounds):
+        moved = False
+        for _, src, dst, points in link_curves(graph):
+            box = (min(p[0] for p in points), min(p[1] for p in points), max(p[0] for p in points), max(p[1] for p in points))
+            for node in graph["nodes"]:
+                if node["id"] in (src, dst) or node["type"] in NOTE_TYPES:
+                    continue
+                rect = node_rect(node)
+                if not _overlap(box, rect, NODE_MARGIN):
+                    continue
+                if not any(_inside(p, rect, NODE_MARGIN) for p in points):
+                    continue
+                lowest = max(p[1] for p in points if rect[0] - NODE_MARGIN < p[0] < rect[2] + NODE_MARGIN)
+                dy = math.ceil(lowest + NODE_MARGIN + 2 - rect[1])
+                for other in graph["nodes"]:  # the node and everything below it in its column
+                    if other["pos"][0] == node["pos"][0] and other["pos"][1] >= node["pos"][1]:
+                        other["pos"] = [other["pos"][0], other["pos"][1] + dy]
+                moved = True
+                break
+            if moved:
+                break
+        if not moved:
+            return
 
 
 def layout(graph: dict, window=WINDOW) -> tuple[dict, list[str], str]:
     """(the graph with new positions, note size and saved view, the rules it still breaks, how it was chosen)."""
     types = {n["id"]: n["type"] for n in graph["nodes"]}
-    heights = {n["id"]: HEIGHTS.get(n["type"], n["size"][1]) for n in graph["nodes"]}
+    heights = {n["id"]: layout_size(n)[1] for n in graph["nodes"]}
     preds: dict[int, list[int]] = {}
     for _, src, _, dst, _, _ in graph["links"]:
         preds.setdefault(dst, []).append(src)
     sinks = [i for i in types if types[i] in OUTPUT_TYPES]
     # output nodes and short nodes may sit below the node that feeds them (saves a column)
     stackable = [i for i in types if i in preds and (i in sinks or heights[i] <= STACKABLE_HEIGHT)]
-    candidates = []
-    for pull in itertools.product((0, 1), repeat=len(stackable)):
-        column = _columns(graph, frozenset(i for i, pulled in zip(stackable, pull) if pulled))
+    candidates, tried, best_clean = [], 0, 0.0
+    for pull, late in itertools.product(itertools.product((0, 1), repeat=len(stackable)), (False, True)):
+        column = _columns(graph, frozenset(i for i, pulled in zip(stackable, pull) if pulled), late)
         n_cols = max(column.values()) + 1
         for order in ("id", "reverse", "feed"):
             def key(i, column=column, order=order):
@@ -303,13 +364,18 @@ def layout(graph: dict, window=WINDOW) -> tuple[dict, list[str], str]:
             for note_span, stair in itertools.product(range(-2, min(n_cols, 3) + 1), (0, 8, 30)):
                 arranged = _arrange(graph, column, note_span, key, stair)
                 arranged.setdefault("extra", {})["ds"] = fitted_view(arranged, window)
+                tried += 1
+                if arranged["extra"]["ds"]["scale"] < best_clean:
+                    continue  # a smaller zoom than a rule-keeping arrangement found already: cannot win
                 problems = check(arranged, window)
-                choice = f"note {note_span}, stair {stair}, order {order}, stacked {pull}"
+                if not problems:
+                    best_clean = arranged["extra"]["ds"]["scale"]
+                choice = f"note {note_span}, stair {stair}, order {order}, stacked {pull}, {'late' if late else 'early'}"
                 candidates.append((len(problems), -arranged["extra"]["ds"]["scale"], problems, arranged, choice))
     # fewest broken rules first (a too small font counts like any other), then the largest zoom
     candidates.sort(key=lambda c: (c[0], c[1]))
     _, _, problems, best, choice = candidates[0]
-    return best, problems, f"best of {len(candidates)} arrangements: {choice}"
+    return best, problems, f"best of {tried} arrangements: {choice}"
 
 
 def main(argv=None) -> int:

@@ -43,6 +43,7 @@ PROMPTS = {
     "inpaint": ["a white circle on a red background"],
     "masked_edit": ["make the circle white"],
     "edit_image": ["make the circle green"],
+    "ksampler_tbac": ["a yellow square on a green background"],
 }
 INPUT_PROMPT = "a red circle on a blue background"
 
@@ -106,6 +107,10 @@ def for_demo(name: str, workflow: dict, input_name: str) -> dict:
         elif kind == "TBACSampler":
             inputs.update(width=settings["width"], height=settings["height"], steps=settings["steps"],
                           guidance=settings["guidance_scale"])
+        elif kind == "KSampler":  # the core sampler on TBAC Native Model: the demo's steps, its guidance as cfg
+            inputs.update(steps=settings["steps"], cfg=settings["guidance_scale"])
+        elif kind == "EmptyLatentImage":
+            inputs.update(width=settings["width"], height=settings["height"])
         elif kind == "TBACLadderEncode" and prompts and not isinstance(inputs["prompt"], list):
             inputs["prompt"] = prompts.pop(0)
         elif kind == "TBACUnderstand":
