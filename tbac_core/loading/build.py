@@ -168,14 +168,39 @@ def load_tokenizer(folder: Path):
         ) from exc
 
 
+# Whole-number settings of Qwen2.5-VL's image processor, with the ranges that make sense.
+PROCESSOR_INT_FIELDS = {"min_pixels": (1, 2**31), "max_pixels": (1, 2**31), "patch_size": (1, 1024),
+                        "merge_size": (1, 64), "temporal_patch_size": (1, 64)}
+PROCESSOR_SIZE_FIELDS = ("shortest_edge", "longest_edge", "min_pixels", "max_pixels")
+
+
 def image_processor_settings(folders: list[Path | None]) -> dict:
     """The first ``preprocessor_config.json`` among ``folders`` (in precedence order), else the built-in."""
     for folder in folders:
         if folder is not None and (folder / PREPROCESSOR_FILE).is_file():
             logger.info("Image-processor settings from %s", folder / PREPROCESSOR_FILE)
-            return read_json(folder / PREPROCESSOR_FILE, "image processor config", error=ComponentNotFoundError)
+            settings = read_json(folder / PREPROCESSOR_FILE, "image processor config", error=ComponentNotFoundError)
+            check_processor_settings(settings, folder / PREPROCESSOR_FILE)
+            return settings
     logger.info("No %s found; using Qwen2.5-VL's published image-processor settings", PREPROCESSOR_FILE)
     return dict(builtin_configs.QWEN25_VL_IMAGE_PROCESSOR)
+
+
+def check_processor_settings(settings, where: Path) -> None:
+    """Refuse a preprocessor config whose pixel/patch settings are not whole numbers in range."""
+    if not isinstance(settings, dict):
+        raise CheckpointError(f"{where} must hold a JSON object of image-processor settings, "
+                              f"got {type(settings).__name__}.")
+    size = settings.get("size", {})
+    if size is None:
+        size = {}
+    if not isinstance(size, dict):
+        raise CheckpointError(f"{where}: 'size' must be an object (e.g. {{\"shortest_edge\": 3136}}), got {size!r:.60}.")
+    fields = [(key, settings[key], PROCESSOR_INT_FIELDS[key]) for key in PROCESSOR_INT_FIELDS if settings.get(key) is not None]
+    fields += [(f"size.{key}", size[key], (1, 2**31)) for key in PROCESSOR_SIZE_FIELDS if size.get(key) is not None]
+    for name, value, (low, high) in fields:
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise CheckpointError(f"{where}: {name} must be a whole number in {low}..{high}, got {value!r:.60}.")
 
 
 def check_special_tokens(ids: SpecialIds, mllm_config: dict, tokenizer_dir: Path, mllm_dir: Path | None) -> None:

@@ -284,6 +284,22 @@ def test_preprocessor_precedence_user_then_component_then_checkpoint(tmp_path, f
     assert load_model(ckpt, device="cpu").prompts.processor_settings == QWEN25_VL_IMAGE_PROCESSOR
 
 
+@pytest.mark.parametrize("change", [
+    {"min_pixels": "3136"}, {"max_pixels": 0}, {"patch_size": True}, {"merge_size": 2.5},
+    {"size": {"shortest_edge": "x"}}, {"size": [3136]}, {"temporal_patch_size": 10**9},
+])
+def test_a_preprocessor_config_with_bad_numbers_is_refused_at_load(tmp_path, fixture_root, change):
+    ckpt = make_checkpoint(tmp_path, fixture_root)
+    path = tmp_path / "tiny-Qwen2.5-VL-Instruct" / "preprocessor_config.json"
+    settings = json.loads(path.read_text())
+    settings.update(change)
+    path.write_text(json.dumps(settings))
+    key = next(iter(change))
+    with pytest.raises(CheckpointError, match=key) as caught:
+        load_model(ckpt, device="cpu")
+    assert str(path) in str(caught.value)
+
+
 def test_out_of_memory_is_not_reported_as_a_corrupt_file(checkpoint_dir, monkeypatch):
     """Only read/format errors become "file corrupt"; a failing move to the device raises as itself."""
     from tbac_core.loading.checkpoint import CheckpointFiles
