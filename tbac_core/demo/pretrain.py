@@ -9,6 +9,7 @@ are rendered as TBAC renders them (``PromptBuilder.chat_ids``: system, images fi
 """
 from __future__ import annotations
 
+import inspect
 import math
 import random
 
@@ -84,8 +85,12 @@ def pretrain_mllm(model, builder: PromptBuilder, scenes: list[Scene], *, steps: 
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     rng = random.Random(seed)
     losses: list[float] = []
+    # transformers 5 places image tokens' M-RoPE positions from mm_token_type_ids; 4.5x has no such input.
+    takes_token_types = "mm_token_type_ids" in inspect.signature(model.forward).parameters
     for step in range(steps):
         batch = conversation_batch(builder, [random_conversation(scenes, image_size, rng) for _ in range(batch_size)])
+        if not takes_token_types:
+            batch.pop("mm_token_type_ids", None)
         loss = model(**batch).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
