@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import random
 import shutil
 import sys
@@ -66,20 +65,16 @@ MLLM_ID = "demo-Qwen2.5-VL"  # the official code dispatches on "Qwen2.5-VL" and 
 SANA_ID = "demo-Sana_diffusers"
 HELD_OUT = 24
 IMAGES_PER_SCENE = 8
-INPUT_IMAGE_PIXELS = 56 * 56  # input images of edits: a 32x32 scene becomes 56x56 px = 4 visual tokens
 
 
 def train_vae(vae, images: torch.Tensor, steps: int, batch_size: int, learning_rate: float, seed: int,
               log=print) -> float:
     """Train the DC-AE as a plain autoencoder on ``images`` [N, 3, H, W] in -1..1; return the final loss."""
     vae.train().requires_grad_(True)
+    from .pretrain import warmup_cosine_schedule
+
     optimizer = torch.optim.AdamW(vae.parameters(), lr=learning_rate, weight_decay=0.0)
-    warmup = max(1, steps // 20)
-
-    def factor(step: int) -> float:  # linear warm-up, cosine down to 10 %
-        return min(1.0, (step + 1) / warmup) * (0.1 + 0.45 * (1 + math.cos(math.pi * step / steps)))
-
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    schedule = warmup_cosine_schedule(optimizer, steps, min_lr_rate=0.1)
     generator = torch.Generator().manual_seed(seed)
     loss = torch.tensor(float("nan"))
     for step in range(steps):
@@ -107,7 +102,8 @@ def latent_scale(vae, images: torch.Tensor) -> float:
 def write_components(out: Path, spec: DemoSpec) -> dict:
     """Tokenizer and component configs inside ``out``; returns the Qwen2.5-VL config."""
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer_info = write_tokenizer(out / MLLM_ID, vocabulary(), spec.spare_vocab, question_sentences())
+    tokenizer_info = write_tokenizer(out / MLLM_ID, vocabulary(), spec.spare_vocab, question_sentences(),
+                                     image_pixels=spec.vision_pixels)
     qwen = mllm_config(spec, tokenizer_info["vocab_size"], tokenizer_info["ids"])
     write_json(out / MLLM_ID / "config.json", qwen)
     write_json(out / SANA_ID / "transformer" / "config.json", transformer_config(spec))
@@ -116,12 +112,13 @@ def write_components(out: Path, spec: DemoSpec) -> dict:
 
 
 def demo_prompt_builder(components_dir: Path):
-    """The PromptBuilder the demo model gets when loaded (tokenizer + 56x56 image processor)."""
+    """The PromptBuilder the demo model gets when loaded: its tokenizer, and its pictures shown at the
+    preprocessor's ``min_pixels`` (``DemoSpec.vision_pixels``), as edits and understanding show them."""
     from ..loading.build import image_processor_settings, load_tokenizer
     from ..processing.prompting import PromptBuilder, make_image_processor
 
     settings = image_processor_settings([components_dir / MLLM_ID])
-    return PromptBuilder(load_tokenizer(components_dir / MLLM_ID), make_image_processor(settings, INPUT_IMAGE_PIXELS),
+    return PromptBuilder(load_tokenizer(components_dir / MLLM_ID), make_image_processor(settings, settings["min_pixels"]),
                          None, settings)
 
 
@@ -153,7 +150,7 @@ def tbac_config(spec: DemoSpec) -> dict:
         "in_channels": spec.latent_channels,
         "vae_downsample_f": spec.vae_factor,
         "max_input_text_tokens": 256,
-        "input_image_pixels": INPUT_IMAGE_PIXELS,
+        "input_image_pixels": spec.vision_pixels,
         "system_prompt": TBAC_SYSTEM_PROMPT,
         "loss_type": "flow",
         "modules_to_freeze": ["vae", "model.mllm_backbone"],
@@ -236,7 +233,7 @@ def load_pretrained_parts(path: Path) -> tuple[dict, dict]:
 def build(out: Path, work: Path, *, spec: DemoSpec, steps: int, batch_size: int, learning_rate: float,
           vae_steps: int, mllm_steps: int, layers: str, evaluate_after: bool,
           images_per_scene: int = IMAGES_PER_SCENE, mllm_batch_size: int = 32, mllm_lr: float = 2e-3,
-          vae_from: Path | None = None, log=print) -> dict:
+          vae_from: Path | None = None, mllm_from: Path | None = None, log=print) -> dict:
     from ..processing.images import pil_to_tensor
     from ..training.export import checkpoint_tensors, write_checkpoint
 
@@ -276,11 +273,17 @@ def build(out: Path, work: Path, *, spec: DemoSpec, steps: int, batch_size: int,
 
     # 4. MLLM pretraining (understanding), then frozen
     tick, cpu = time.perf_counter(), time.process_time()
-    mllm, mllm_losses = pretrain_stage(out, qwen, train_scenes, spec=spec, steps=mllm_steps,
-                                       batch_size=mllm_batch_size, learning_rate=mllm_lr, log=log)
+    if mllm_from is not None:  # a build's pretrained.safetensors, made with the same seed and MLLM settings
+        mllm, _ = load_pretrained_parts(mllm_from)
+        mllm_losses = []
+        log(f"Pretrained MLLM weights taken from {mllm_from} instead of training them again.")
+    else:
+        mllm, mllm_losses = pretrain_stage(out, qwen, train_scenes, spec=spec, steps=mllm_steps,
+                                           batch_size=mllm_batch_size, learning_rate=mllm_lr, log=log)
     timings["mllm_seconds"], timings["mllm_cpu_seconds"] = time.perf_counter() - tick, time.process_time() - cpu
-    mllm_final = sum(mllm_losses[-50:]) / max(1, len(mllm_losses[-50:]))
-    log(f"MLLM pretrained in {timings['mllm_seconds']:.0f}s (loss of the last 50 steps {mllm_final:.4f}).")
+    mllm_final = sum(mllm_losses[-50:]) / len(mllm_losses[-50:]) if mllm_losses else None
+    if mllm_losses:
+        log(f"MLLM pretrained in {timings['mllm_seconds']:.0f}s (loss of the last 50 steps {mllm_final:.4f}).")
     save_pretrained_parts(work / PRETRAINED_FILE, mllm, vae.state_dict())  # what demo.ablation starts from
 
     # 5. ladder-side tuning: metaqueries, connector, DiT on captions AND edit triples
@@ -303,7 +306,8 @@ def build(out: Path, work: Path, *, spec: DemoSpec, steps: int, batch_size: int,
     info = {
         "spec": asdict(spec),
         "training": {"steps": steps, "batch_size": batch_size, "learning_rate": learning_rate, "layers": layers,
-                     "vae_steps": vae_steps, "vae_from": str(vae_from) if vae_from else None, "mllm_steps": mllm_steps, "mllm_batch_size": mllm_batch_size,
+                     "vae_steps": vae_steps, "vae_from": str(vae_from) if vae_from else None, "mllm_from": str(mllm_from) if mllm_from else None,
+                     "mllm_steps": mllm_steps, "mllm_batch_size": mllm_batch_size,
                      "mllm_lr": mllm_lr, "images_per_scene": images_per_scene,
                      "mllm_final_loss_mean50": mllm_final, "final_loss_mean20": sum(last) / len(last)},
         "timings": timings,
@@ -345,7 +349,10 @@ def main(argv=None) -> int:
     parser.add_argument("--vae-from", type=Path, default=None,
                         help="Take the VAE weights from a demo checkpoint built with the same --seed and --vae-steps "
                              "(stage 3 is deterministic, so this only saves its time).")
-    parser.add_argument("--mllm-steps", type=int, default=1500, help="Qwen2.5-VL pretraining steps (default 1500).")
+    parser.add_argument("--mllm-from", type=Path, default=None,
+                        help="Take the pretrained Qwen2.5-VL from a build's work/pretrained.safetensors made with the "
+                             "same --seed and MLLM options (stage 4 is deterministic, so this only saves its time).")
+    parser.add_argument("--mllm-steps", type=int, default=4000, help="Qwen2.5-VL pretraining steps (default 4000).")
     parser.add_argument("--mllm-batch-size", type=int, default=32)
     parser.add_argument("--mllm-lr", type=float, default=2e-3)
     parser.add_argument("--images-per-scene", type=int, default=IMAGES_PER_SCENE,
@@ -368,7 +375,7 @@ def main(argv=None) -> int:
     common = dict(spec=spec, steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr,
                   vae_steps=args.vae_steps, mllm_steps=args.mllm_steps, mllm_batch_size=args.mllm_batch_size,
                   mllm_lr=args.mllm_lr, images_per_scene=args.images_per_scene, layers=args.layers,
-                  evaluate_after=not args.no_eval, vae_from=args.vae_from, log=log)
+                  evaluate_after=not args.no_eval, vae_from=args.vae_from, mllm_from=args.mllm_from, log=log)
     # Build next to the target and swap at the end: a failed build leaves the old model intact.
     staging = args.out.with_name(args.out.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)

@@ -72,6 +72,9 @@ class DemoSpec:
 
     seed: int = 0
     image_size: int = 32  # [512]
+    # Pixels a 32x32 picture is shown to the vision tower at: 112x112 = 64 patches = 16 visual tokens.
+    # At 56x56 (4 tokens) the tiny vision tower could not tell a circle from a square reliably.
+    vision_pixels: int = 112 * 112
     num_metaqueries: int = 8  # [64]
     spare_vocab: int = 16  # model vocab_size - len(tokenizer) [271]
     # Qwen2.5-VL text decoder, as the shared tiny fixture [hidden 2048, 36 layers]
@@ -183,8 +186,12 @@ def tokenizer_texts(words: list[str], sentences: list[str] = ()) -> list[str]:
     return texts
 
 
-def write_tokenizer(folder: Path, words: list[str], spare_vocab: int, sentences: list[str] = ()) -> dict:
-    """Write tokenizer.json, vocab.json, merges.txt and the config files; return their ids."""
+def write_tokenizer(folder: Path, words: list[str], spare_vocab: int, sentences: list[str] = (),
+                    image_pixels: int = 3136) -> dict:
+    """Write tokenizer.json, vocab.json, merges.txt and the config files; return their ids.
+
+    ``image_pixels``: the preprocessor's ``min_pixels``, i.e. the size every (smaller) demo picture is
+    shown to the vision tower at."""
     vocab, merges, _ = word_merges(tokenizer_texts(words, sentences))
     tok = _make_tokenizer(vocab, merges)
     folder.mkdir(parents=True, exist_ok=True)
@@ -222,9 +229,9 @@ def write_tokenizer(folder: Path, words: list[str], spare_vocab: int, sentences:
     write_json(folder / "preprocessor_config.json", {
         "do_convert_rgb": True, "do_normalize": True, "do_rescale": True, "do_resize": True,
         "image_mean": CLIP_MEAN, "image_std": CLIP_STD, "image_processor_type": "Qwen2VLImageProcessor",
-        "max_pixels": 50176, "merge_size": 2, "min_pixels": 3136, "patch_size": 14,
+        "max_pixels": 50176, "merge_size": 2, "min_pixels": image_pixels, "patch_size": 14,
         "processor_class": "Qwen2_5_VLProcessor", "resample": 3, "rescale_factor": 1 / 255,
-        "size": {"longest_edge": 50176, "shortest_edge": 3136}, "temporal_patch_size": 2,
+        "size": {"longest_edge": 50176, "shortest_edge": image_pixels}, "temporal_patch_size": 2,
     })
     return {"len_tokenizer": base + len(QWEN_ADDED_TOKENS), "vocab_size": base + len(QWEN_ADDED_TOKENS) + spare_vocab,
             "ids": ids}

@@ -15,6 +15,7 @@ import random
 
 import torch
 
+from ..errors import InvalidParameterError
 from ..modeling.mllm import canonical_key
 from ..processing.prompting import PromptBuilder
 from .questions import Conversation, random_conversation
@@ -70,19 +71,22 @@ def conversation_batch(builder: PromptBuilder, conversations: list[Conversation]
     return batch
 
 
+def warmup_cosine_schedule(optimizer, steps: int, min_lr_rate: float):
+    """Linear warm-up over the first 5 % of ``steps``, then cosine down to ``min_lr_rate`` of the peak
+    (transformers' schedule, the one the ladder ``Trainer`` uses too)."""
+    from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
+
+    return get_cosine_with_min_lr_schedule_with_warmup(optimizer, max(1, steps // 20), steps, min_lr_rate=min_lr_rate)
+
+
 def pretrain_mllm(model, builder: PromptBuilder, scenes: list[Scene], *, steps: int, batch_size: int,
                   learning_rate: float, image_size: int, seed: int, log=print) -> list[float]:
     """Train ``model`` in place on random conversations about ``scenes``; return the losses."""
     if steps < 1 or batch_size < 1:
-        raise ValueError(f"steps and batch_size must be >= 1, got {steps} and {batch_size}.")
+        raise InvalidParameterError(f"MLLM pretraining steps and batch size must be >= 1, got {steps} and {batch_size}.")
     model.train().requires_grad_(True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.01)
-    warmup = max(1, steps // 20)
-
-    def factor(step: int) -> float:  # linear warm-up, cosine down to 5 %
-        return min(1.0, (step + 1) / warmup) * (0.05 + 0.475 * (1 + math.cos(math.pi * step / steps)))
-
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    schedule = warmup_cosine_schedule(optimizer, steps, min_lr_rate=0.05)
     rng = random.Random(seed)
     losses: list[float] = []
     # transformers 5 places image tokens' M-RoPE positions from mm_token_type_ids; 4.5x has no such input.

@@ -19,16 +19,21 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+import numpy as np
 from PIL import Image
 
 from .components import TBAC_SYSTEM_PROMPT
 from .scenes import (
     EDIT_KINDS,
+    SHAPES,
+    UNKNOWN,
     Layout,
     Scene,
+    draw_shape,
     edit_instruction,
     edit_target,
     render_scene,
+    snap_colours,
 )
 
 CENTRED = Layout()  # the centred layout the evaluation renders
@@ -39,6 +44,7 @@ SHAPE_COLOUR = "What colour is the shape?"
 SHAPE = "What shape is it?"
 BACKGROUND = "What colour is the background?"
 IMAGE_QUESTIONS = (DESCRIBE, SHORT_CAPTION, SHAPE_COLOUR, SHAPE, BACKGROUND)
+SHAPE_DRILL_SHARE = 0.2  # of the pretraining conversations: ``shape_drill``
 
 
 def answer_for(question: str, scene: Scene) -> str:
@@ -88,11 +94,37 @@ def edit_prompt(source: Scene, target: Scene, size: int, layout: Layout = CENTRE
                         target.caption())
 
 
+def off_palette_pair(rng: random.Random, min_distance: float = 120.0) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Two random RGB colours, each one no palette colour would be measured as (``snap_colours``
+    says ``unknown``), at least ``min_distance`` apart (a visible shape on its background)."""
+    while True:
+        fill, background = (tuple(rng.randrange(256) for _ in range(3)) for _ in range(2))
+        if (snap_colours(np.array([fill, background])) == [UNKNOWN, UNKNOWN]
+                and sum((a - b) ** 2 for a, b in zip(fill, background)) >= min_distance ** 2):
+            return fill, background
+
+
+def shape_drill(size: int, rng: random.Random, layout: Layout = CENTRED) -> Conversation:
+    """"What shape is it?" about a shape in random off-palette colours.
+
+    Without it the tiny model learns the 144 training scenes as wholes and names a held-out scene
+    after the training scene with the same two colours (wrong shape). Random colours are no
+    (colour, shape, background) combination of the palette, so no held-out scene leaks in, and the
+    vision tower must see the shape's form whatever its colours.
+    """
+    shape = rng.choice(SHAPES)
+    fill, background = off_palette_pair(rng)
+    return Conversation(QWEN_SYSTEM, SHAPE, (draw_shape(shape, fill, background, size, layout),), shape)
+
+
 def random_conversation(scenes: list[Scene], size: int, rng: random.Random) -> Conversation:
     """One pretraining conversation about a random scene of ``scenes`` (edit targets among them too)."""
     scene = rng.choice(scenes)
     layout = Layout.random(rng)
     task = rng.random()
+    if task < SHAPE_DRILL_SHARE:
+        return shape_drill(size, rng, layout)
+    task = (task - SHAPE_DRILL_SHARE) / (1 - SHAPE_DRILL_SHARE)  # the tasks below share the rest
     if task < 0.55:
         return image_question(scene, rng.choice(IMAGE_QUESTIONS), size, layout)
     if task < 0.7:

@@ -87,22 +87,27 @@ class Layout:
 
 def render_scene(scene: Scene, size: int, layout: Layout = Layout()) -> Image.Image:
     """Draw ``scene`` as a ``size`` x ``size`` RGB image."""
+    return draw_shape(scene.shape, COLOURS[scene.colour], COLOURS[scene.background], size, layout)
+
+
+def draw_shape(shape: str, fill: tuple[int, int, int], background: tuple[int, int, int], size: int,
+               layout: Layout = Layout()) -> Image.Image:
+    """A ``size`` x ``size`` RGB image of ``shape`` filled with the RGB ``fill`` on ``background``."""
     big = size * SUPERSAMPLE
-    image = Image.new("RGB", (big, big), COLOURS[scene.background])
+    image = Image.new("RGB", (big, big), background)
     draw = ImageDraw.Draw(image)
     half = layout.scale * big / 2
     cx, cy = big / 2 + layout.dx * big, big / 2 + layout.dy * big
-    fill = COLOURS[scene.colour]
-    if scene.shape == "circle":
+    if shape == "circle":
         draw.ellipse([cx - half, cy - half, cx + half, cy + half], fill=fill)
-    elif scene.shape == "square":
+    elif shape == "square":
         side = half * 0.9  # a square looks larger than a circle of the same width
         draw.rectangle([cx - side, cy - side, cx + side, cy + side], fill=fill)
-    elif scene.shape == "triangle":
+    elif shape == "triangle":
         # Centred on its bounding box, so the image centre is inside (the triangle is widest there).
         draw.polygon([(cx, cy - half), (cx + half, cy + half), (cx - half, cy + half)], fill=fill)
     else:
-        raise ValueError(f"Unknown shape {scene.shape!r}; known: {', '.join(SHAPES)}.")
+        raise ValueError(f"Unknown shape {shape!r}; known: {', '.join(SHAPES)}.")
     return image.resize((size, size), Image.BOX)
 
 

@@ -5,6 +5,7 @@ import json
 import random
 import unicodedata
 
+import numpy as np
 import pytest
 import torch
 
@@ -17,10 +18,12 @@ from tbac_core.demo.questions import (
     edit_prompt,
     generation_prompt,
     image_question,
+    off_palette_pair,
     random_conversation,
+    shape_drill,
     text_question,
 )
-from tbac_core.demo.scenes import Scene, all_scenes, edit_instruction
+from tbac_core.demo.scenes import SHAPES, UNKNOWN, Layout, Scene, all_scenes, edit_instruction, snap_colours
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +40,7 @@ def test_pretraining_labels_are_the_answer_and_its_end_token(components):
                      text_question(scene, SHAPE), generation_prompt(scene), edit_prompt(scene, other, 32)]
     batch = conversation_batch(builder, conversations)
     assert batch["input_ids"].shape == batch["labels"].shape
-    assert batch["image_grid_thw"].tolist() == [[1, 4, 4]] * 3  # 32x32 -> 56x56 px -> 4 visual tokens
+    assert batch["image_grid_thw"].tolist() == [[1, 8, 8]] * 3  # 32x32 -> 112x112 px -> 16 visual tokens
     tokenizer = builder.tokenizer
     for row, conversation in enumerate(conversations):
         labels = batch["labels"][row]
@@ -73,7 +76,7 @@ def test_build_command_makes_a_model_that_does_all_three_jobs(tmp_path):
         torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(deterministic)
     config = json.loads((out / "config.json").read_text())
-    assert config["input_image_pixels"] == 3136 and config["demo_defaults"]["layers"] == "default"
+    assert config["input_image_pixels"] == DemoSpec().vision_pixels == 112 * 112 and config["demo_defaults"]["layers"] == "default"
     info = json.loads((out / "demo_info.json").read_text())
     assert info["training"]["mllm_steps"] == 2 and info["timings"]["total_cpu_seconds"] > 0
     pipe = TBACPipeline.from_pretrained(out, device="cpu", dtype="fp32")
@@ -82,3 +85,25 @@ def test_build_command_makes_a_model_that_does_all_three_jobs(tmp_path):
     assert pipe.edit("make the circle green", [[source]], steps=2).images[0].size == (32, 32)
     text = answer(pipe, DESCRIBE, source, settings=GenerationSettings(max_new_tokens=8))
     assert isinstance(text, str) and not [ch for ch in text if unicodedata.category(ch) == "Cc" and ch not in "\n\t"]
+
+
+def test_shape_drills_use_off_palette_colours_only():
+    """The drills teach the form of a shape whatever its colours, and never show a palette scene
+    (held-out combinations stay out of every job)."""
+    rng = random.Random(0)
+    shapes = set()
+    for _ in range(100):
+        conversation = shape_drill(32, rng, Layout.random(rng))
+        pixels = np.asarray(conversation.images[0])  # [32, 32, 3]
+        assert conversation.text == SHAPE and conversation.answer in SHAPES
+        assert snap_colours(np.stack([pixels[0, 0], pixels[16, 16]])) == [UNKNOWN, UNKNOWN]  # background, shape
+        shapes.add(conversation.answer)
+    assert shapes == set(SHAPES)
+
+
+def test_off_palette_pairs_are_far_from_the_palette_and_each_other():
+    rng = random.Random(1)
+    for _ in range(200):
+        fill, background = off_palette_pair(rng)
+        assert snap_colours(np.array([fill, background])) == [UNKNOWN, UNKNOWN]
+        assert np.linalg.norm(np.subtract(fill, background)) >= 120
