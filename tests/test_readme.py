@@ -53,6 +53,8 @@ EXCLUDED = {
 DEMO_PROMPT = "a red circle on a blue background"
 RUN_CLI = {
     'python -m tbac_core generate --prompt "a red circle on a blue background" --out outputs': None,
+    'python -m tbac_core edit --image outputs/tbac_0_0.png --prompt "make the circle green" --out edited': None,
+    'python -m tbac_core understand --image edited/tbac_0_0.png --question "Describe this image in detail."': None,
     'python -m tbac_core edit --image photo.png --prompt "make the sky purple" --out outputs': None,
     'python -m tbac_core understand --image photo.png --question "What is in this picture?"': None,
     "python -m tbac_core batch prompts.jsonl --out renders": None,
@@ -134,6 +136,21 @@ def test_readme_cli_commands_run_on_the_demo(workdir):
     _cli('python -c "from tbac_core.demo.scenes import all_scenes, write_caption_folder as w; '
          'w(\'demo_data\', all_scenes()[:16], 32, 1, 0)"', workdir)
     assert any((workdir / "demo_data").rglob("*.png"))
+
+
+def test_quick_start_generates_edits_and_understands_on_the_demo(tmp_path):
+    """README's quick start as written: the demo draws the prompt, edits it as told, and describes the result."""
+    from PIL import Image
+
+    from tbac_core.demo.scenes import measure_scene
+
+    _cli('python -m tbac_core generate --prompt "a red circle on a blue background" --out outputs', tmp_path)
+    assert measure_scene(Image.open(tmp_path / "outputs" / "tbac_0_0.png")) == ("blue", "red")
+    _cli('python -m tbac_core edit --image outputs/tbac_0_0.png --prompt "make the circle green" --out edited', tmp_path)
+    assert measure_scene(Image.open(tmp_path / "edited" / "tbac_0_0.png")) == ("blue", "green")
+    answer = _cli('python -m tbac_core understand --image edited/tbac_0_0.png --question "Describe this image in '
+                  'detail."', tmp_path)
+    assert answer.stdout.strip() == "a green circle on a blue background", answer.stdout
 
 
 def test_readme_python_examples_run_on_the_tiny_fixture(checkpoint_dir, workdir, monkeypatch):

@@ -8,9 +8,8 @@ ComfyUI's front end (1.45) shows a custom-node template's card image from
 installed, with the built-in demo model (the loader's ``demo``; 32x32, its own tuned steps and
 guidance from its config.json) and prompts in the demo's vocabulary, then draws a 256x256 JPEG
 (~10 KB): the generated image, or input -> output for the image templates, or input + answer for
-understanding. The demo cannot edit and its understanding is random text (its MLLM is random);
-those cards show that honestly rather than a picture from elsewhere. Standard library + Pillow;
-it talks only to the server given.
+understanding. Every card shows what the demo really does, never a picture from elsewhere.
+Standard library + Pillow; it talks only to the server given.
 """
 from __future__ import annotations
 
@@ -113,8 +112,8 @@ def for_demo(name: str, workflow: dict, input_name: str) -> dict:
             inputs.update(width=settings["width"], height=settings["height"])
         elif kind == "TBACLadderEncode" and prompts and not isinstance(inputs["prompt"], list):
             inputs["prompt"] = prompts.pop(0)
-        elif kind == "TBACUnderstand":
-            inputs["max_new_tokens"] = 12
+        elif kind == "TBACUnderstand":  # the demo was taught the "describe in detail" preset (its captions)
+            inputs.update(max_new_tokens=12, preset="describe in detail", question="")
         elif kind == "LoadImage":
             inputs["image"] = input_name
     return workflow
