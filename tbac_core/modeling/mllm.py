@@ -86,9 +86,13 @@ def text_model(model) -> nn.Module:
     return getattr(inner, "language_model", inner)
 
 
+def vision_tower(model) -> nn.Module:
+    """The vision tower (``visual``) in either transformers layout."""
+    return getattr(model.model, "visual", None) or model.visual
+
+
 def vision_dtype(model) -> torch.dtype:
-    visual = getattr(model.model, "visual", None) or model.visual
-    return next(visual.parameters()).dtype
+    return next(vision_tower(model).parameters()).dtype
 
 
 def num_rungs(model) -> int:
@@ -185,6 +189,9 @@ def _metaquery_rung_states(model, inputs, positions, rungs, image_token_id, chec
     if pixel_values is not None:
         features = image_features(model, pixel_values, grid, check_cancel)  # [image tokens, H]
         image_slots = (input_ids == image_token_id).unsqueeze(-1)  # [B, S, 1]
+        if int(image_slots.sum()) != features.shape[0]:  # as transformers checks its own scatter
+            raise RuntimeError(f"{int(image_slots.sum())} image tokens but {features.shape[0]} image features; "
+                               f"this is a bug, please report it.")
         inputs_embeds = inputs_embeds.masked_scatter(image_slots, features.to(inputs_embeds.dtype))
     store: dict[int, torch.Tensor] = {}
     with _capture_rungs(model, rungs, positions, store, check_cancel):
@@ -210,9 +217,8 @@ def image_features(model, pixel_values: torch.Tensor, grid_thw: torch.Tensor, ch
     SDPA vision attention masks one [patches, patches] matrix over all images of a call, a cost that
     grows with the square of the image count (5.x splits the call per image itself).
     """
-    visual = getattr(model.model, "visual", None) or model.visual
+    visual = vision_tower(model)
     device = model.device
-    merge = visual.spatial_merge_size
     patch_counts = grid_thw.prod(-1).tolist()
     distinct: list[tuple[torch.Tensor, torch.Tensor]] = []  # (patches, features) per distinct image
     features = []
@@ -225,5 +231,4 @@ def image_features(model, pixel_values: torch.Tensor, grid_thw: torch.Tensor, ch
             known = output if isinstance(output, torch.Tensor) else output.pooler_output  # 4.5x / 5.x
             distinct.append((patches, known))
         features.append(known)  # [T * H/merge * W/merge, H]
-    assert sum(f.shape[0] for f in features) == sum(patch_counts) // merge**2
     return torch.cat(features)

@@ -15,6 +15,7 @@ from tbac_core.modeling.mllm import (
     image_features,
     metaquery_rung_states,
     rope_position_ids,
+    vision_tower,
 )
 from tbac_core.processing.prompt_layout import conditioning_rows, metaquery_positions
 
@@ -28,19 +29,15 @@ def edit_batch(pipe):
     return model.prompts.build_batch(rows, model.config.system_prompt, model.metaquery_suffix())
 
 
-def _visual(mllm):
-    return getattr(mllm.model, "visual", None) or mllm.visual
-
-
 def _stock_features(mllm, batch):
-    output = _visual(mllm)(batch["pixel_values"], grid_thw=batch["image_grid_thw"])
+    output = vision_tower(mllm)(batch["pixel_values"], grid_thw=batch["image_grid_thw"])
     return output if isinstance(output, torch.Tensor) else output.pooler_output
 
 
 def test_each_distinct_image_runs_the_vision_tower_once(pipe, edit_batch):
     mllm = pipe.model.mllm
     calls = []
-    handle = _visual(mllm).register_forward_pre_hook(lambda module, args, kwargs: calls.append(
+    handle = vision_tower(mllm).register_forward_pre_hook(lambda module, args, kwargs: calls.append(
         kwargs.get("grid_thw", args[1] if len(args) > 1 else None).shape[0]), with_kwargs=True)
     try:
         with torch.no_grad():
