@@ -29,6 +29,7 @@ from ..modeling.mllm import (
     text_model,
 )
 from ..modeling.model import TBACModel
+from ..modeling.weight_layout import input_major_keys
 from ..processing.prompting import (
     TBAC_IMAGE_PIXELS,
     PromptBuilder,
@@ -277,8 +278,12 @@ def _load_dit(files: CheckpointFiles, transformer_config: dict, mllm, dtype, dev
     with init_empty_weights():
         transformer = SanaTransformer2DModel.from_config(transformer_config)
         connector = Connector(text_model(mllm).norm.weight.shape[0], transformer.config.caption_channels)
-    load_strict(transformer, load_component_state(files, "dit", transformer, dtype, device, quantization),
-                files.describe())
+    # A float32 DiT on the CPU: linear weights stored input-major (weight_layout: faster products at
+    # its small token counts).
+    input_major = input_major_keys(transformer) if torch.device(device).type == "cpu" and dtype == torch.float32 \
+        and not quantization else frozenset()
+    load_strict(transformer, load_component_state(files, "dit", transformer, dtype, device, quantization,
+                                                  input_major=input_major), files.describe())
     load_strict(connector, files.load_component("connector", dtype, device), files.describe())
     dit = LadderDiT(transformer, connector).to(device)
     return dit.eval().requires_grad_(False)

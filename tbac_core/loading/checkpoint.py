@@ -226,6 +226,7 @@ class CheckpointFiles:
         device: torch.device | str = "cpu",
         *,
         zero_copy: bool = True,
+        input_major: frozenset[str] = frozenset(),
     ) -> dict[str, torch.Tensor]:
         """Read one component's tensors with the prefix stripped, cast to ``dtype`` on ``device``.
 
@@ -240,6 +241,8 @@ class CheckpointFiles:
 
         ``zero_copy=False`` copies every tensor: for callers that replace the tensors soon (quantising
         while loading), whose mapped pages would otherwise stay resident behind the others.
+        ``input_major``: keys (prefix stripped) of weights [out, in, ...] to store with memory [in, out]
+        on the CPU (``modeling.weight_layout``), read through the cast buffer and transposed on the way.
         """
         prefix = COMPONENT_PREFIXES[component]
         device = torch.device(device)
@@ -255,10 +258,10 @@ class CheckpointFiles:
                     target = _target_dtype(key, stored, dtype)
                     if stager is not None:
                         tensor = file.streamed(key, device, stager)
-                    elif target != stored:
+                    elif target != stored or key[len(prefix):] in input_major:
                         if staging is None:
                             staging = torch.empty(CAST_CHUNK_BYTES, dtype=torch.uint8)
-                        tensor = file.cast(key, target, staging)
+                        tensor = file.cast(key, target, staging, input_major=key[len(prefix):] in input_major)
                     elif zero_copy and device.type == "cpu":
                         tensor = file.mapped(key)
                     else:

@@ -86,9 +86,13 @@ def text_model(model) -> nn.Module:
     return getattr(inner, "language_model", inner)
 
 
+def vision_tower(model) -> nn.Module:
+    """The vision tower (``visual``) in either transformers layout."""
+    return getattr(model.model, "visual", None) or model.visual
+
+
 def vision_dtype(model) -> torch.dtype:
-    visual = getattr(model.model, "visual", None) or model.visual
-    return next(visual.parameters()).dtype
+    return next(vision_tower(model).parameters()).dtype
 
 
 def num_rungs(model) -> int:
@@ -179,21 +183,52 @@ def _metaquery_rung_states(model, inputs, positions, rungs, image_token_id, chec
     attention_mask = inputs["attention_mask"].to(device)
     grid = inputs.get("image_grid_thw")
     grid = grid.to(device) if grid is not None else None
+    position_ids = rope_position_ids(model, input_ids, attention_mask, grid, image_token_id)
+    inputs_embeds = model.get_input_embeddings()(input_ids)  # [B, S, H]
     pixel_values = inputs.get("pixel_values")
     if pixel_values is not None:
-        pixel_values = pixel_values.to(device=device, dtype=vision_dtype(model))
-    position_ids = rope_position_ids(model, input_ids, attention_mask, grid, image_token_id)
+        features = image_features(model, pixel_values, grid, check_cancel)  # [image tokens, H]
+        image_slots = (input_ids == image_token_id).unsqueeze(-1)  # [B, S, 1]
+        if int(image_slots.sum()) != features.shape[0]:  # as transformers checks its own scatter
+            raise RuntimeError(f"{int(image_slots.sum())} image tokens but {features.shape[0]} image features; "
+                               f"this is a bug, please report it.")
+        inputs_embeds = inputs_embeds.masked_scatter(image_slots, features.to(inputs_embeds.dtype))
     store: dict[int, torch.Tensor] = {}
     with _capture_rungs(model, rungs, positions, store, check_cancel):
         try:
             model(
-                input_ids=input_ids,
+                inputs_embeds=inputs_embeds,
                 attention_mask=attention_mask,
                 position_ids=position_ids,
-                pixel_values=pixel_values,
-                image_grid_thw=grid,
                 use_cache=False,
             )
         except _StopForward:
             pass
     return torch.stack([store[r] for r in rungs], dim=0)
+
+
+def image_features(model, pixel_values: torch.Tensor, grid_thw: torch.Tensor, check_cancel=None) -> torch.Tensor:
+    """The vision tower's merged features of a batch of images, each distinct image computed once.
+
+    ``pixel_values`` [sum of patches, C * T * P * P] and ``grid_thw`` [images, 3] as the image
+    processor makes them -> [sum of merged tokens, H] in the same image order. Guidance shows the same
+    input image in several rows (image-only and full branch of an edit): its patches are identical,
+    so its features are computed once and reused. Each distinct image runs alone: transformers 4.5x's
+    SDPA vision attention masks one [patches, patches] matrix over all images of a call, a cost that
+    grows with the square of the image count (5.x splits the call per image itself).
+    """
+    visual = vision_tower(model)
+    device = model.device
+    patch_counts = grid_thw.prod(-1).tolist()
+    distinct: list[tuple[torch.Tensor, torch.Tensor]] = []  # (patches, features) per distinct image
+    features = []
+    for patches, grid in zip(pixel_values.split(patch_counts), grid_thw.split(1)):
+        known = next((f for p, f in distinct if p.shape == patches.shape and torch.equal(p, patches)), None)
+        if known is None:
+            if check_cancel is not None:
+                check_cancel()
+            output = visual(patches.to(device=device, dtype=vision_dtype(model)), grid_thw=grid)
+            known = output if isinstance(output, torch.Tensor) else output.pooler_output  # 4.5x / 5.x
+            distinct.append((patches, known))
+        features.append(known)  # [T * H/merge * W/merge, H]
+    return torch.cat(features)

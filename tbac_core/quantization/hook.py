@@ -18,12 +18,19 @@ def open_checkpoint_files(checkpoint_dir: str | os.PathLike):
 
 
 def load_component_state(files, component: str, module: torch.nn.Module, dtype, device,
-                         quantization: str | None = None, rename=None) -> dict:
+                         quantization: str | None = None, rename=None,
+                         input_major: frozenset[str] = frozenset()) -> dict:
     """Read one component for the meta-device ``module``; its linears become quantised where the file
-    (or ``quantization``, applied while loading) says so. The result goes to ``load_strict``."""
+    (or ``quantization``, applied while loading) says so. The result goes to ``load_strict``.
+
+    ``input_major``: weights to store input-major (``CheckpointFiles.load_component``; safetensors
+    files without quantisation only: quantised linears keep their own layout).
+    """
     if quantization and isinstance(files, CheckpointFiles):
         # The full-precision tensors are replaced right away: copy them rather than map them.
         state = files.load_component(component, dtype, device, zero_copy=False)
+    elif input_major and isinstance(files, CheckpointFiles):
+        state = files.load_component(component, dtype, device, input_major=input_major)
     else:
         state = files.load_component(component, dtype, device)
     if quantization:

@@ -32,6 +32,7 @@ from ..loading.adapters import (
     split_parts,
 )
 from ..modeling.mllm import text_model
+from ..modeling.weight_layout import use_row_major_weights
 from .sharding import gather_full, load_full_state
 
 DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -88,6 +89,7 @@ class TrainableParts:
         self.dit_mode = dit_mode
         self.base = base_record(model)  # before anything changes
         self.lora = None
+        use_row_major_weights(model.dit)  # the loader's CPU layout is for inference (weight_layout)
         model.mllm.requires_grad_(False)
         model.vae.requires_grad_(False)
         model.dit.requires_grad_(False)
