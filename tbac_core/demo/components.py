@@ -186,8 +186,8 @@ def tokenizer_texts(words: list[str], sentences: list[str] = ()) -> list[str]:
     return texts
 
 
-def write_tokenizer(folder: Path, words: list[str], spare_vocab: int, sentences: list[str] = (),
-                    image_pixels: int = 3136) -> dict:
+def write_tokenizer(folder: Path, words: list[str], spare_vocab: int, sentences: list[str] = (), *,
+                    image_pixels: int) -> dict:
     """Write tokenizer.json, vocab.json, merges.txt and the config files; return their ids.
 
     ``image_pixels``: the preprocessor's ``min_pixels``, i.e. the size every (smaller) demo picture is
