@@ -344,6 +344,10 @@ def write_tokenizer_folder(spec: RandomSpec, folder: Path, fixtures: Path = DEFA
     if spec.real_tokenizer:
         origin = rt.copy_tokenizer(tokenizer, folder) if tokenizer else rt.write_synthetic_tokenizer(folder)
         (folder / PREPROCESSOR_FILE).write_text(json.dumps(rt.QWEN25_VL_PREPROCESSOR, indent=2) + "\n")
+        # As the release has it: transformers 4.5x's Qwen2.5-VL processor (the official code's) reads its
+        # chat template from this file only, not from tokenizer_config.json.
+        if not (folder / "chat_template.json").is_file():
+            (folder / "chat_template.json").write_text(json.dumps({"chat_template": rt.QWEN_VL_CHAT_TEMPLATE}) + "\n")
     else:
         if tokenizer:
             raise ValueError(f"--tokenizer is for the real-vocabulary sizes; {spec.name} uses the fixture's")

@@ -123,6 +123,8 @@ def test_real_size_components_have_qwen_ids_tokenizer_and_preprocessor(tmp_path,
     preprocessor = json.loads((qwen / "preprocessor_config.json").read_text())
     assert (preprocessor["min_pixels"], preprocessor["max_pixels"]) == (3136, 12845056)
     assert (preprocessor["patch_size"], preprocessor["merge_size"], preprocessor["temporal_patch_size"]) == (14, 2, 2)
+    # the official code's processor (transformers 4.5x) reads the chat template from this file only
+    assert "<|im_start|>" in json.loads((qwen / "chat_template.json").read_text())["chat_template"]
 
 
 def test_fixture_ids_in_a_real_vocabulary_config_are_refused(tmp_path, fixture_root):
