@@ -256,12 +256,13 @@ class CheckpointFiles:
                 for key in keys:
                     stored = file.entry(key).dtype
                     target = _target_dtype(key, stored, dtype)
+                    transposed = key[len(prefix):] in input_major
                     if stager is not None:
                         tensor = file.streamed(key, device, stager)
-                    elif target != stored or key[len(prefix):] in input_major:
+                    elif target != stored or transposed:
                         if staging is None:
                             staging = torch.empty(CAST_CHUNK_BYTES, dtype=torch.uint8)
-                        tensor = file.cast(key, target, staging, input_major=key[len(prefix):] in input_major)
+                        tensor = file.cast(key, target, staging, input_major=transposed)
                     elif zero_copy and device.type == "cpu":
                         tensor = file.mapped(key)
                     else:
