@@ -215,7 +215,7 @@ SPEC_NAMES = ("tiny", "medium", "medium-bf16", "real", "tiny-real-vocab")
 # -- modules on the meta device ------------------------------------------------------------------
 def meta_modules(spec: RandomSpec) -> dict[str, torch.nn.Module]:
     """The four components built on the meta device, as the loader builds them (no memory used)."""
-    from accelerate import init_empty_weights
+    from tbac_core.modeling.meta_init import empty_weights
     from diffusers import AutoencoderDC, SanaTransformer2DModel
 
     from tbac_core.modeling.dit import Connector
@@ -223,7 +223,7 @@ def meta_modules(spec: RandomSpec) -> dict[str, torch.nn.Module]:
 
     mllm, base_vocab = build_mllm(spec.mllm, spec.embedding_rows)
     assert base_vocab == spec.mllm["vocab_size"]
-    with init_empty_weights():
+    with empty_weights():
         transformer = SanaTransformer2DModel.from_config(spec.transformer)
         connector = Connector(text_model(mllm).norm.weight.shape[0], transformer.config.caption_channels)
         vae = AutoencoderDC.from_config(spec.vae)

@@ -11,7 +11,6 @@ import os
 from pathlib import Path
 
 import torch
-from accelerate import init_empty_weights
 from diffusers import AutoencoderDC, SanaTransformer2DModel
 from transformers import AutoTokenizer
 
@@ -28,6 +27,7 @@ from ..modeling.mllm import (
     num_rungs,
     text_model,
 )
+from ..modeling.meta_init import empty_weights
 from ..modeling.model import TBACModel
 from ..modeling.weight_layout import input_major_keys
 from ..processing.prompting import (
@@ -275,7 +275,7 @@ def _load_mllm_weights(model, base_vocab: int, files: CheckpointFiles, dtype, de
 
 
 def _load_dit(files: CheckpointFiles, transformer_config: dict, mllm, dtype, device, quantization=None) -> LadderDiT:
-    with init_empty_weights():
+    with empty_weights():
         transformer = SanaTransformer2DModel.from_config(transformer_config)
         connector = Connector(text_model(mllm).norm.weight.shape[0], transformer.config.caption_channels)
     # A float32 DiT on the CPU: linear weights stored input-major (weight_layout: faster products at
@@ -290,7 +290,7 @@ def _load_dit(files: CheckpointFiles, transformer_config: dict, mllm, dtype, dev
 
 
 def _load_vae(files: CheckpointFiles, vae_config: dict, dtype, device) -> AutoencoderDC:
-    with init_empty_weights():
+    with empty_weights():
         vae = AutoencoderDC.from_config(vae_config)
     load_strict(vae, files.load_component("vae", dtype, device), files.describe())
     return vae.to(device).eval().requires_grad_(False)

@@ -10,11 +10,11 @@ import inspect
 from contextlib import contextmanager
 
 import torch
-from accelerate import init_empty_weights
 from torch import nn
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 from .layer_offload import to_device
+from .meta_init import empty_weights
 
 
 def canonical_key(key: str) -> str:
@@ -44,7 +44,7 @@ def build_mllm(config_dict: dict, embedding_rows: int) -> tuple[Qwen2_5_VLForCon
         cfg.sliding_window = None
     config.tie_word_embeddings = False
     config._attn_implementation = "sdpa"
-    with init_empty_weights():
+    with empty_weights():
         model = Qwen2_5_VLForConditionalGeneration._from_config(config, attn_implementation="sdpa")
     model.lm_head = nn.Identity()  # attached from the embedding after loading
     model.eval().requires_grad_(False)

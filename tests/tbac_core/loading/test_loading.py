@@ -184,7 +184,7 @@ def test_builtin_architecture_is_the_published_one(tmp_path, fixture_root):
     The tiny weights then do not fit it, and the error says so; the architecture itself is
     checked on the meta device against the published sizes and parameter count.
     """
-    from accelerate import init_empty_weights
+    from tbac_core.modeling.meta_init import empty_weights
     from diffusers import AutoencoderDC, SanaTransformer2DModel
 
     from tbac_core.loading import builtin_configs as b
@@ -193,7 +193,7 @@ def test_builtin_architecture_is_the_published_one(tmp_path, fixture_root):
 
     num_metaqueries = 64
     mllm, vocab = build_mllm(b.QWEN25_VL_3B_CONFIG, 151936 + num_metaqueries + 2)
-    with init_empty_weights():
+    with empty_weights():
         dit = SanaTransformer2DModel.from_config(b.SANA_1600M_512_TRANSFORMER_CONFIG)
         vae = AutoencoderDC.from_config(b.DCAE_F32C32_CONFIG)
         connector = Connector(2048, dit.config.caption_channels)
