@@ -56,13 +56,16 @@ def reset_peak_rss() -> bool:
 
 
 def tensor_bytes(*modules: torch.nn.Module) -> int:
-    """Bytes of the parameters and buffers of ``modules``, each storage counted once (tied heads)."""
-    seen: dict[tuple, int] = {}
+    """Bytes of the parameters and buffers of ``modules``, each tensor counted once (tied heads).
+
+    Counted per tensor, not per storage: a tensor mapped from a checkpoint is a view of a storage
+    spanning the whole file.
+    """
+    seen: set[tuple] = set()
     for module in modules:
         for tensor in [*module.parameters(), *module.buffers()]:
-            storage = tensor.untyped_storage()
-            seen[(tensor.device.type, storage.data_ptr())] = storage.nbytes()
-    return sum(seen.values())
+            seen.add((tensor.device.type, tensor.data_ptr(), tensor.numel() * tensor.element_size()))
+    return sum(nbytes for _, _, nbytes in seen)
 
 
 # -- time -------------------------------------------------------------------------------------------

@@ -216,13 +216,21 @@ class SafetensorsFile:
 
     def _file_map(self) -> torch.Tensor:
         if self._map is None:
-            try:
-                # shared=False: MAP_PRIVATE, writes are copy-on-write and never reach the file.
-                storage = torch.UntypedStorage.from_file(str(self.path), shared=False, nbytes=self.size)
-            except RuntimeError as exc:  # the file shrank since its size was read
-                raise corrupt_file_error(self.path, exc) from exc
-            self._map = torch.empty(0, dtype=torch.uint8).set_(storage)
+            self._map = map_file_private(self.path, self.size)
         return self._map
+
+
+def map_file_private(path: Path, size: int) -> torch.Tensor:
+    """The first ``size`` bytes of ``path`` as a uint8 tensor over a private memory map (no copy).
+
+    ``shared=False`` is ``MAP_PRIVATE``: writes are copy-on-write and never reach the file (see the
+    module notes on safety). Shared by the ``.gguf`` reader.
+    """
+    try:
+        storage = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=size)
+    except RuntimeError as exc:  # the file shrank since its size was read
+        raise corrupt_file_error(path, exc) from exc
+    return torch.empty(0, dtype=torch.uint8).set_(storage)
 
 
 class PinnedStager:

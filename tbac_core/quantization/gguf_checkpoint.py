@@ -20,6 +20,7 @@ import torch
 
 from ..errors import CheckpointError
 from ..loading.checkpoint import COMPONENT_PREFIXES
+from ..loading.safetensors_reader import map_file_private
 from .ggml import FORMAT_BY_GGML_TYPE, padded_width
 from .swap import BlockQuantizedWeight
 
@@ -51,6 +52,7 @@ class GGUFCheckpointFiles:
     tensors: dict = field(default_factory=dict)  # key -> gguf ReaderTensor
     in_features: dict = field(default_factory=dict)  # padded key -> true width
     components: dict[str, list[str]] = field(default_factory=dict)
+    _map: torch.Tensor | None = field(default=None, repr=False)  # uint8 [file size], private mapping
 
     @classmethod
     def open(cls, checkpoint_dir: str | os.PathLike) -> "GGUFCheckpointFiles":
@@ -111,13 +113,22 @@ class GGUFCheckpointFiles:
         prefix = COMPONENT_PREFIXES[component]
         return {key[len(prefix):]: self._shape(key) for key in self.components[component]}
 
+    def _file_bytes(self) -> torch.Tensor:
+        """The whole file as uint8 over a private memory map, made on the first read."""
+        if self._map is None:
+            self._map = map_file_private(self.path, self.path.stat().st_size)
+        return self._map
+
     def _read(self, key: str, dtype: torch.dtype | None, device):
+        """``key`` as a view of the file's map (no copy) when no cast or move is asked, else converted.
+
+        Copying every tensor out of the map (``np.array(tensor.data)``) held each one twice, once in
+        the page cache counted in this process's RSS and once in the copy: measured on the real
+        3B architecture in Q8_0, a load peak of 15.1 GiB for a 7.5 GiB file.
+        """
         tensor = self.tensors[key]
-        try:
-            raw = torch.from_numpy(np.array(tensor.data, copy=True).view(np.uint8).reshape(-1))
-        except Exception as exc:
-            raise CheckpointError(f"{self.path}: cannot read tensor {key} ({type(exc).__name__}: {exc}); the "
-                                  f"file is truncated or corrupt.") from exc
+        begin, nbytes = int(tensor.data_offset), int(tensor.n_bytes)
+        raw = self._file_bytes()[begin: begin + nbytes]  # bounds checked against the file size at open
         shape = self._shape(key)
         fmt = FORMAT_BY_GGML_TYPE.get(int(tensor.tensor_type))
         if fmt is not None:
@@ -130,7 +141,10 @@ class GGUFCheckpointFiles:
             raise CheckpointError(f"{self.path}: tensor {key} has GGML type {type_name}; TBAC GGUF files use "
                                   f"{', '.join(FORMAT_BY_GGML_TYPE[t].name.upper() for t in FORMAT_BY_GGML_TYPE)} "
                                   f"or {', '.join(_PLAIN_TYPES)}.")
-        value = raw.view(_PLAIN_TYPES[type_name]).reshape(shape)
+        stored = _PLAIN_TYPES[type_name]
+        if begin % stored.itemsize:  # not aligned for a view (the gguf writer aligns to 32 bytes)
+            raw = raw.clone()
+        value = raw.view(stored).reshape(shape)
         if dtype is not None:
             value = value.to(dtype)
         return value.to(device)
