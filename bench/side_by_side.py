@@ -314,22 +314,63 @@ def markdown(table: dict) -> str:
     return "\n".join(lines)
 
 
-def image_differences(images_dir: Path, phases: list[str]) -> dict:
-    """Max absolute difference (0..255) and PSNR of our images against the official ones, per phase."""
+def image_difference(path: Path, reference: Path) -> dict:
+    """Max absolute difference (0..255) and PSNR of the image saved at ``path`` against ``reference``."""
     import numpy as np
 
+    a, b = np.load(path).astype(np.float64), np.load(reference).astype(np.float64)
+    if a.shape != b.shape:
+        return {"shapes": [list(a.shape), list(b.shape)]}
+    mse = float(((a - b) ** 2).mean())
+    return {"max_abs_levels": float(np.abs(a - b).max()),
+            "psnr_db": math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)}
+
+
+def image_differences(images_dir: Path, phases: list[str]) -> dict:
+    """Our images against the official ones, per phase."""
     out = {}
     for phase in ("generate", "edit"):
         ours, official = images_dir / f"ours-{phase}.npy", images_dir / f"official-{phase}.npy"
         if phase in phases and ours.is_file() and official.is_file():
-            a, b = np.load(ours).astype(np.float64), np.load(official).astype(np.float64)
-            if a.shape != b.shape:
-                out[phase] = {"shapes": [list(a.shape), list(b.shape)]}
-                continue
-            mse = float(((a - b) ** 2).mean())
-            out[phase] = {"max_abs_levels": float(np.abs(a - b).max()),
-                          "psnr_db": math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)}
+            out[phase] = image_difference(ours, official)
     return out
+
+
+def run_accuracy(args) -> dict:
+    """Each side once in bf16 and once in float32; every image against the official float32 one.
+
+    In float32 the two sides agree within a level; in bf16 each side's rounding differs, so their
+    bf16 images differ from each other by more than either differs from the float32 result. This
+    shows which side's bf16 is closer to it.
+    """
+    import copy
+
+    official = check_official_dir(args.official)
+    checkpoint = ensure_model(args.model, args.models_dir, args.fixtures) if args.checkpoint is None else args.checkpoint
+    write_official_component_weights(checkpoint)
+    pythons = {"ours": args.python, "official": args.official_python or args.python}
+    phases = [p for p in args.phases if p in ("generate", "edit")]
+    result: dict = {"what": "bench/side_by_side.py --accuracy: bf16 and float32 images of both sides against the "
+                            "official float32 image (PSNR, max difference in 0..255 levels)",
+                    "date": datetime.date.today().isoformat(), "model": str(checkpoint), "steps": args.steps,
+                    "threads": args.threads, "pythons": pythons, "official": str(official), "against": {}}
+    with tempfile.TemporaryDirectory(prefix="side-by-side-accuracy-") as tmp:
+        for side in SIDES:
+            for dtype in DTYPES:
+                folder = Path(tmp) / dtype
+                folder.mkdir(exist_ok=True)
+                run_args = copy.copy(args)
+                run_args.dtype = dtype
+                run_args.phases = ["import", "load", *phases]
+                spawn_worker(side, pythons[side], run_args, checkpoint, folder)
+        for phase in phases:
+            reference = Path(tmp) / "fp32" / f"official-{phase}.npy"
+            result["against"][phase] = {f"{side} {dtype}": image_difference(Path(tmp) / dtype / f"{side}-{phase}.npy",
+                                                                          reference)
+                                        for side in SIDES for dtype in DTYPES if (side, dtype) != ("official", "fp32")}
+            result["against"][phase]["ours bf16 vs official bf16"] = image_difference(
+                Path(tmp) / "bf16" / f"ours-{phase}.npy", Path(tmp) / "bf16" / f"official-{phase}.npy")
+    return result
 
 
 def run_benchmark(args) -> dict:
@@ -390,6 +431,8 @@ def parse_args(argv=None):
     parser.add_argument("--python", default=sys.executable, help="python for our side (default: this one)")
     parser.add_argument("--official-python", default=None, help="python for the official side (default: --python)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the JSON (default %(default)s)")
+    parser.add_argument("--accuracy", action="store_true",
+                        help="instead of timing: both sides in bf16 and float32 once, images against the official float32")
     parser.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
     parser.add_argument("--images-out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -399,7 +442,7 @@ def parse_args(argv=None):
     if bad or not args.sides or "import" not in args.phases:
         parser.error(f"--sides takes {', '.join(SIDES)}; --phases takes {', '.join(PHASES)} and always includes "
                      f"import (got {', '.join(bad) or 'no import'}).")
-    if "official" in args.sides and args.official is None and args.worker is None:
+    if ("official" in args.sides or args.accuracy) and args.official is None and args.worker is None:
         parser.error("--official PATH is needed to run the official side (or use --sides ours).")
     if args.repeats < 1 or args.steps < 1 or args.threads < 1:
         parser.error("--repeats, --steps and --threads must be >= 1.")
@@ -412,6 +455,22 @@ def main(argv=None) -> int:
         result = run_worker(args.worker, args.checkpoint, args.official, args.dtype, args.steps, args.threads,
                             args.phases, args.images_out)
         print(RESULT_MARK + json.dumps(result), flush=True)
+        return 0
+    if args.accuracy:
+        try:
+            report = run_accuracy(args)
+        except SetupError as exc:
+            print(f"side_by_side: {exc}", file=sys.stderr)
+            return 2
+        for phase, rows in report["against"].items():
+            print(f"{phase}, against the official float32 image:")
+            for name, diff in rows.items():
+                print(f"  {name:28s} {diff.get('psnr_db', float('nan')):6.1f} dB, max {diff.get('max_abs_levels')} levels")
+        sys.path.insert(0, str(BENCH))
+        import benchutil
+
+        name = f"accuracy-{Path(report['model']).parent.name}-{report['date']}.json"
+        print(f"wrote {benchutil.write_json(args.out / name, report)}")
         return 0
     try:
         report = run_benchmark(args)

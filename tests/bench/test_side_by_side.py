@@ -58,7 +58,8 @@ def test_wrong_official_folder_is_refused_clearly(tmp_path):
     assert done.returncode == 2 and "--official PATH is needed" in done.stderr
 
 
-def test_paired_run_with_a_stand_in_official(tmp_path, fixture_root):
+def stand_in_official_and_models(tmp_path: Path, fixture_root: Path) -> tuple[Path, Path]:
+    """The stand-in official checkout and a copy of the tiny checkpoint whose component folders lack weights."""
     official = tmp_path / "official"
     (official / "models").mkdir(parents=True)
     (official / "pipeline.py").write_text(FAKE_PIPELINE)
@@ -68,6 +69,11 @@ def test_paired_run_with_a_stand_in_official(tmp_path, fixture_root):
     for folder in ("checkpoint", "tiny-Qwen2.5-VL-Instruct", "tiny-Sana_diffusers"):  # no component weights
         shutil.copytree(fixture_root / folder, models / folder,
                         ignore=None if folder == "checkpoint" else shutil.ignore_patterns("*.safetensors"))
+    return official, models
+
+
+def test_paired_run_with_a_stand_in_official(tmp_path, fixture_root):
+    official, models = stand_in_official_and_models(tmp_path, fixture_root)
     out = tmp_path / "results"
     done = run("--official", official, "--checkpoint", models / "checkpoint", "--dtype", "fp32", "--repeats", "2",
                "--steps", "2", "--out", out)
@@ -87,3 +93,19 @@ def test_paired_run_with_a_stand_in_official(tmp_path, fixture_root):
     with safe_open(str(qwen / "model.safetensors"), framework="pt") as handle:
         assert handle.get_slice("model.embed_tokens.weight").get_shape()[0] == vocab
     assert (models / "tiny-Sana_diffusers" / "vae" / "diffusion_pytorch_model.safetensors").is_file()
+
+
+def test_accuracy_mode_compares_every_image_with_the_official_float32_one(tmp_path, fixture_root):
+    official, models = stand_in_official_and_models(tmp_path, fixture_root)
+    out = tmp_path / "results"
+    done = run("--accuracy", "--official", official, "--checkpoint", models / "checkpoint", "--steps", "2",
+               "--out", out)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    report = json.loads(next(out.glob("accuracy-*.json")).read_text())
+    assert set(report["against"]) == {"generate", "edit"}
+    for rows in report["against"].values():
+        assert set(rows) == {"ours bf16", "ours fp32", "official bf16", "ours bf16 vs official bf16"}
+        # The stand-in answers a flat grey image in either dtype: its bf16 equals its float32 exactly.
+        assert rows["official bf16"] == {"max_abs_levels": 0.0, "psnr_db": float("inf")}
+        assert 0 < rows["ours fp32"]["max_abs_levels"] <= 255 and rows["ours fp32"]["psnr_db"] > 0
+    assert "against the official float32 image" in done.stdout
