@@ -142,6 +142,20 @@ class LadderDiT(nn.Module):
         states = self.connector(states).to(self.dtype)
         return self.transformer.caption_norm(self.transformer.caption_projection(states))
 
+    def embed_timestep(self, timestep: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B] timesteps -> (block modulation [B, 6 * D], output-norm embedding [B, D]).
+
+        The sampler gives every guidance row the step's one timestep as an expanded tensor (stride
+        0): that value is embedded once and broadcast, instead of once per row (the modulation's
+        linear layer reads a [D, 6 * D] weight per call: 9.8 MB on the medium model, 120 MB at real
+        size in float32).
+        """
+        rows = timestep.shape[0]
+        if rows > 1 and timestep.stride(0) == 0:
+            modulation, embedded = self.transformer.time_embed(timestep[:1], batch_size=1, hidden_dtype=dtype)
+            return modulation.expand(rows, -1), embedded.expand(rows, -1)
+        return self.transformer.time_embed(timestep, batch_size=rows, hidden_dtype=dtype)
+
     def precompute_conditions(
         self,
         block_conditions: list[torch.Tensor],  # num_blocks x [B, N, D] (from embed_condition)
@@ -167,9 +181,7 @@ class LadderDiT(nn.Module):
         patch_height, patch_width = height // patch, width // patch
 
         hidden_states = dit.patch_embed(latents.to(self.dtype))
-        timestep_emb, embedded_timestep = dit.time_embed(
-            timestep, batch_size=batch_size, hidden_dtype=hidden_states.dtype
-        )
+        timestep_emb, embedded_timestep = self.embed_timestep(timestep, hidden_states.dtype)
         if isinstance(block_conditions[0], CrossAttentionKV):
             condition_mask_bias = None  # already expanded into each CrossAttentionKV
         blocks = list(zip(dit.transformer_blocks, block_conditions))

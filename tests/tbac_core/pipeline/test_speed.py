@@ -105,6 +105,21 @@ def test_dit_forward_takes_precomputed_keys_values(pipe, conds):
     assert torch.equal(plain, precomputed)
 
 
+def test_one_timestep_for_all_rows_is_embedded_once(pipe, conds):
+    """The sampler's expanded timestep (stride 0) is embedded for one row and broadcast."""
+    dit = pipe.model.dit
+    cond = conds["t2i"]
+    block_conditions = [torch.cat([a, b]) for a, b in zip(cond.block_conditions("negative", dit.embed_condition),
+                                                          cond.block_conditions("positive", dit.embed_condition))]
+    latents = initial_noise(1, (block_conditions[0].shape[0], 8, 8, 8))
+    rows = latents.shape[0]
+    with torch.no_grad(), _Counter(dit.transformer.time_embed.emb.timestep_embedder) as embedded:
+        shared = dit(latents, torch.tensor(500.0).expand(rows), block_conditions)
+        per_row = dit(latents, torch.full((rows,), 500.0), block_conditions)  # a plain tensor: every row
+    assert embedded.rows == [1, rows]
+    torch.testing.assert_close(shared, per_row, atol=1e-5, rtol=1e-5)
+
+
 def test_step_cache_skips_blocks(pipe, conds):
     blocks = pipe.model.dit.transformer.transformer_blocks
     params = SamplingParams(steps=STEPS, cache_threshold=1.0)
