@@ -35,9 +35,9 @@ for path in (str(REPO), str(BENCH)):
         sys.path.insert(0, path)
 
 import benchutil as bu  # noqa: E402
+from prompts import PROMPT  # noqa: E402
 import torch  # noqa: E402
 
-PROMPT = "a red cat sitting on a blue chair next to a small green house by the river"
 RESULT_TAG = "CPU-BENCH-RESULT "  # a subprocess prints its JSON result on a line starting with this
 
 

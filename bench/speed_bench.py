@@ -34,9 +34,9 @@ for path in (str(REPO), str(BENCH)):
         sys.path.insert(0, path)
 
 import benchutil as bu  # noqa: E402
+from prompts import PROMPT  # noqa: E402
 import torch  # noqa: E402
 
-PROMPT = "a red cat sitting on a blue chair next to a small green house by the river"
 
 
 def configurations(thresholds: list[float], cutoffs: list[float]) -> list[tuple[str, dict]]:
