@@ -23,6 +23,7 @@ single-layer ablation; ``demo.ablation`` runs the whole comparison).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import random
@@ -213,6 +214,18 @@ def read_vae_state(checkpoint_dir: Path) -> dict:
     return {k[len(VAE_PREFIX):]: v for k, v in tensors.items() if k.startswith(VAE_PREFIX)}
 
 
+def taken_weights_record(folder: Path | None, state: dict | None) -> dict | None:
+    """Where a stage's weights were taken from (``--vae-from`` / ``--mllm-from``), meaningful on any
+    machine: the folder's name and a SHA-256 over the weights (keys in order, raw bytes)."""
+    if folder is None:
+        return None
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        digest.update(key.encode())
+        digest.update(state[key].detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return {"folder": Path(folder).name, "weights_sha256": digest.hexdigest()}
+
+
 def save_pretrained_parts(path: Path, mllm: dict, vae_state: dict) -> None:
     from safetensors.torch import save_file
 
@@ -258,8 +271,11 @@ def build(out: Path, work: Path, *, spec: DemoSpec, steps: int, batch_size: int,
                               for s in train_scenes for _ in range(images_per_scene)]).permute(0, 3, 1, 2) * 2 - 1
     vae = build_vae(spec)
     tick, cpu = time.perf_counter(), time.process_time()
+    vae_taken = None
     if vae_from is not None:  # a demo built before with the same seed and VAE steps: the same weights
-        vae.load_state_dict(read_vae_state(vae_from))
+        vae_state = read_vae_state(vae_from)
+        vae.load_state_dict(vae_state)
+        vae_taken = taken_weights_record(vae_from, vae_state)
         vae.eval().requires_grad_(False)
         vae_loss = float("nan")
         log(f"VAE weights taken from {vae_from} instead of training them again.")
@@ -273,8 +289,10 @@ def build(out: Path, work: Path, *, spec: DemoSpec, steps: int, batch_size: int,
 
     # 4. MLLM pretraining (understanding), then frozen
     tick, cpu = time.perf_counter(), time.process_time()
+    mllm_taken = None
     if mllm_from is not None:  # a build's pretrained.safetensors, made with the same seed and MLLM settings
         mllm, _ = load_pretrained_parts(mllm_from)
+        mllm_taken = taken_weights_record(mllm_from, mllm)
         mllm_losses = []
         log(f"Pretrained MLLM weights taken from {mllm_from} instead of training them again.")
     else:
@@ -306,7 +324,7 @@ def build(out: Path, work: Path, *, spec: DemoSpec, steps: int, batch_size: int,
     info = {
         "spec": asdict(spec),
         "training": {"steps": steps, "batch_size": batch_size, "learning_rate": learning_rate, "layers": layers,
-                     "vae_steps": vae_steps, "vae_from": str(vae_from) if vae_from else None, "mllm_from": str(mllm_from) if mllm_from else None,
+                     "vae_steps": vae_steps, "vae_from": vae_taken, "mllm_from": mllm_taken,
                      "mllm_steps": mllm_steps, "mllm_batch_size": mllm_batch_size,
                      "mllm_lr": mllm_lr, "images_per_scene": images_per_scene,
                      "mllm_final_loss_mean50": mllm_final, "final_loss_mean20": sum(last) / len(last)},

@@ -79,12 +79,28 @@ def test_build_command_makes_a_model_that_does_all_three_jobs(tmp_path):
     assert config["input_image_pixels"] == DemoSpec().vision_pixels == 112 * 112 and config["demo_defaults"]["layers"] == "default"
     info = json.loads((out / "demo_info.json").read_text())
     assert info["training"]["mllm_steps"] == 2 and info["timings"]["total_cpu_seconds"] > 0
+    assert info["training"]["vae_from"] is None and info["training"]["mllm_from"] is None
     pipe = TBACPipeline.from_pretrained(out, device="cpu", dtype="fp32")
     source = pipe.generate("a red circle on a blue background", steps=2).images[0]
     assert source.size == (32, 32)
     assert pipe.edit("make the circle green", [[source]], steps=2).images[0].size == (32, 32)
     text = answer(pipe, DESCRIBE, source, settings=GenerationSettings(max_new_tokens=8))
     assert isinstance(text, str) and not [ch for ch in text if unicodedata.category(ch) == "Cc" and ch not in "\n\t"]
+
+    # A second build taking both stages' weights from the first records them by name and hash.
+    from tbac_core.demo.build import PRETRAINED_FILE
+
+    again = tmp_path / "again"
+    try:
+        assert main(["--out", str(again), "--work", str(tmp_path / "work2"), "--steps", "2", "--batch-size", "4",
+                     "--vae-from", str(out), "--mllm-from", str(tmp_path / "work" / PRETRAINED_FILE),
+                     "--images-per-scene", "1", "--no-eval"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
+    training = json.loads((again / "demo_info.json").read_text())["training"]
+    assert training["vae_from"]["folder"] == "out" and training["mllm_from"]["folder"] == PRETRAINED_FILE
+    assert all(len(training[k]["weights_sha256"]) == 64 for k in ("vae_from", "mllm_from"))
 
 
 def test_shape_drills_use_off_palette_colours_only():
@@ -107,3 +123,22 @@ def test_off_palette_pairs_are_far_from_the_palette_and_each_other():
         fill, background = off_palette_pair(rng)
         assert snap_colours(np.array([fill, background])) == [UNKNOWN, UNKNOWN]
         assert np.linalg.norm(np.subtract(fill, background)) >= 120
+
+
+def test_taken_weights_are_recorded_by_name_and_hash_not_by_path():
+    """demo_info.json names where ``--vae-from`` weights came from in terms that mean something on
+    another machine; the shipped demo's record matches the DC-AE weights it holds."""
+    from pathlib import Path
+
+    from tbac_core.demo import DEMO_CHECKPOINT
+    from tbac_core.demo.build import read_vae_state, taken_weights_record
+
+    state = read_vae_state(DEMO_CHECKPOINT)
+    record = taken_weights_record(Path("/somewhere/on/my/machine/vae"), state)
+    assert record["folder"] == "vae" and "/" not in json.dumps(record)
+    assert taken_weights_record(Path("vae"), dict(reversed(list(state.items())))) == record  # key order
+    changed = {**state, next(iter(state)): next(iter(state.values())) + 1}
+    assert taken_weights_record(Path("vae"), changed) != record
+    assert taken_weights_record(None, state) is None
+    info = json.loads((Path(DEMO_CHECKPOINT) / "demo_info.json").read_text())
+    assert info["training"]["vae_from"] == record
