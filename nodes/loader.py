@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..tbac_core.demo import DEMO_NAME
 from ..tbac_core.devices import resolve_dtype
 from ..tbac_core.errors import CheckpointError, ComponentNotFoundError
 from ..tbac_core.loading import (
@@ -17,7 +18,6 @@ from . import comfy_bridge as bridge
 from .comfy_bridge import TBAC_MODEL, io
 
 ROOT_CATEGORY = "TBAC-UniImage"
-DEMO_CHOICE = "demo"
 NO_ADAPTER = "none"
 MODEL_TOOLTIP = "The TBAC-UniImage model from the 'TBAC-UniImage Loader' node."
 
@@ -29,7 +29,7 @@ def checkpoint_choices() -> list[str]:
     A user folder named ``demo`` takes the name; the built-in model is then not offered.
     """
     names = list(list_checkpoints(bridge.model_roots()))
-    return names if DEMO_CHOICE in names else names + [DEMO_CHOICE]
+    return names if DEMO_NAME in names else names + [DEMO_NAME]
 
 
 RELEASE_NAME = "TBAC-UniImage-3B"
@@ -39,12 +39,12 @@ RELEASE_SOURCE = "Hugging Face: TencentBAC/TBAC-UniImage-3B"
 def missing_checkpoint_message(name: str, choices: list[str]) -> str:
     """What to do when a workflow names a checkpoint folder that is not installed."""
     roots = ", ".join(str(root) for root in bridge.model_roots()) or "(no models/tbac folder is configured)"
-    found = ", ".join(choice for choice in choices if choice != DEMO_CHOICE) or "none"
+    found = ", ".join(choice for choice in choices if choice != DEMO_NAME) or "none"
     return (
         f"Checkpoint folder {name!r} is not installed. Looked in: {roots} (checkpoint folders found: {found}). "
         f"Download the {RELEASE_NAME} release folder ({RELEASE_SOURCE}) and put it, whole, in "
         f"models/tbac/{RELEASE_NAME}/ (config.json + model*.safetensors), then press R in the browser and pick it "
-        f"in the loader; or pick '{DEMO_CHOICE}', the built-in toy model (32x32, 20 steps, guidance 3)."
+        f"in the loader; or pick '{DEMO_NAME}', the built-in toy model (32x32, 20 steps, guidance 3)."
     )
 
 
@@ -69,7 +69,7 @@ def demo_checkpoint() -> Path:
 def checkpoint_dir(name: str) -> Path:
     """The folder of a checkpoint choice; names are only looked up, never joined onto paths."""
     roots = bridge.model_roots()
-    if name == DEMO_CHOICE and name not in list_checkpoints(roots):
+    if name == DEMO_NAME and name not in list_checkpoints(roots):
         return demo_checkpoint()
     return resolve_checkpoint(name, roots)
 

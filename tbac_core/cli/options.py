@@ -8,11 +8,11 @@ import argparse
 import os
 from pathlib import Path
 
+from ..demo import DEMO_NAME
 from ..errors import UsageError
 from ..params import DTYPE_CHOICES, MEMORY_MODES
 
 MODEL_ENV = "TBAC_MODEL"
-DEMO_NAME = "demo"
 CONFIG_NAME = "config.json"
 
 

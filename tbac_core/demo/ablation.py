@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from . import DEMO_CHECKPOINT
+from . import DEMO_CHECKPOINT, DEMO_NAME
 from .build import load_pretrained_parts, render_training_data, train_ladder
 from .components import EMBED_KEY, DemoSpec
 from .evaluate import held_out_edit_pairs, score_edits, score_scenes
@@ -35,7 +35,7 @@ def pretrained_parts(checkpoint_dir: Path) -> tuple[dict, dict, DemoSpec]:
     """(frozen MLLM weights without the metaquery rows, VAE weights, spec) of a built demo."""
     from ..loading.build import load_model
 
-    model = load_model(checkpoint_dir, dtype="fp32", device="cpu", name="demo")
+    model = load_model(checkpoint_dir, dtype="fp32", device="cpu", name=DEMO_NAME)
     info = json.loads((checkpoint_dir / "demo_info.json").read_text(encoding="utf-8"))
     spec = DemoSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in info["spec"].items()})
     mllm = {k: v.clone() for k, v in model.mllm.state_dict().items() if not k.startswith("lm_head")}

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from . import DEMO_CHECKPOINT, DEMO_DEFAULTS
+from . import DEMO_CHECKPOINT, DEMO_DEFAULTS, DEMO_NAME
 from .components import (
     TBAC_SYSTEM_PROMPT,
     DemoSpec,
@@ -177,7 +177,7 @@ def train_ladder(components_dir: Path, work: Path, data_dirs: list[Path], mllm: 
     write_checkpoint(initial, checkpoint_tensors(with_metaquery_rows(mllm, spec.num_metaqueries, seed),
                                                  connector.state_dict(), transformer.state_dict(), vae_state),
                      tbac_config(spec))
-    model = load_model(initial, dtype="fp32", device="cpu", models_dirs=[components_dir], name="demo")
+    model = load_model(initial, dtype="fp32", device="cpu", models_dirs=[components_dir], name=DEMO_NAME)
     train_config = TrainConfig(
         data=[str(d) for d in data_dirs], output_dir=str(work / "run"), dit_mode="full", layers=layers,
         max_steps=steps, batch_size=batch_size, learning_rate=learning_rate, warmup_steps=max(1, steps // 20),
