@@ -7,7 +7,8 @@ dtype (F32 / F16 / BF16). A row padded to whole blocks records its true width un
 dependency: ``pip install "tbac-uniimage[gguf]"``); the blocks are (de)quantised by ``ggml``.
 
 ``GGUFCheckpointFiles`` answers like ``loading.checkpoint.CheckpointFiles`` (``components``,
-``shapes``, ``load_component``, ``read_rows``, ``describe``), so the loader reads either.
+``shapes``, ``load_component``, ``read_rows``, ``describe``), so the loader reads either. Files are
+written by ``convert.quantize_checkpoint`` (streamed, tensor by tensor).
 """
 from __future__ import annotations
 
@@ -15,7 +16,6 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ..errors import CheckpointError
@@ -158,25 +158,3 @@ class GGUFCheckpointFiles:
         """Rows ``start:stop`` of a plain tensor in its stored dtype (the metaquery fingerprint)."""
         return self._read(key, None, "cpu")[start:stop]
 
-
-def write_gguf(path: Path, tensors: dict, quantization: str) -> None:
-    """Write ``tensors`` (full keys -> tensor or ``BlockQuantizedWeight``) as one ``.gguf`` file."""
-    gguf = require_gguf()
-    types = gguf.GGMLQuantizationType
-    writer = gguf.GGUFWriter(str(path), ARCHITECTURE)
-    writer.add_string(FORMAT_KEY, quantization)
-    for key, value in tensors.items():
-        if isinstance(value, BlockQuantizedWeight):
-            if padded_width(value.shape[1], value.format) != value.shape[1]:
-                writer.add_uint32(IN_FEATURES_KEY + key, value.shape[1])
-            writer.add_tensor(key, value.data.numpy(), raw_dtype=types(value.format.ggml_type))
-        elif value.dtype == torch.bfloat16:
-            writer.add_tensor(key, value.contiguous().view(torch.int16).numpy().view(np.uint16), raw_dtype=types.BF16)
-        elif value.dtype in (torch.float32, torch.float16):
-            writer.add_tensor(key, value.contiguous().numpy())
-        else:
-            raise CheckpointError(f"Cannot store tensor {key} of dtype {value.dtype} in GGUF.")
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()

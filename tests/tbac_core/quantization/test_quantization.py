@@ -126,19 +126,16 @@ def test_truncated_fp8_safetensors_is_refused(quantized, fixture_root, tmp_path)
         _load(folder, fixture_root)
 
 
-def test_gguf_of_another_model_is_refused_naming_tensor_and_shapes(quantized, fixture_root, tmp_path):
+def test_gguf_of_another_model_is_refused_naming_tensor_and_shapes(checkpoint_dir, fixture_root, tmp_path):
     """A GGUF whose layer has another shape (another model / config) fails before any weight is used."""
-    from tbac_core.quantization.gguf_checkpoint import GGUFCheckpointFiles, write_gguf
-    from tbac_core.quantization.swap import BlockQuantizedWeight
+    from safetensors.torch import load_file, save_file
 
-    files = GGUFCheckpointFiles.open(quantized["q8_0"])
-    tensors = {key: files._read(key, None, "cpu") for key in files.tensors}
-    key = "model.transformer." + DIT_Q
-    wrong = torch.randn(16, 64)
-    tensors[key] = BlockQuantizedWeight(quantize_blocks(wrong, BLOCK_FORMATS["q8_0"]), BLOCK_FORMATS["q8_0"], (16, 64))
-    folder = tmp_path / "other"
-    shutil.copytree(quantized["q8_0"], folder)
-    write_gguf(folder / "model.gguf", tensors, "q8_0")
+    source = tmp_path / "source"
+    shutil.copytree(checkpoint_dir, source)
+    tensors = load_file(str(source / "model.safetensors"))
+    tensors["model.transformer." + DIT_Q] = torch.randn(16, 64)
+    save_file(tensors, str(source / "model.safetensors"))
+    folder = quantize_checkpoint(source, tmp_path / "other", "q8_0")  # quantize reads headers, not the model
     with pytest.raises(CheckpointError, match=r"model\.gguf.*to_q\.weight.*\(16, 64\).*\(32, 32\)"):
         _load(folder, fixture_root)
 
