@@ -10,38 +10,37 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .row_blocks import convert_rows
+
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8_DTYPE).max  # 448.0
 SCALE_SUFFIX = "scale_weight"
-QUANTIZE_CHUNK_ELEMENTS = 1 << 20  # rows converted together by quantize_fp8 (4 MiB of float32 work copy)
 
 
 def quantize_fp8(weight: torch.Tensor, scaled: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``weight`` [out, in] -> (fp8 [out, in], float32 scalar scale or None).
 
     Scaled: the largest magnitude maps to 448, so the whole e4m3 range is used (3 mantissa bits: a
-    relative rounding error of at most 2^-4 per element for normal values). Converted a block of
-    rows at a time: float32 work copies of the whole weight (3 of them, once a bf16 weight is cast)
-    left heap holes that grew the quantising process by most of the checkpoint (measured).
+    relative rounding error of at most 2^-4 per element for normal values). Converted by row blocks:
+    float32 work copies of the whole weight (3 of them, once a bf16 weight is cast) left heap holes
+    that grew a quantising process by most of the checkpoint (measured).
     """
     weight = weight.detach()
     out = torch.empty(weight.shape, dtype=FP8_DTYPE, device=weight.device)
-    scale = None
-    if scaled:
-        low, high = torch.aminmax(weight)
-        amax = torch.maximum(low.abs(), high.abs()).float()
-        scale = (amax / FP8_MAX).clamp(min=torch.finfo(torch.float32).tiny)
-    rows = max(1, QUANTIZE_CHUNK_ELEMENTS // max(1, weight[0].numel())) if weight.dim() else 1
-    for source, target in zip(weight.split(rows), out.split(rows)):
-        values = source.float() if scale is None else source.float() / scale
-        target.copy_(values.clamp_(-FP8_MAX, FP8_MAX))
-    return out, None if scale is None else scale.reshape(())
+    if not scaled:
+        return convert_rows(weight, out, lambda rows: rows.float().clamp(-FP8_MAX, FP8_MAX)), None
+    low, high = torch.aminmax(weight)
+    scale = (torch.maximum(low.abs(), high.abs()).float() / FP8_MAX).clamp(min=torch.finfo(torch.float32).tiny)
+    convert_rows(weight, out, lambda rows: (rows.float() / scale).clamp_(-FP8_MAX, FP8_MAX))
+    return out, scale.reshape(())
 
 
 def dequantize_fp8(weight: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """fp8 [out, in] (and its scale) -> [out, in] in ``dtype``: ``round(weight * scale)``, by row blocks."""
+    out = torch.empty(weight.shape, dtype=dtype, device=weight.device)
     if scale is None:
-        return weight.to(dtype)
-    return (weight.to(torch.float32) * scale).to(dtype) if dtype != torch.float32 else weight.float() * scale
+        return convert_rows(weight, out, lambda rows: rows)  # copy_ converts, exactly (e4m3 fits every dtype)
+    return convert_rows(weight, out, lambda rows: rows.to(torch.float32) * scale)
 
 
 class FP8Linear(torch.nn.Module):

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .row_blocks import convert_rows
+
 
 @dataclass(frozen=True)
 class BlockFormat:
@@ -122,11 +124,11 @@ _QUANTIZERS = {"q8_0": _quantize_q8_0, "q4_k": _quantize_q4_k, "q5_k": _quantize
 # -- dequantising ------------------------------------------------------------------------------
 def dequantize_blocks(data: torch.Tensor, fmt: BlockFormat, in_features: int,
                       dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Raw bytes uint8 [out, row_bytes] -> [out, in_features] in ``dtype`` (padding dropped)."""
-    out_features = data.shape[0]
-    blocks = data.reshape(-1, fmt.block_bytes)
-    values = _DEQUANTIZERS[fmt.name](blocks, dtype)
-    return values.reshape(out_features, -1)[:, :in_features]
+    """Raw bytes uint8 [out, row_bytes] -> [out, in_features] in ``dtype`` (padding dropped), by row blocks."""
+    dequantize = _DEQUANTIZERS[fmt.name]
+    out = torch.empty(data.shape[0], in_features, dtype=dtype, device=data.device)
+    return convert_rows(data, out, lambda rows: dequantize(rows.reshape(-1, fmt.block_bytes), dtype)
+                        .reshape(rows.shape[0], -1)[:, :in_features])
 
 
 def _f16(raw: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

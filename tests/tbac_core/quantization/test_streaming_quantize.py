@@ -142,3 +142,25 @@ def test_quantize_memory_stays_near_one_tensor(checkpoint_dir, tmp_path, fmt):
     # Measured: 136-140 MiB (a few tensors, and the allocator's slack); everything in memory at once,
     # as before, grew 508 (fp8) and 641 MiB (Q8_0).
     assert growth < 192, f"peak RSS grew {growth:.0f} MiB quantising 384 MiB of weights"
+
+
+def test_row_block_conversions_equal_whole_weight_ones(monkeypatch):
+    """Quantising and dequantising by row blocks (ragged last block) gives the whole-weight results bit for bit."""
+    from tbac_core.quantization import row_blocks
+    from tbac_core.quantization.fp8 import dequantize_fp8
+    from tbac_core.quantization.ggml import _DEQUANTIZERS, BLOCK_FORMATS, dequantize_blocks, quantize_blocks
+
+    monkeypatch.setattr(row_blocks, "CPU_BLOCK_ELEMENTS", 3 * 96)  # 3 rows a block: 37 rows -> 13 blocks
+    weight = torch.randn(37, 96, generator=torch.Generator().manual_seed(0)) * 0.1
+    unchanged = weight.clone()
+    fp8, scale = quantize_fp8(weight)
+    assert torch.equal(fp8.view(torch.uint8), (weight / scale).clamp(-448, 448).to(torch.float8_e4m3fn).view(torch.uint8))
+    plain, none = quantize_fp8(weight, scaled=False)
+    assert none is None and torch.equal(weight, unchanged)  # the source is never clamped in place
+    for dtype in (torch.float32, torch.bfloat16):
+        assert torch.equal(dequantize_fp8(fp8, scale, dtype), (fp8.float() * scale).to(dtype))
+        assert torch.equal(dequantize_fp8(plain, None, dtype), plain.to(dtype))
+        for name, fmt in BLOCK_FORMATS.items():
+            data = quantize_blocks(weight, fmt)
+            whole = _DEQUANTIZERS[name](data.reshape(-1, fmt.block_bytes), dtype).reshape(37, -1)[:, :96]
+            assert torch.equal(dequantize_blocks(data, fmt, 96, dtype), whole), name
