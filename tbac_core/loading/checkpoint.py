@@ -227,6 +227,7 @@ class CheckpointFiles:
         *,
         zero_copy: bool = True,
         input_major: frozenset[str] = frozenset(),
+        transform=None,
     ) -> dict[str, torch.Tensor]:
         """Read one component's tensors with the prefix stripped, cast to ``dtype`` on ``device``.
 
@@ -243,6 +244,8 @@ class CheckpointFiles:
         while loading), whose mapped pages would otherwise stay resident behind the others.
         ``input_major``: keys (prefix stripped) of weights [out, in, ...] to store with memory [in, out]
         on the CPU (``modeling.weight_layout``), read through the cast buffer and transposed on the way.
+        ``transform(key, tensor) -> dict``: replaces each tensor as soon as it is read (quantising while
+        loading), so the component is never held at full precision all at once.
         """
         prefix = COMPONENT_PREFIXES[component]
         device = torch.device(device)
@@ -267,7 +270,9 @@ class CheckpointFiles:
                         tensor = file.mapped(key)
                     else:
                         tensor = file.copied(key)
-                    state[key[len(prefix):]] = tensor.to(dtype=target).to(device)
+                    tensor = tensor.to(dtype=target).to(device)
+                    local = key[len(prefix):]
+                    state.update(transform(local, tensor) if transform is not None else {local: tensor})
         if stager is not None:
             stager.finish()
         return state

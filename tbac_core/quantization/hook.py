@@ -27,13 +27,15 @@ def load_component_state(files, component: str, module: torch.nn.Module, dtype, 
     files without quantisation only: quantised linears keep their own layout).
     """
     if quantization and isinstance(files, CheckpointFiles):
-        # The full-precision tensors are replaced right away: copy them rather than map them.
-        state = files.load_component(component, dtype, device, zero_copy=False)
+        # Each tensor is quantised as soon as it is read (the component is never whole at full
+        # precision), from a copy rather than a map view whose pages would stay resident.
+        state = files.load_component(component, dtype, device, zero_copy=False, transform=lambda key, tensor:
+                                     quantize_state(component, {key: tensor}, quantization))
     elif input_major and isinstance(files, CheckpointFiles):
         state = files.load_component(component, dtype, device, input_major=input_major)
     else:
         state = files.load_component(component, dtype, device)
-    if quantization:
-        state = quantize_state(component, state, quantization)
+        if quantization:  # a GGUF or fp8 folder read with quantization= as well
+            state = quantize_state(component, state, quantization)
     swap_linears(module, state, files.describe(), rename=rename)
     return state
