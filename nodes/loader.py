@@ -13,12 +13,13 @@ from ..tbac_core.loading import (
     load_model,
     resolve_checkpoint,
 )
-from ..tbac_core.params import DTYPE_CHOICES
+from ..tbac_core.params import DTYPE_CHOICES, QUANTIZATION_FORMATS
 from . import comfy_bridge as bridge
 from .comfy_bridge import TBAC_MODEL, io
 
 ROOT_CATEGORY = "TBAC-UniImage"
 NO_ADAPTER = "none"
+AS_STORED = "as stored"  # the weights input: no quantisation while loading
 MODEL_TOOLTIP = "The TBAC-UniImage model from the 'TBAC-UniImage Loader' node."
 
 
@@ -136,6 +137,13 @@ class TBACModelLoader(io.ComfyNode):
                 io.Combo.Input("adapter", options=[NO_ADAPTER, *adapter_choices()], default=NO_ADAPTER, tooltip=(
                     "A trained ladder adapter folder from models/tbac_adapters to apply on top of the checkpoint, "
                     "or 'none'.")),
+                # Optional: API-format workflows saved before this input existed still run unchanged.
+                io.Combo.Input("weights", options=[AS_STORED, *QUANTIZATION_FORMATS], default=AS_STORED, optional=True,
+                               tooltip=(
+                    "Quantise the linear layers of the MLLM and the DiT while loading, to fit a smaller GPU: fp8 "
+                    "and q8_0 halve them (q8_0 is near lossless), q5_k / q4_k shrink them further at a visible "
+                    "cost. 'as stored' keeps the checkpoint's weights (an fp8 or GGUF folder loads as it is). "
+                    "The VAE, norms and embeddings are never quantised.")),
             ],
             outputs=[TBAC_MODEL.Output("model", tooltip=(
                 "The loaded model: wire it into the encode, sampler, decode and understand nodes."))],
@@ -153,7 +161,7 @@ class TBACModelLoader(io.ComfyNode):
         return True if checkpoint in choices else missing_checkpoint_message(checkpoint, choices)
 
     @classmethod
-    def execute(cls, checkpoint: str, dtype: str, device: str, adapter: str) -> io.NodeOutput:
+    def execute(cls, checkpoint: str, dtype: str, device: str, adapter: str, weights: str = AS_STORED) -> io.NodeOutput:
         path = checkpoint_dir(checkpoint)
         adapter_path = None if adapter == NO_ADAPTER else adapter_dir(adapter)  # refuse bad names before loading
         devices = bridge.devices_for(device)
@@ -163,6 +171,7 @@ class TBACModelLoader(io.ComfyNode):
             device=devices.initial,
             models_dirs=bridge.model_roots(),
             name=checkpoint,
+            quantization=None if weights == AS_STORED else weights,
         )
         name = checkpoint
         if adapter_path is not None:

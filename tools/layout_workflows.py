@@ -65,7 +65,7 @@ NODE_MARGIN = 8                # nodes closer than this count as overlapping; li
 # with tools/browser_check.mjs --sizes): a smaller size in the file is enlarged to this on load, so the
 # layout must use at least this or the shown nodes overlap what the script placed below them.
 MIN_SIZES = {
-    "TBACModelLoader": (210, 130), "LoadImage": (223, 326), "TBACLadderEncode": (222, 234),
+    "TBACModelLoader": (210, 154), "LoadImage": (223, 326), "TBACLadderEncode": (222, 234),
     "TBACSampler": (210, 362), "TBACDecode": (210, 98), "TBACEncodeImage": (234, 78),
     "SetLatentNoiseMask": (188, 46), "SaveImage": (210, 58), "PreviewImage": (140, 26),
     "PreviewAny": (210, 112), "TBACUnderstand": (210, 378), "TBACLadderMix": (210, 78),

@@ -244,6 +244,21 @@ def test_loader_output_is_a_fresh_model_each_call(model, models_root):
     assert next(again.model.dit.parameters()).dtype == torch.float32
 
 
+def test_loader_weights_input_quantises_while_loading(models_root):
+    """'weights' picks fp8 / GGUF block formats for the linears of the MLLM and DiT; left out (an API
+    workflow saved before the input existed) or 'as stored', the checkpoint loads as it is."""
+    def first_layer(loaded):  # by name: the pack's classes live under the pack's import name here
+        return type(loaded.model.dit.transformer.transformer_blocks[0].attn1.to_q).__name__
+
+    assert _choices(loader.TBACModelLoader, "weights") == ["as stored", "fp8", "q8_0", "q5_k", "q4_k"]
+    for weights, layer in (("fp8", "FP8Linear"), ("q4_k", "GGUFLinear"), ("as stored", "Linear")):
+        (loaded,) = outputs(loader.TBACModelLoader, checkpoint="tbac-tiny", dtype="fp32", device="cpu",
+                            adapter="none", weights=weights)
+        assert first_layer(loaded) == layer, weights
+        assert torch.isfinite(_encode(loaded, "a red circle").block_conditions("positive", lambda s: s)[0]).all()
+    assert first_layer(_load()) == "Linear"  # the input left out
+
+
 def test_tokenizer_fallback_is_used_only_when_the_core_finds_none(tmp_path, fixture_root, monkeypatch):
     """Inside ComfyUI the bundled Qwen2.5 tokenizer is passed only if the checkpoint has none."""
     root = tmp_path / "tbac"
