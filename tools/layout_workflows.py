@@ -61,9 +61,11 @@ NOTE_LINE_H = 16.0             # ... and line height, in graph units
 NOTE_PAD = 24
 NOTE_COLUMN_W = 340            # the note's width when it is a column of its own
 NODE_MARGIN = 8                # nodes closer than this count as overlapping; links keep this clearance
-# The smallest size the front end draws each node at (``node.computeSize()``, frontend 1.45.15, measured
-# with tools/browser_check.mjs --sizes): a smaller size in the file is enlarged to this on load, so the
-# layout must use at least this or the shown nodes overlap what the script placed below them.
+# The smallest size the front end draws each node at (``node.computeSize()``, frontend 1.45.15): a
+# smaller size in the file is enlarged to this on load, so the layout must use at least this or the
+# shown nodes overlap what the script placed below them. ``tools/browser_check.mjs --templates`` fails
+# on any node shown at another size than saved. TBACModelLoader's height is the measured 130 plus one
+# widget row for its "weights" input (not measured on its own; the check passes at it).
 MIN_SIZES = {
     "TBACModelLoader": (210, 154), "LoadImage": (223, 326), "TBACLadderEncode": (222, 234),
     "TBACSampler": (210, 362), "TBACDecode": (210, 98), "TBACEncodeImage": (234, 78),
