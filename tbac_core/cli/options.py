@@ -10,16 +10,17 @@ from pathlib import Path
 
 from ..demo import DEMO_NAME
 from ..errors import UsageError
-from ..params import DTYPE_CHOICES, MEMORY_MODES
+from ..params import DTYPE_CHOICES, MEMORY_MODES, QUANTIZATION_FORMATS
 
 MODEL_ENV = "TBAC_MODEL"
 CONFIG_NAME = "config.json"
 
 
-def model_options(*, compile_option: bool = True) -> argparse.ArgumentParser:
+def model_options(*, compile_option: bool = True, weights_option: bool = True) -> argparse.ArgumentParser:
     """The model-loading flags, as a parent parser for every command that loads a model.
 
-    ``compile_option``: offer ``--compile`` (only commands that run the DiT use it).
+    ``compile_option``: offer ``--compile`` (only commands that run the DiT use it). ``weights_option``:
+    offer ``--weights`` (not ``train``: quantised layers are not trained).
     """
     parser = argparse.ArgumentParser(add_help=False)
     group = parser.add_argument_group("model")
@@ -37,6 +38,11 @@ def model_options(*, compile_option: bool = True) -> argparse.ArgumentParser:
     group.add_argument("--memory", choices=MEMORY_MODES, default=MEMORY_MODES[0],
                        help="full: everything stays on the device (fastest); offload-mllm: the MLLM goes back to "
                             "the CPU after encoding; sequential: each part is on the device only while it runs.")
+    if weights_option:
+        group.add_argument("--weights", choices=QUANTIZATION_FORMATS, default=None,
+                           help="Quantise the linear layers of the MLLM and DiT while loading (fp8, q8_0: half the "
+                                "bytes of bf16, q8_0 near lossless; q5_k, q4_k: smaller, at a visible cost). "
+                                "Default: the weights as stored (an fp8 or GGUF folder loads as it is).")
     if compile_option:
         group.add_argument("--compile", action="store_true",
                            help="Compile the DiT blocks with torch.compile (needs a C++ compiler on the CPU, triton "
@@ -48,7 +54,7 @@ def model_options(*, compile_option: bool = True) -> argparse.ArgumentParser:
 def model_load_kwargs(args: argparse.Namespace) -> dict:
     """The keyword arguments of ``load_model`` / ``TBACPipeline.from_pretrained`` the model options give."""
     return {"dtype": args.dtype, "device": args.device, "tokenizer_dir": args.tokenizer,
-            "models_dirs": args.models_dir or None}
+            "models_dirs": args.models_dir or None, "quantization": getattr(args, "weights", None)}
 
 
 def resolve_model_dir(model: str | None) -> Path:

@@ -25,7 +25,7 @@ from ..cli.options import model_load_kwargs, model_options, resolve_model_dir
 def add_parser(subparsers) -> None:
     """Register ``train``; argparse only, so the parser builds without torch (``--help`` stays fast)."""
     parser = subparsers.add_parser(
-        "train", parents=[model_options()], help="Ladder-side tuning: train metaqueries, connector and DiT on "
+        "train", parents=[model_options(weights_option=False)], help="Ladder-side tuning: train metaqueries, connector and DiT on "
         "your images (the MLLM stays frozen).", description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     data = parser.add_argument_group("data and output")

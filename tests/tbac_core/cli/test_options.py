@@ -32,6 +32,27 @@ def test_model_from_environment_with_memory_mode(pipe, checkpoint_dir, tmp_path,
     np.testing.assert_array_equal(pixels(tmp_path / "tbac_0_0.png"), np.asarray(expected))
 
 
+def test_weights_flag_quantises_while_loading(checkpoint_dir, tmp_path, monkeypatch, capsys):
+    """``--weights q8_0`` loads the DiT's and MLLM's linears as GGML blocks; ``train`` has no such flag."""
+    loaded = []
+    load = context.load_pipeline
+    monkeypatch.setattr(context, "load_pipeline", lambda args, folder: loaded.append(load(args, folder)) or loaded[-1])
+    argv = ["generate", "-p", "a red cat", "--steps", "2", "--device", "cpu", "--dtype", "fp32",
+            "--model", str(checkpoint_dir), "--weights", "q8_0", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    layer = loaded[0].model.dit.transformer.transformer_blocks[0].attn1.to_q
+    assert type(layer).__name__ == "GGUFLinear" and layer.format.name == "q8_0"
+    assert (tmp_path / "tbac_0_0.png").is_file()
+    capsys.readouterr()
+    for argv in (["generate", "-p", "x", "--weights", "q3"],  # not a format
+                 ["train", "--weights", "fp8", "--data", str(tmp_path), "--out", str(tmp_path / "run")]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "invalid choice: 'q3'" in err and "unrecognized arguments: --weights" in err
+
+
 def test_model_folder_resolution(checkpoint_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv(MODEL_ENV, str(tmp_path / "elsewhere"))
     assert resolve_model_dir(str(checkpoint_dir)) == checkpoint_dir  # --model wins over the variable
