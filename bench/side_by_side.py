@@ -46,7 +46,7 @@ from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
-if str(BENCH) not in sys.path:
+if str(BENCH) not in sys.path:  # prompts, and lazily benchutil / make_random_checkpoint
     sys.path.insert(0, str(BENCH))
 from prompts import EDIT_PROMPT, PROMPT  # noqa: E402 - a module without imports (timing starts later)
 RESULTS = BENCH / "results"
@@ -81,7 +81,6 @@ def ensure_model(name: str, models_dir: Path, fixtures: Path | None) -> Path:
     """The checkpoint folder of random model ``name`` under ``models_dir``, built when missing."""
     checkpoint = models_dir / name / "checkpoint"
     if not (checkpoint / "config.json").is_file():
-        sys.path.insert(0, str(BENCH))
         import make_random_checkpoint as mrc
 
         print(f"building the random {name} model in {models_dir / name} ...", flush=True)
@@ -394,7 +393,6 @@ def run_benchmark(args) -> dict:
                     f"{k}={v:.3f}" if k.endswith("_s") else f"{k}={v / 1024**2:.0f}MiB"
                     for k, v in result.items() if isinstance(v, float | int) and k != "torch_threads"), flush=True)
         differences = image_differences(images, args.phases)
-    sys.path.insert(0, str(BENCH))
     import benchutil
 
     table = summarize(runs)
@@ -457,35 +455,25 @@ def main(argv=None) -> int:
                             args.phases, args.images_out)
         print(RESULT_MARK + json.dumps(result), flush=True)
         return 0
+    try:
+        report = run_accuracy(args) if args.accuracy else run_benchmark(args)
+    except SetupError as exc:
+        print(f"side_by_side: {exc}", file=sys.stderr)
+        return 2
     if args.accuracy:
-        try:
-            report = run_accuracy(args)
-        except SetupError as exc:
-            print(f"side_by_side: {exc}", file=sys.stderr)
-            return 2
         for phase, rows in report["against"].items():
             print(f"{phase}, against the official float32 image:")
             for name, diff in rows.items():
                 print(f"  {name:28s} {diff.get('psnr_db', float('nan')):6.1f} dB, max {diff.get('max_abs_levels')} levels")
-        sys.path.insert(0, str(BENCH))
-        import benchutil
-
         name = f"accuracy-{Path(report['model']).parent.name}-{report['date']}.json"
-        print(f"wrote {benchutil.write_json(args.out / name, report)}")
-        return 0
-    try:
-        report = run_benchmark(args)
-    except SetupError as exc:
-        print(f"side_by_side: {exc}", file=sys.stderr)
-        return 2
-    print()
-    print(f"model {report['model']} ({report['checkpoint_bytes'] / 1024**2:.0f} MiB of safetensors), {args.dtype} on "
-          f"the CPU, {args.steps} steps, {args.threads} torch thread(s), medians of {args.repeats} paired runs")
-    print(markdown(report["table"]))
-    for phase, diff in report["image_differences_ours_vs_official"].items():
-        print(f"{phase} image, ours vs official: {diff}")
-    name = f"side-by-side-{Path(report['model']).name}-{args.dtype}-{report['date']}.json"
-    sys.path.insert(0, str(BENCH))
+    else:
+        print()
+        print(f"model {report['model']} ({report['checkpoint_bytes'] / 1024**2:.0f} MiB of safetensors), {args.dtype} "
+              f"on the CPU, {args.steps} steps, {args.threads} torch thread(s), medians of {args.repeats} paired runs")
+        print(markdown(report["table"]))
+        for phase, diff in report["image_differences_ours_vs_official"].items():
+            print(f"{phase} image, ours vs official: {diff}")
+        name = f"side-by-side-{Path(report['model']).name}-{args.dtype}-{report['date']}.json"
     import benchutil
 
     print(f"wrote {benchutil.write_json(args.out / name, report)}")
