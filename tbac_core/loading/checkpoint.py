@@ -212,7 +212,7 @@ class CheckpointFiles:
         files = sorted({path.name for path in self.key_to_file.values()})
         return f"{self.directory} ({', '.join(files)})"
 
-    def _keys_by_file(self, component: str) -> dict[Path, list[str]]:
+    def keys_by_file(self, component: str) -> dict[Path, list[str]]:
         """One component's keys grouped by shard, so each file is opened once."""
         by_file: dict[Path, list[str]] = {}
         for key in self.components[component]:
@@ -252,7 +252,7 @@ class CheckpointFiles:
         stager = PinnedStager(device) if device.type == "cuda" and torch.cuda.is_available() else None
         staging = None  # the CPU cast buffer, made at the first cast
         state: dict[str, torch.Tensor] = {}
-        for path, keys in self._keys_by_file(component).items():
+        for path, keys in self.keys_by_file(component).items():
             # Read errors become a CheckpointError inside the reader; casting and moving (out of
             # memory, a device error) raise as what they are.
             with SafetensorsFile.open(path) as file:
@@ -286,7 +286,7 @@ class CheckpointFiles:
         """Shapes of one component's tensors (prefix stripped), read from the headers only."""
         prefix = COMPONENT_PREFIXES[component]
         shapes = {}
-        for path, keys in self._keys_by_file(component).items():
+        for path, keys in self.keys_by_file(component).items():
             with safe_open(str(path), framework="pt", device="cpu") as handle:
                 for key in keys:
                     shapes[key[len(prefix):]] = tuple(handle.get_slice(key).get_shape())

@@ -13,6 +13,7 @@ folder appears complete or not at all: it is written under a temporary name and 
 """
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import uuid
@@ -54,6 +55,10 @@ class SourceTensor:
     shape: tuple[int, ...]
     quantized: bool
 
+    @property
+    def nbytes(self) -> int:  # as stored
+        return math.prod(self.shape) * self.dtype.itemsize
+
 
 def quantize_checkpoint(src_dir: str | os.PathLike, out_dir: str | os.PathLike, format: str = "fp8") -> Path:
     """Write ``src_dir`` quantised to ``format`` (one of ``FORMATS``) into ``out_dir``; returns it."""
@@ -92,10 +97,7 @@ def plan_sources(files: CheckpointFiles, format: str) -> list[SourceTensor]:
     """Every source tensor with its stored dtype and shape (headers only), in the order it is written."""
     sources = []
     for component, prefix in COMPONENT_PREFIXES.items():
-        by_file: dict[Path, list[str]] = {}
-        for key in files.components[component]:
-            by_file.setdefault(files.key_to_file[key], []).append(key)
-        for path, keys in by_file.items():
+        for path, keys in files.keys_by_file(component).items():
             with SafetensorsFile.open(path) as file:
                 for key in keys:
                     entry = file.entry(key)
@@ -169,8 +171,7 @@ def _write_gguf(path: Path, sources: list[SourceTensor], read, format: str) -> N
                                    raw_dtype=ggml_type)
         else:
             numpy_dtype, raw = _gguf_plain_type(source.dtype, gguf)
-            count = int(np.prod(source.shape, dtype=np.int64)) if source.shape else 1
-            writer.add_tensor_info(source.key, source.shape, numpy_dtype, count * source.dtype.itemsize, raw_dtype=raw)
+            writer.add_tensor_info(source.key, source.shape, numpy_dtype, source.nbytes, raw_dtype=raw)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
