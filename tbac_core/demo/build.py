@@ -216,13 +216,16 @@ def read_vae_state(checkpoint_dir: Path) -> dict:
 
 def taken_weights_record(folder: Path | None, state: dict | None) -> dict | None:
     """Where a stage's weights were taken from (``--vae-from`` / ``--mllm-from``), meaningful on any
-    machine: the folder's name and a SHA-256 over the weights (keys in order, raw bytes)."""
+    machine: the folder's name and a SHA-256 over the weights (keys in order, each with its tensor's
+    ``fingerprint_tensor``)."""
+    from ..ladder.conditioning import fingerprint_tensor
+
     if folder is None:
         return None
     digest = hashlib.sha256()
     for key in sorted(state):
         digest.update(key.encode())
-        digest.update(state[key].detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        digest.update(fingerprint_tensor(state[key]).encode())
     return {"folder": Path(folder).name, "weights_sha256": digest.hexdigest()}
 
 
