@@ -59,7 +59,7 @@ def check_name_length(name: str, what: str) -> None:
                          f"{MAX_NAME_BYTES} bytes: use a shorter name.")
 
 
-def _temp_name(path: Path) -> Path:
+def temp_name(path: Path) -> Path:
     # Hidden and ending in ``.part``, so neither a reader nor a resumed batch mistakes it for an output;
     # the name part is cut so that a name near the length limit still gets a valid temporary name.
     return path.with_name(f".{path.name[:MAX_NAME_BYTES - 32]}.{uuid.uuid4().hex[:8]}.part")
@@ -86,7 +86,7 @@ def atomic_path(path: str | os.PathLike, *, overwrite: bool = True) -> Iterator[
     ``FileExistsError`` instead of replacing an existing ``path``.
     """
     path = Path(path)
-    tmp = _temp_name(path)
+    tmp = temp_name(path)
     try:
         yield tmp
         if overwrite:

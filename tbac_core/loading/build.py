@@ -20,6 +20,7 @@ from ..errors import CheckpointError, ComponentNotFoundError
 from ..io.jsonfile import read_json
 from ..ladder.conditioning import ModelIdentity, fingerprint_tensor
 from ..modeling.dit import Connector, LadderDiT
+from ..modeling.meta_init import empty_weights
 from ..modeling.mllm import (
     attach_lm_head,
     build_mllm,
@@ -27,7 +28,6 @@ from ..modeling.mllm import (
     num_rungs,
     text_model,
 )
-from ..modeling.meta_init import empty_weights
 from ..modeling.model import TBACModel
 from ..modeling.weight_layout import input_major_keys
 from ..processing.prompting import (

@@ -16,7 +16,6 @@ from __future__ import annotations
 import math
 import os
 import shutil
-import uuid
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ import numpy as np
 import torch
 
 from ..errors import CheckpointError
+from ..io.files import temp_name
 from ..loading.checkpoint import (
     COMPONENT_PREFIXES,
     CONFIG_NAME,
@@ -74,7 +74,7 @@ def quantize_checkpoint(src_dir: str | os.PathLike, out_dir: str | os.PathLike, 
     sources = plan_sources(files, format)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = out_dir.with_name(f".{out_dir.name}.{uuid.uuid4().hex[:8]}.part")
+    staging = temp_name(out_dir)
     staging.mkdir()
     try:
         _copy_small_files(src_dir, staging)
