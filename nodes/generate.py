@@ -13,6 +13,7 @@ from ..tbac_core.ladder import LAYER_SPEC_SYNTAX
 from ..tbac_core.params import (
     DEFAULT_IMAGE_SIZE,
     MAX_BATCH,
+    MAX_CACHE_SKIPS,
     MAX_CACHE_THRESHOLD,
     MAX_GUIDANCE_UI,
     MAX_SEED,
@@ -149,14 +150,18 @@ class TBACSampler(io.ComfyNode):
                 io.Float.Input("cache_threshold", default=DEFAULTS.cache_threshold, min=0.0, max=MAX_CACHE_THRESHOLD,
                                step=0.01, optional=True, tooltip=(
                                    "Step caching (approximate, 0 = off): when the DiT's first block changed less than "
-                                   "this since the last full step, the other blocks are skipped and their last "
-                                   "output change is reused. Around 0.1 saves a good share of the blocks at a small "
-                                   "image change; larger values change the picture more.")),
+                                   "this since the last full step, the other blocks are skipped and their output "
+                                   "change is extrapolated from the last two full steps. 0.1-0.2 saves about half "
+                                   "of the blocks at a small image change; larger values change the picture more.")),
                 io.Float.Input("guidance_cutoff", default=DEFAULTS.guidance_cutoff, min=0.0, max=1.0, step=0.05,
                                optional=True, tooltip=(
                                    "Guidance truncation (approximate, 1 = off): the negative (and image-only) branch "
                                    "runs only for this fraction of the steps, then the prompt alone (fewer DiT rows; "
                                    "measured: 0.9 already changes the picture visibly, see README).")),
+                io.Int.Input("cache_max_skips", default=DEFAULTS.cache_max_skips, min=1, max=MAX_CACHE_SKIPS,
+                             optional=True, tooltip=(
+                                 "Step caching only: at most this many steps in a row skip the blocks before a "
+                                 "full step runs again. Higher is faster and changes the picture more.")),
             ],
             outputs=[io.Latent.Output("latent", tooltip=(
                 "TBAC latents, prompts x images per prompt, in prompt order (keeping the input's noise mask, as "
@@ -167,7 +172,8 @@ class TBACSampler(io.ComfyNode):
     def execute(cls, model, conditioning, seed: int, steps: int, guidance: float, image_guidance: float,
                 width: int, height: int, batch_size: int, sampler: str, denoise: float,
                 latent=None, cache_threshold: float = DEFAULTS.cache_threshold,
-                guidance_cutoff: float = DEFAULTS.guidance_cutoff) -> io.NodeOutput:
+                guidance_cutoff: float = DEFAULTS.guidance_cutoff,
+                cache_max_skips: int = DEFAULTS.cache_max_skips) -> io.NodeOutput:
         init_latents = None if latent is None else tbac_latents(model, latent)
         noise_mask = None if latent is None else latent.get("noise_mask")
         params = SamplingParams(
@@ -179,6 +185,7 @@ class TBACSampler(io.ComfyNode):
             num_images_per_prompt=batch_size,
             denoise=denoise if init_latents is not None else 1.0,  # the widget is ignored without a latent
             cache_threshold=cache_threshold,
+            cache_max_skips=cache_max_skips,
             guidance_cutoff=guidance_cutoff,
         )
         progress = bridge.Progress(steps, preview=cls.previewer(model))

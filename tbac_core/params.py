@@ -21,6 +21,7 @@ DEFAULT_IMAGE_SIZE = 512  # TBAC-UniImage-3B's trained size; a checkpoint's conf
 SIZE_STEP = 32  # TBAC-UniImage-3B's latent factor; every model's factor divides it
 MAX_GUIDANCE_UI = 30.0  # upper end of the guidance sliders (the library takes any finite value)
 MAX_CACHE_THRESHOLD = 1.0  # First-Block-Cache relative L1 change; above ~0.3 nearly every step is reused
+MAX_CACHE_SKIPS = 10  # First-Block-Cache: most steps in a row estimated without running blocks 1..
 
 # -- memory and precision ----------------------------------------------------------------------------
 MEMORY_MODES = ("full", "offload-mllm", "sequential")
@@ -59,6 +60,7 @@ class SamplingParams:
     denoise: float = 1.0  # < 1 with init latents: image-to-image
     # Opt-in accelerations (approximate; the defaults are off and give the exact result).
     cache_threshold: float = 0.0  # First-Block-Cache: reuse the DiT's residual below this change; 0 = off
+    cache_max_skips: int = 2  # with the cache on: at most this many steps in a row skip blocks 1..
     guidance_cutoff: float = 1.0  # fraction of steps with every guidance branch, then positive only; 1 = off
 
     def validate(self, img2img: bool = False) -> None:
@@ -75,6 +77,11 @@ class SamplingParams:
             raise InvalidParameterError(
                 f"cache_threshold must be in 0..{MAX_CACHE_THRESHOLD} (0 = off, e.g. 0.05-0.1 for a "
                 f"speed-up), got {self.cache_threshold}."
+            )
+        if not _is_int(self.cache_max_skips) or not 1 <= self.cache_max_skips <= MAX_CACHE_SKIPS:
+            raise InvalidParameterError(
+                f"cache_max_skips must be an integer in 1..{MAX_CACHE_SKIPS} (steps in a row that step caching may "
+                f"skip before a full step; default {SamplingParams.cache_max_skips}), got {self.cache_max_skips!r}."
             )
         if not 0.0 <= self.guidance_cutoff <= 1.0:
             raise InvalidParameterError(

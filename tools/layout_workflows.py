@@ -65,10 +65,11 @@ NODE_MARGIN = 8                # nodes closer than this count as overlapping; li
 # smaller size in the file is enlarged to this on load, so the layout must use at least this or the
 # shown nodes overlap what the script placed below them. ``tools/browser_check.mjs --templates`` fails
 # on any node shown at another size than saved. TBACModelLoader's height is the measured 130 plus one
-# widget row for its "weights" input (not measured on its own; the check passes at it).
+# widget row for its "weights" input, TBACSampler's the measured 362 plus one for "cache_max_skips" (neither
+# measured on its own; the check passes at them).
 MIN_SIZES = {
     "TBACModelLoader": (210, 154), "LoadImage": (223, 326), "TBACLadderEncode": (222, 234),
-    "TBACSampler": (210, 362), "TBACDecode": (210, 98), "TBACEncodeImage": (234, 78),
+    "TBACSampler": (210, 386), "TBACDecode": (210, 98), "TBACEncodeImage": (234, 78),
     "SetLatentNoiseMask": (188, 46), "SaveImage": (210, 58), "PreviewImage": (140, 26),
     "PreviewAny": (210, 112), "TBACUnderstand": (210, 378), "TBACLadderMix": (210, 78),
     "TBACLadderInspect": (180, 66), "TBACNativeModel": (169, 26), "TBACNativeVAE": (154, 26),

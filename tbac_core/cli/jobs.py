@@ -18,6 +18,7 @@ from ..errors import InvalidParameterError, JobError, LayerSpecError, UsageError
 from ..ladder import LAYER_SPEC_SYNTAX, parse_layer_spec
 from ..params import (
     DEFAULT_IMAGE_SIZE,
+    MAX_CACHE_SKIPS,
     MAX_CACHE_THRESHOLD,
     SAMPLERS,
     SIZE_STEP,
@@ -33,7 +34,7 @@ DEFAULT_LAYERS = "default"  # the layer-spec keyword of the paper's mapping
 _SAMPLING = SamplingParams()  # the library's defaults, for models that store none
 _DEMO = demo_settings() or {}  # plain JSON: what the default (demo) model runs with
 # The opt-in approximate accelerations: recorded in an output only when on, so exact records stay as they were.
-ACCELERATION_FIELDS = ("cache_threshold", "guidance_cutoff")
+ACCELERATION_FIELDS = ("cache_threshold", "cache_max_skips", "guidance_cutoff")
 
 
 def _model_default(key: str, fallback) -> str:
@@ -80,6 +81,9 @@ FIELDS: dict[str, Field] = {
                              f"blocks after the first when its output changed less than this since the last full "
                              f"step; 0..{MAX_CACHE_THRESHOLD} (default {_SAMPLING.cache_threshold:g} = off, exact; "
                              f"README 'Speed' lists the measured speed-up and image cost)."),
+    "cache_max_skips": Field(int, ("--cache-max-skips",), f"With --cache-threshold: at most this many steps in a "
+                             f"row skip those blocks before a full step runs again; 1..{MAX_CACHE_SKIPS} (default "
+                             f"{_SAMPLING.cache_max_skips}; higher is faster and changes the picture more)."),
     "guidance_cutoff": Field(float, ("--guidance-cutoff",), f"Opt-in guidance truncation (approximate): evaluate "
                              f"the negative (and image-only) branch only for this fraction of the steps, then the "
                              f"prompt alone; 0..1 (default {_SAMPLING.guidance_cutoff:g} = off, exact)."),
@@ -112,6 +116,7 @@ class Job:
     init_image: str | None = None
     denoise: float | None = None
     cache_threshold: float = _SAMPLING.cache_threshold
+    cache_max_skips: int = _SAMPLING.cache_max_skips
     guidance_cutoff: float = _SAMPLING.guidance_cutoff
     id: str = "job"
     where: str = "command line"
@@ -128,9 +133,18 @@ class Job:
 
     @property
     def accelerations(self) -> dict[str, float]:
-        """The opt-in accelerations this job turns on (empty: the exact path)."""
-        return {name: getattr(self, name) for name in ACCELERATION_FIELDS
-                if getattr(self, name) != getattr(_SAMPLING, name)}
+        """The opt-in accelerations this job turns on (empty: the exact path).
+
+        With step caching on, its ``cache_max_skips`` is recorded even at its default, so the
+        record renders the same image if that default ever changes; with caching off it is moot.
+        """
+        on = {name: getattr(self, name) for name in ACCELERATION_FIELDS
+              if getattr(self, name) != getattr(_SAMPLING, name)}
+        if "cache_threshold" in on:
+            on["cache_max_skips"] = self.cache_max_skips
+        else:
+            on.pop("cache_max_skips", None)
+        return on
 
     @property
     def image_paths(self) -> tuple[str, ...]:
@@ -200,7 +214,7 @@ def make_job(values: dict[str, Any], *, job_id: str = "job", where: str = "comma
 # one report lists every problem of a job, not only the first.
 _SAMPLING_FIELDS = {"steps": "steps", "guidance": "guidance_scale", "image_guidance": "image_guidance_scale",
                     "sampler": "sampler", "seed": "seed", "cache_threshold": "cache_threshold",
-                    "guidance_cutoff": "guidance_cutoff"}
+                    "cache_max_skips": "cache_max_skips", "guidance_cutoff": "guidance_cutoff"}
 
 
 def check_job(job: Job, latent_factor: int) -> list[tuple[str, str]]:

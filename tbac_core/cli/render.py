@@ -72,7 +72,8 @@ def render(pipe, job: Job, info: CheckpointInfo, *, load_image: Callable[[str], 
     """
     common = dict(negative_prompt=job.negative_prompt, steps=job.steps, guidance_scale=job.guidance,
                   sampler=job.sampler, seed=job.seed, num_images_per_prompt=job.num_images, layers=job.layers,
-                  cache_threshold=job.cache_threshold, guidance_cutoff=job.guidance_cutoff, callback=callback)
+                  cache_threshold=job.cache_threshold, cache_max_skips=job.cache_max_skips,
+                  guidance_cutoff=job.guidance_cutoff, callback=callback)
     inputs = [load_image(path) for path in job.images]
     init = load_image(job.init_image) if job.init_image else None
     if inputs:

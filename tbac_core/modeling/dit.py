@@ -197,7 +197,7 @@ class LadderDiT(nn.Module):
             first_residual = hidden_states - first_input
             full_step = not step_cache.can_reuse(first_residual)
             if not full_step:
-                hidden_states = step_cache.apply(hidden_states)
+                hidden_states = step_cache.apply(hidden_states, timestep)
                 blocks = []
             else:
                 rest_input = hidden_states
@@ -213,7 +213,7 @@ class LadderDiT(nn.Module):
                 patch_width,
             )
         if step_cache is not None and full_step:
-            step_cache.store(first_residual, hidden_states - rest_input)
+            step_cache.store(first_residual, hidden_states - rest_input, timestep)
         hidden_states = dit.norm_out(hidden_states, embedded_timestep, dit.scale_shift_table)
         hidden_states = dit.proj_out(hidden_states)
         # [B, h*w, p*p*C] -> [B, C, h*p, w*p]

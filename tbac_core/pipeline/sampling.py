@@ -143,7 +143,8 @@ def denoise(
     positive_rows = slice(rows - rows // len(branches), rows)
     guided_steps = guided_step_count(len(timesteps), params.guidance_cutoff)
     positive_kv = [kv.select_rows(positive_rows) for kv in all_branches_kv]
-    step_cache = FirstBlockCache(params.cache_threshold) if params.cache_threshold > 0 else None
+    step_cache = (FirstBlockCache(params.cache_threshold, params.cache_max_skips)
+                  if params.cache_threshold > 0 else None)
 
     latents = latents.to(device=device, dtype=torch.float32)
     if inpaint is not None:

@@ -328,17 +328,19 @@ class TBACPipeline:
         init_image=None,
         denoise: float = DEFAULTS.denoise,
         cache_threshold: float = DEFAULTS.cache_threshold,
+        cache_max_skips: int = DEFAULTS.cache_max_skips,
         guidance_cutoff: float = DEFAULTS.guidance_cutoff,
         callback: StepCallback | None = None,
         check_cancel: Callable[[], None] | None = None,
     ) -> GenerationOutput:
         """Text-to-image; with ``init_image`` (one image, or one per output) image-to-image at ``denoise``.
 
-        ``cache_threshold`` / ``guidance_cutoff``: the opt-in approximate accelerations of
-        ``SamplingParams`` (step caching, guidance truncation); their defaults are off (exact).
+        ``cache_threshold`` (with ``cache_max_skips``) / ``guidance_cutoff``: the opt-in approximate
+        accelerations of ``SamplingParams`` (step caching, guidance truncation); off by default (exact).
         """
         params = SamplingParams(steps, guidance_scale, 1.0, sampler, seed, num_images_per_prompt, denoise,
-                                cache_threshold=cache_threshold, guidance_cutoff=guidance_cutoff)
+                                cache_threshold=cache_threshold, cache_max_skips=cache_max_skips,
+                                guidance_cutoff=guidance_cutoff)
         init_pixels = image_batch(init_image) if init_image is not None else None  # [1 or B, H, W, 3]
         inputs = self.check_inputs(prompt, None, negative_prompt, layers=layers, params=params,
                                    width=width, height=height, init_image=init_pixels)
@@ -365,16 +367,18 @@ class TBACPipeline:
         num_images_per_prompt: int = DEFAULTS.num_images_per_prompt,
         layers="default",
         cache_threshold: float = DEFAULTS.cache_threshold,
+        cache_max_skips: int = DEFAULTS.cache_max_skips,
         guidance_cutoff: float = DEFAULTS.guidance_cutoff,
         callback: StepCallback | None = None,
         check_cancel: Callable[[], None] | None = None,
     ) -> GenerationOutput:
         """Instruction editing: ``images`` is one list of input images per prompt (or one shared list).
 
-        ``cache_threshold`` / ``guidance_cutoff``: as in ``generate`` (off by default).
+        ``cache_threshold`` / ``cache_max_skips`` / ``guidance_cutoff``: as in ``generate`` (off by default).
         """
         params = SamplingParams(steps, guidance_scale, image_guidance_scale, sampler, seed, num_images_per_prompt,
-                                cache_threshold=cache_threshold, guidance_cutoff=guidance_cutoff)
+                                cache_threshold=cache_threshold, cache_max_skips=cache_max_skips,
+                                guidance_cutoff=guidance_cutoff)
         inputs = self.check_inputs(prompt, images, negative_prompt, layers=layers, params=params,
                                    width=width, height=height)
         return self._run(inputs, params, None, callback, check_cancel)

@@ -39,14 +39,17 @@ def _sample(model, cond, **kwargs):
 
 def test_acceleration_inputs_come_last_with_the_library_defaults_and_limits():
     specs = input_specs(generate.TBACSampler)
-    assert [spec.name for spec in specs[-2:]] == ["cache_threshold", "guidance_cutoff"]  # saved widget order kept
-    cache, cutoff = specs[-2:]
+    # Saved widget order kept: each new input comes after the older ones.
+    assert [spec.name for spec in specs[-3:]] == ["cache_threshold", "guidance_cutoff", "cache_max_skips"]
+    cache, cutoff, skips = specs[-3:]
     defaults = params.SamplingParams()
-    assert not cache.required and not cutoff.required  # API prompts saved before them still validate
+    assert not any(spec.required for spec in (cache, cutoff, skips))  # API prompts saved before them still validate
     assert (cache.options["default"], cache.options["min"], cache.options["max"]) == (
         defaults.cache_threshold, 0.0, params.MAX_CACHE_THRESHOLD)
     assert (cutoff.options["default"], cutoff.options["min"], cutoff.options["max"]) == (
         defaults.guidance_cutoff, 0.0, 1.0)
+    assert (skips.options["default"], skips.options["min"], skips.options["max"]) == (
+        defaults.cache_max_skips, 1, params.MAX_CACHE_SKIPS)
 
 
 def test_off_values_are_the_exact_result_and_on_values_skip_work(model, cond):
@@ -65,15 +68,15 @@ def test_off_values_are_the_exact_result_and_on_values_skip_work(model, cond):
     calls = []
     handle = last_block.register_forward_pre_hook(lambda _m, args: calls.append(1))
     try:
-        _sample(model, cond, cache_threshold=params.MAX_CACHE_THRESHOLD)
+        _sample(model, cond, cache_threshold=params.MAX_CACHE_THRESHOLD, cache_max_skips=STEPS - 1)
     finally:
         handle.remove()
-    assert 1 <= len(calls) < STEPS  # the step cache skipped the later blocks on some steps
+    assert len(calls) == 1  # only the first step ran the later blocks: the others were estimated
 
 
 def test_acceleration_values_reach_the_pipeline(model, cond, monkeypatch):
     seen = []
     original = model.pipeline.sample
     monkeypatch.setattr(model.pipeline, "sample", lambda *a, **k: seen.append(k["params"]) or original(*a, **k))
-    _sample(model, cond, cache_threshold=0.07, guidance_cutoff=0.8)
-    assert (seen[0].cache_threshold, seen[0].guidance_cutoff) == (0.07, 0.8)
+    _sample(model, cond, cache_threshold=0.07, guidance_cutoff=0.8, cache_max_skips=3)
+    assert (seen[0].cache_threshold, seen[0].guidance_cutoff, seen[0].cache_max_skips) == (0.07, 0.8, 3)

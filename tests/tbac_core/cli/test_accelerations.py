@@ -29,12 +29,13 @@ class DiTCalls:
 
 def test_acceleration_flags_reach_the_pipeline_and_the_record(pipe, tmp_path, capsys):
     argv = ["generate", "-p", "a red cat", "--steps", str(STEPS), "--seed", "3", "--out", str(tmp_path),
-            "--cache-threshold", "0.5", "--guidance-cutoff", "0.5"]
+            "--cache-threshold", "0.5", "--guidance-cutoff", "0.5", "--cache-max-skips", "3"]
     assert main(argv, pipeline=pipe) == 0
-    expected = pipe.generate("a red cat", steps=STEPS, seed=3, cache_threshold=0.5, guidance_cutoff=0.5).images[0]
+    expected = pipe.generate("a red cat", steps=STEPS, seed=3, cache_threshold=0.5, guidance_cutoff=0.5,
+                             cache_max_skips=3).images[0]
     np.testing.assert_array_equal(pixels(tmp_path / "tbac_3_0.png"), np.asarray(expected))
     record = read_parameters(tmp_path / "tbac_3_0.png")
-    assert (record["cache_threshold"], record["guidance_cutoff"]) == (0.5, 0.5)
+    assert (record["cache_threshold"], record["guidance_cutoff"], record["cache_max_skips"]) == (0.5, 0.5, 3)
 
     # --from-png renders it again with the same accelerations: same pixels, same record.
     again = tmp_path / "again"
@@ -45,14 +46,23 @@ def test_acceleration_flags_reach_the_pipeline_and_the_record(pipe, tmp_path, ca
 
 def test_exact_render_records_no_acceleration(pipe, tmp_path, capsys):
     argv = ["generate", "-p", "a red cat", "--steps", "2", "--out", str(tmp_path), "--guidance-cutoff", "1",
-            "--cache-threshold", "0"]
+            "--cache-threshold", "0", "--cache-max-skips", "4"]
     assert main(argv, pipeline=pipe) == 0
     record = read_parameters(tmp_path / "tbac_0_0.png")
-    assert "cache_threshold" not in record and "guidance_cutoff" not in record  # the off values = exact
+    # The off values = exact; the skip limit means nothing without the cache.
+    assert not {"cache_threshold", "guidance_cutoff", "cache_max_skips"} & set(record)
+
+
+def test_cached_render_records_its_skip_limit_even_at_the_default():
+    from tbac_core.cli.jobs import Job
+
+    assert Job(prompt="x", cache_threshold=0.1).accelerations == {
+        "cache_threshold": 0.1, "cache_max_skips": SamplingParams.cache_max_skips}
 
 
 @pytest.mark.parametrize("flag,value,message", [("--cache-threshold", "2", "cache_threshold must be in 0..1.0"),
-                                                ("--guidance-cutoff", "-0.1", "guidance_cutoff must be a fraction")])
+                                                ("--guidance-cutoff", "-0.1", "guidance_cutoff must be a fraction"),
+                                                ("--cache-max-skips", "0", "cache_max_skips must be an integer in 1..")])
 def test_acceleration_flags_are_checked_before_the_model(flag, value, message, tmp_path, capsys):
     assert main(["generate", "-p", "x", flag, value, "--out", str(tmp_path)]) == 2
     assert message in capsys.readouterr().err

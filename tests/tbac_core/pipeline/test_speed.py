@@ -120,16 +120,47 @@ def test_one_timestep_for_all_rows_is_embedded_once(pipe, conds):
     torch.testing.assert_close(shared, per_row, atol=1e-5, rtol=1e-5)
 
 
-def test_step_cache_skips_blocks(pipe, conds):
+@pytest.mark.parametrize("max_skips,full_steps", [(1, [0, 2, 4]), (2, [0, 3]), (STEPS, [0])])
+def test_step_cache_skips_blocks_at_most_max_skips_steps_in_a_row(pipe, conds, max_skips, full_steps):
     blocks = pipe.model.dit.transformer.transformer_blocks
-    params = SamplingParams(steps=STEPS, cache_threshold=1.0)
-    with _Counter(blocks[0]) as first, _Counter(blocks[-1]) as last:
-        cached = _run(pipe, conds["t2i"], params)
+    params = SamplingParams(steps=STEPS, cache_threshold=1.0, cache_max_skips=max_skips)
+    ran_last_block = []
+    with _Counter(blocks[0]) as first, _Counter(pipe.model.dit) as steps:
+        handle = blocks[-1].register_forward_pre_hook(lambda _m, _a: ran_last_block.append(len(steps.rows) - 1))
+        try:
+            cached = _run(pipe, conds["t2i"], params)
+        finally:
+            handle.remove()
     assert len(first.rows) == STEPS  # block 0 is the probe: it runs at every step
-    assert 1 <= len(last.rows) < STEPS  # the first step is always full, later ones reuse its residual
+    assert ran_last_block == full_steps  # the first step is always full; a full step after max_skips reused ones
     assert torch.isfinite(cached).all()
     exact = _run(pipe, conds["t2i"], SamplingParams(steps=STEPS))
     assert not torch.equal(cached, exact)
+
+
+def test_step_cache_extrapolates_the_residual_in_the_timestep():
+    """A reused step's residual follows the line through the last two full steps' residuals."""
+    from tbac_core.modeling.step_cache import FirstBlockCache
+
+    cache = FirstBlockCache(threshold=0.5, max_skips=2)
+    probe = torch.ones(2, 3, 4)
+    hidden = torch.full((2, 3, 4), 10.0)
+    cache.store(probe, torch.full((2, 3, 4), 1.0), torch.tensor(900.0).expand(2))
+    assert torch.equal(cache.apply(hidden, torch.tensor(800.0).expand(2)), hidden + 1.0)  # one full step: as is
+    cache.store(probe, torch.full((2, 3, 4), 3.0), torch.tensor(700.0).expand(2))
+    assert cache.can_reuse(probe * 1.1)  # changed by 10 % < 50 %
+    # slope (3 - 1) / (700 - 900) per unit of timestep; at 600: 3 + 1 = 4
+    torch.testing.assert_close(cache.apply(hidden, torch.tensor(600.0).expand(2)), hidden + 4.0)
+    assert cache.can_reuse(probe)
+    assert not cache.can_reuse(probe)  # max_skips reached: the next step must run in full
+    assert not cache.can_reuse(probe * 2)  # (and a large change alone also refuses)
+    cache.keep_rows(slice(1, 2))  # guidance truncation keeps the positive row of every reference
+    assert [residual.shape[0] for _t, residual in cache.full_history] == [1, 1]
+    assert cache.first_residual.shape[0] == 1
+    degenerate = FirstBlockCache(threshold=0.5, max_skips=2)
+    for value in (1.0, 3.0):
+        degenerate.store(probe, torch.full((2, 3, 4), value), torch.tensor(700.0).expand(2))
+    assert torch.equal(degenerate.apply(hidden, torch.tensor(600.0).expand(2)), hidden + 3.0)  # no slope, no inf
 
 
 def test_step_cache_tiny_threshold_runs_every_block(pipe, conds):
@@ -162,16 +193,21 @@ def test_guidance_cutoff_zero_is_the_positive_branch_alone(pipe, conds):
 def test_step_cache_survives_guidance_cutoff(pipe, conds):
     """After the cutoff the cache keeps the positive rows' residuals instead of starting over."""
     last_block = pipe.model.dit.transformer.transformer_blocks[-1]
-    params = SamplingParams(steps=STEPS, cache_threshold=1.0, guidance_cutoff=0.5)
-    with _Counter(last_block) as last:
-        result = _run(pipe, conds["t2i"], params)
-    assert last.rows == [2 * conds["t2i"].batch_size]  # only the first step ran the remaining blocks
-    assert torch.isfinite(result).all()
+    batch = conds["t2i"].batch_size
+    for max_skips, expected in ((STEPS, [2 * batch]), (2, [2 * batch, batch])):
+        params = SamplingParams(steps=STEPS, cache_threshold=1.0, guidance_cutoff=0.5, cache_max_skips=max_skips)
+        with _Counter(last_block) as last:
+            result = _run(pipe, conds["t2i"], params)
+        # STEPS: only the first step ran the later blocks; 2: steps 0 (all branches) and 3 (positive rows)
+        assert last.rows == expected
+        assert torch.isfinite(result).all()
 
 
 @pytest.mark.parametrize("field,value", [("cache_threshold", -0.1), ("cache_threshold", 2.0),
                                          ("cache_threshold", float("nan")), ("guidance_cutoff", 1.5),
-                                         ("guidance_cutoff", -0.5), ("guidance_cutoff", "half")])
+                                         ("guidance_cutoff", -0.5), ("guidance_cutoff", "half"),
+                                         ("cache_max_skips", 0), ("cache_max_skips", 11), ("cache_max_skips", 2.5),
+                                         ("cache_max_skips", True)])
 def test_acceleration_fields_validated(field, value):
     with pytest.raises(InvalidParameterError, match=field):
         SamplingParams(**{field: value}).validate()
@@ -227,8 +263,8 @@ def test_generate_and_edit_take_the_accelerations(pipe, conds):
     exact = pipe.generate("a red cat", **common).latents
     assert torch.equal(pipe.generate("a red cat", cache_threshold=0.0, guidance_cutoff=1.0, **common).latents, exact)
     with _Counter(last_block) as last:
-        cached = pipe.generate("a red cat", cache_threshold=1.0, **common).latents
-    assert 1 <= len(last.rows) < STEPS and not torch.equal(cached, exact)
+        cached = pipe.generate("a red cat", cache_threshold=1.0, cache_max_skips=1, **common).latents
+    assert len(last.rows) == STEPS // 2 and not torch.equal(cached, exact)  # every other step is full
     image = Image.new("RGB", (64, 48), (80, 120, 200))
     with _Counter(pipe.model.dit) as dit_calls:
         pipe.edit("make it blue", images=[image], guidance_cutoff=0.5, **common)
@@ -236,6 +272,8 @@ def test_generate_and_edit_take_the_accelerations(pipe, conds):
     assert dit_calls.rows == [3] * guided + [1] * (STEPS - guided)
     with pytest.raises(InvalidParameterError, match="cache_threshold"):
         pipe.generate("a red cat", cache_threshold=5.0, **common)
+    with pytest.raises(InvalidParameterError, match="cache_max_skips"):
+        pipe.generate("a red cat", cache_threshold=0.1, cache_max_skips=0, **common)
 
 
 # -- independent prompts in one batch (the batch command's throughput mode) ------------------------
