@@ -15,6 +15,10 @@ medians of the paired runs and the ratio ours / official. Phases, in one process
 * ``edit``: one instruction edit of one input image (guidance 4.5, image guidance 1.5), called as the
   official ``app.py`` calls the pipeline (``image=[[img]]``).
 
+With ``--accelerated`` our side also runs, in processes of its own (alternating with the others),
+with each given set of the opt-in accelerations: the same phases, their ratio to the official code's
+exact run, and the PSNR of each image against our exact image (the acceleration's image cost).
+
 The three generation phases are timed twice: wall time, and the process's CPU time (with one
 torch thread, what the phase computed; steadier than wall time when other jobs share the machine).
 
@@ -28,6 +32,7 @@ base vocabulary) when they are missing. Our loader never reads them.
 Usage:
     python bench/side_by_side.py --official /work/official [--model medium-bf16] [--dtype bf16]
         [--repeats 3] [--steps 20] [--threads 1] [--sides ours,official] [--out bench/results]
+        [--accelerated "cache_threshold=0.2;cache_threshold=0.2,guidance_cutoff=0.9"]
 Results: a table on stdout and ``results/side-by-side-<model>-<dtype>-<date>.json``.
 """
 from __future__ import annotations
@@ -180,8 +185,13 @@ def _stand_in_for_missing_torchvision() -> None:
 
 
 def run_worker(side: str, checkpoint: Path, official: Path | None, dtype_name: str, steps: int, threads: int,
-               phases: list[str], images_out: Path) -> dict:
-    """Measure ``phases`` for ``side`` in this process; the images go to ``images_out`` (.npy)."""
+               phases: list[str], images_out: Path, acceleration: dict | None = None, label: str | None = None) -> dict:
+    """Measure ``phases`` for ``side`` in this process; the images go to ``images_out`` (.npy).
+
+    ``acceleration``: our opt-in acceleration settings (``generate``/``edit`` keywords) for every
+    generation phase; ``label`` names the images (default: ``side``).
+    """
+    acceleration = acceleration or {}
     start = time.perf_counter()
     import numpy as np
     import torch
@@ -222,9 +232,10 @@ def run_worker(side: str, checkpoint: Path, official: Path | None, dtype_name: s
 
     def ours_call(image=None, caption=PROMPT):
         if image is None:
-            out = pipe.generate(caption, "", steps=steps, guidance_scale=4.5, seed=0)
+            out = pipe.generate(caption, "", steps=steps, guidance_scale=4.5, seed=0, **acceleration)
         else:
-            out = pipe.edit(caption, image[0], "", steps=steps, guidance_scale=4.5, image_guidance_scale=1.5, seed=0)
+            out = pipe.edit(caption, image[0], "", steps=steps, guidance_scale=4.5, image_guidance_scale=1.5, seed=0,
+                            **acceleration)
         return np.asarray(out.images[0])
 
     call = official_call if side == "official" else ours_call
@@ -237,16 +248,19 @@ def run_worker(side: str, checkpoint: Path, official: Path | None, dtype_name: s
             image = call(**kwargs)
         result[f"{phase}_s"] = time.perf_counter() - start
         result[f"{phase}_cpu_s"] = time.process_time() - cpu_start
-        np.save(images_out / f"{side}-{phase}.npy", image)
+        np.save(images_out / f"{label or side}-{phase}.npy", image)
         if phase == "generate":
             result["peak_rss_through_generate"] = _status_kib("VmHWM") * 1024
     return result
 
 
-def spawn_worker(side: str, python: str, args, checkpoint: Path, images_out: Path) -> dict:
+def spawn_worker(side: str, python: str, args, checkpoint: Path, images_out: Path,
+                 acceleration: dict | None = None, label: str | None = None) -> dict:
     command = [python, str(Path(__file__).resolve()), "--worker", side, "--checkpoint", str(checkpoint),
                "--dtype", args.dtype, "--steps", str(args.steps), "--threads", str(args.threads),
                "--phases", ",".join(args.phases), "--images-out", str(images_out)]
+    if acceleration:
+        command += ["--worker-acceleration", json.dumps(acceleration), "--worker-label", label]
     if side == "official":
         command += ["--official", str(args.official)]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1",
@@ -373,6 +387,70 @@ def run_accuracy(args) -> dict:
     return result
 
 
+ACCELERATION_KEYS = {"cache_threshold": float, "cache_max_skips": int, "guidance_cutoff": float}
+ACCELERATED_PHASES = ("generate", "regenerate", "edit")
+
+
+def parse_accelerated(text: str) -> list[dict]:
+    """``"cache_threshold=0.2,cache_max_skips=3;guidance_cutoff=0.9"`` -> one settings dict per set."""
+    configs = []
+    for chunk in (c for c in text.split(";") if c.strip()):
+        config = {}
+        for item in chunk.split(","):
+            key, _, value = item.partition("=")
+            key = key.strip()
+            if key not in ACCELERATION_KEYS or not value.strip():
+                raise ValueError(f"{item.strip()!r}: use key=value with a key of {', '.join(ACCELERATION_KEYS)}")
+            config[key] = ACCELERATION_KEYS[key](value)
+        configs.append(config)
+    return configs
+
+
+def acceleration_label(config: dict) -> str:
+    return " + ".join(f"{key} {value:g}" for key, value in config.items())
+
+
+def summarize_accelerated(runs: dict[str, list[dict]], configs: list[dict], images_dir: Path) -> list[dict]:
+    """Per acceleration set: each phase's median, its ratio to the official exact run and to ours,
+    and the PSNR of its images against our exact images."""
+    rows = []
+    for index, config in enumerate(configs):
+        label = f"ours-accelerated-{index}"
+        row = {"settings": config, "label": acceleration_label(config), "phases": {}}
+        for phase in ACCELERATED_PHASES:
+            for key in (f"{phase}_s", f"{phase}_cpu_s"):
+                values = [run[key] for run in runs[label] if key in run]
+                if not values:
+                    continue
+                entry = {"median": statistics.median(values), "values": values}
+                for side in SIDES:
+                    reference = [run[key] for run in runs.get(side, []) if key in run]
+                    if reference:
+                        entry[f"ratio_to_{side}"] = entry["median"] / statistics.median(reference)
+                row["phases"][key] = entry
+            ours, accelerated = images_dir / f"ours-{phase}.npy", images_dir / f"{label}-{phase}.npy"
+            if ours.is_file() and accelerated.is_file():
+                row["phases"][f"{phase}_image_vs_ours_exact"] = image_difference(accelerated, ours)
+        rows.append(row)
+    return rows
+
+
+def accelerated_markdown(rows: list[dict]) -> str:
+    lines = ["| acceleration | phase | ours accelerated | / official exact | / ours exact | PSNR vs ours exact |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for row in rows:
+        for phase in ACCELERATED_PHASES:
+            entry = row["phases"].get(f"{phase}_s")
+            if entry is None:
+                continue
+            image = row["phases"].get(f"{phase}_image_vs_ours_exact", {})
+            official = f"{entry['ratio_to_official']:.2f}x" if "ratio_to_official" in entry else "-"
+            ours = f"{entry['ratio_to_ours']:.2f}x" if "ratio_to_ours" in entry else "-"
+            lines.append(f"| {row['label']} | {phase} | {entry['median']:.3f} s | {official} | {ours} | "
+                         f"{image.get('psnr_db', float('nan')):.1f} dB |")
+    return "\n".join(lines)
+
+
 def run_benchmark(args) -> dict:
     sides = args.sides
     official = check_official_dir(args.official) if "official" in sides else None
@@ -381,18 +459,22 @@ def run_benchmark(args) -> dict:
         for path in write_official_component_weights(checkpoint):
             print(f"wrote {path} (component weights the official code loads)", flush=True)
     pythons = {"ours": args.python, "official": args.official_python or args.python}
-    runs: dict[str, list[dict]] = {side: [] for side in sides}
+    # (side, acceleration settings, label): the exact sides, then ours with each acceleration set.
+    workers = [(side, None, side) for side in sides] + [
+        ("ours", config, f"ours-accelerated-{index}") for index, config in enumerate(args.accelerated)]
+    runs: dict[str, list[dict]] = {label: [] for _side, _config, label in workers}
     with tempfile.TemporaryDirectory(prefix="side-by-side-") as tmp:
         images = Path(tmp)
         for repeat in range(args.repeats):
-            order = sides if repeat % 2 == 0 else list(reversed(sides))
-            for side in order:
-                result = spawn_worker(side, pythons[side], args, checkpoint, images)
-                runs[side].append(result)
-                print(f"repeat {repeat + 1}/{args.repeats} {side}: " + ", ".join(
+            order = workers if repeat % 2 == 0 else list(reversed(workers))
+            for side, config, label in order:
+                result = spawn_worker(side, pythons[side], args, checkpoint, images, config, label)
+                runs[label].append(result)
+                print(f"repeat {repeat + 1}/{args.repeats} {label}: " + ", ".join(
                     f"{k}={v:.3f}" if k.endswith("_s") else f"{k}={v / 1024**2:.0f}MiB"
                     for k, v in result.items() if isinstance(v, float | int) and k != "torch_threads"), flush=True)
         differences = image_differences(images, args.phases)
+        accelerated = summarize_accelerated(runs, args.accelerated, images)
     import benchutil
 
     table = summarize(runs)
@@ -410,6 +492,7 @@ def run_benchmark(args) -> dict:
         "machine": benchutil.machine_facts(),
         "table": table,
         "image_differences_ours_vs_official": differences,
+        "accelerated": accelerated,
         "runs": runs,
     }
 
@@ -432,7 +515,12 @@ def parse_args(argv=None):
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the JSON (default %(default)s)")
     parser.add_argument("--accuracy", action="store_true",
                         help="instead of timing: both sides in bf16 and float32 once, images against the official float32")
+    parser.add_argument("--accelerated", default="",
+                        help="our side again with these opt-in accelerations, sets separated by ';', each "
+                             "key=value[,key=value] of " + ", ".join(ACCELERATION_KEYS))
     parser.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
+    parser.add_argument("--worker-acceleration", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--worker-label", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--images-out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.sides = [s for s in args.sides.split(",") if s]
@@ -443,6 +531,12 @@ def parse_args(argv=None):
                      f"import (got {', '.join(bad) or 'no import'}).")
     if ("official" in args.sides or args.accuracy) and args.official is None and args.worker is None:
         parser.error("--official PATH is needed to run the official side (or use --sides ours).")
+    try:
+        args.accelerated = parse_accelerated(args.accelerated)
+    except ValueError as exc:
+        parser.error(f"--accelerated: {exc}")
+    if args.accelerated and "ours" not in args.sides:
+        parser.error("--accelerated runs our side: keep ours in --sides.")
     if args.repeats < 1 or args.steps < 1 or args.threads < 1:
         parser.error("--repeats, --steps and --threads must be >= 1.")
     return args
@@ -451,8 +545,9 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.worker:
+        acceleration = json.loads(args.worker_acceleration) if args.worker_acceleration else None
         result = run_worker(args.worker, args.checkpoint, args.official, args.dtype, args.steps, args.threads,
-                            args.phases, args.images_out)
+                            args.phases, args.images_out, acceleration, args.worker_label)
         print(RESULT_MARK + json.dumps(result), flush=True)
         return 0
     try:
@@ -473,6 +568,8 @@ def main(argv=None) -> int:
         print(markdown(report["table"]))
         for phase, diff in report["image_differences_ours_vs_official"].items():
             print(f"{phase} image, ours vs official: {diff}")
+        if report["accelerated"]:
+            print(accelerated_markdown(report["accelerated"]))
         name = f"side-by-side-{Path(report['model']).name}-{args.dtype}-{report['date']}.json"
     import benchutil
 

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Speed of the denoising loop: the exact path against each opt-in acceleration, with its image cost.
 
-For every configuration (exact; First-Block-Cache at each ``--thresholds``; guidance truncation at
-each ``--cutoffs``; both together) it prints the median seconds of a generation (sampling + VAE
+For every configuration (exact; First-Block-Cache at each ``--thresholds`` and ``--max-skips``;
+guidance truncation at each ``--cutoffs``; both together) it prints the median seconds of a generation (sampling + VAE
 decode, the conditioning encoded once beforehand) as wall time and as the process's CPU time (with
 one torch thread the CPU time ignores waits for a core, so it is the stable figure on a shared
 machine), the speed-up over exact (CPU time), the fraction of DiT
@@ -39,13 +39,15 @@ import torch  # noqa: E402
 
 
 
-def configurations(thresholds: list[float], cutoffs: list[float]) -> list[tuple[str, dict]]:
+def configurations(thresholds: list[float], cutoffs: list[float], max_skips: list[int]) -> list[tuple[str, dict]]:
     configs = [("exact", {})]
-    configs += [(f"cache {t:g}", {"cache_threshold": t}) for t in thresholds]
+    configs += [(f"cache {t:g}, max skips {m}", {"cache_threshold": t, "cache_max_skips": m})
+                for m in max_skips for t in thresholds]
     configs += [(f"cutoff {c:g}", {"guidance_cutoff": c}) for c in cutoffs]
     if thresholds and cutoffs:
-        configs.append((f"cache {thresholds[-1]:g} + cutoff {cutoffs[0]:g}",
-                        {"cache_threshold": thresholds[-1], "guidance_cutoff": cutoffs[0]}))
+        configs.append((f"cache {thresholds[-1]:g}, max skips {max_skips[0]} + cutoff {cutoffs[0]:g}",
+                        {"cache_threshold": thresholds[-1], "cache_max_skips": max_skips[0],
+                         "guidance_cutoff": cutoffs[0]}))
     return configs
 
 
@@ -163,6 +165,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--thresholds", default="0.05,0.1,0.2", help="First-Block-Cache thresholds")
     parser.add_argument("--cutoffs", default="0.7,0.5", help="guidance truncation fractions")
+    parser.add_argument("--max-skips", default=None,
+                        help="First-Block-Cache's most skipped steps in a row, each with every threshold "
+                             "(default: SamplingParams' default)")
     parser.add_argument("--throughput", type=int, default=0,
                         help="also time this many prompts one by one against one batch (0: skip)")
     parser.add_argument("--out", type=Path, default=None)
@@ -186,7 +191,8 @@ def main(argv=None) -> dict:
     rows, exact, exact_score_images = [], None, None
     thresholds = [float(v) for v in args.thresholds.split(",") if v]
     cutoffs = [float(v) for v in args.cutoffs.split(",") if v]
-    for name, extra in configurations(thresholds, cutoffs):
+    max_skips = [int(v) for v in (args.max_skips or str(SamplingParams.cache_max_skips)).split(",") if v]
+    for name, extra in configurations(thresholds, cutoffs, max_skips):
         sampling = {**base, **extra}
         result = measure(pipe, cond, sampling, width, height, args.repeats)
         if exact is None:

@@ -56,6 +56,8 @@ def test_wrong_official_folder_is_refused_clearly(tmp_path):
     assert done.returncode == 2 and "no such folder" in done.stderr
     done = run("--out", tmp_path, timeout=120)
     assert done.returncode == 2 and "--official PATH is needed" in done.stderr
+    done = run("--sides", "ours", "--accelerated", "cache=0.2", "--out", tmp_path, timeout=120)
+    assert done.returncode == 2 and "--accelerated: 'cache=0.2': use key=value with a key of" in done.stderr
 
 
 def stand_in_official_and_models(tmp_path: Path, fixture_root: Path) -> tuple[Path, Path]:
@@ -76,7 +78,7 @@ def test_paired_run_with_a_stand_in_official(tmp_path, fixture_root):
     official, models = stand_in_official_and_models(tmp_path, fixture_root)
     out = tmp_path / "results"
     done = run("--official", official, "--checkpoint", models / "checkpoint", "--dtype", "fp32", "--repeats", "2",
-               "--steps", "2", "--out", out)
+               "--steps", "3", "--out", out, "--accelerated", "cache_threshold=1,cache_max_skips=2")
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     assert "| phase | ours (median) | official (median) | ours / official |" in done.stdout
     report = json.loads(next(out.glob("side-by-side-checkpoint-fp32-*.json")).read_text())
@@ -87,6 +89,15 @@ def test_paired_run_with_a_stand_in_official(tmp_path, fixture_root):
         assert len(table[key]["pair_ratios"]) == 2
         assert abs(table[key]["ratio"] - table[key]["ours"]["median"] / table[key]["official"]["median"]) < 1e-9
     assert set(report["image_differences_ours_vs_official"]) == {"generate", "edit"}
+    # Ours again with the acceleration: its own processes, ratios to both exact runs, its image cost.
+    assert len(report["runs"]["ours-accelerated-0"]) == 2
+    (accelerated,) = report["accelerated"]
+    assert accelerated["settings"] == {"cache_threshold": 1.0, "cache_max_skips": 2}
+    for phase in ("generate", "regenerate", "edit"):
+        timing = accelerated["phases"][f"{phase}_s"]
+        assert timing["ratio_to_official"] > 0 and timing["ratio_to_ours"] > 0
+        assert 0 < accelerated["phases"][f"{phase}_image_vs_ours_exact"]["psnr_db"] < float("inf")  # it skipped work
+    assert "| cache_threshold 1 + cache_max_skips 2 | generate |" in done.stdout
     # The component weights the official code loads were written from the checkpoint, embedding cut.
     qwen = models / "tiny-Qwen2.5-VL-Instruct"
     vocab = json.loads((qwen / "config.json").read_text())["vocab_size"]
