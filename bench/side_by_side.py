@@ -531,6 +531,8 @@ def parse_args(argv=None):
                      f"import (got {', '.join(bad) or 'no import'}).")
     if ("official" in args.sides or args.accuracy) and args.official is None and args.worker is None:
         parser.error("--official PATH is needed to run the official side (or use --sides ours).")
+    if args.checkpoint is not None:
+        args.checkpoint = args.checkpoint.resolve()  # the official worker changes its directory
     try:
         args.accelerated = parse_accelerated(args.accelerated)
     except ValueError as exc:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -26,6 +27,8 @@ class _Output:
 class TBACUniImagePipeline:
     @classmethod
     def from_pretrained(cls, path, ignore_mismatched_sizes, _gradient_checkpointing, torch_dtype):
+        import os
+        assert os.path.isfile(os.path.join(path, "config.json")), path  # found from the official worker's directory
         assert ignore_mismatched_sizes is True and _gradient_checkpointing is False
         assert torch_dtype in (torch.bfloat16, torch.float32)
         return cls()
@@ -77,7 +80,9 @@ def stand_in_official_and_models(tmp_path: Path, fixture_root: Path) -> tuple[Pa
 def test_paired_run_with_a_stand_in_official(tmp_path, fixture_root):
     official, models = stand_in_official_and_models(tmp_path, fixture_root)
     out = tmp_path / "results"
-    done = run("--official", official, "--checkpoint", models / "checkpoint", "--dtype", "fp32", "--repeats", "2",
+    # A relative checkpoint path: the official worker changes its directory, so it must be resolved first.
+    relative = os.path.relpath(models / "checkpoint", ROOT)
+    done = run("--official", official, "--checkpoint", relative, "--dtype", "fp32", "--repeats", "2",
                "--steps", "3", "--out", out, "--accelerated", "cache_threshold=1,cache_max_skips=2")
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     assert "| phase | ours (median) | official (median) | ours / official |" in done.stdout
