@@ -20,7 +20,7 @@ MAX_BATCH = 64  # images per DiT call (prompts x num_images_per_prompt)
 DEFAULT_IMAGE_SIZE = 512  # TBAC-UniImage-3B's trained size; a checkpoint's config may say otherwise
 SIZE_STEP = 32  # TBAC-UniImage-3B's latent factor; every model's factor divides it
 MAX_GUIDANCE_UI = 30.0  # upper end of the guidance sliders (the library takes any finite value)
-MAX_CACHE_THRESHOLD = 1.0  # First-Block-Cache relative L1 change; above ~0.3 nearly every step is reused
+MAX_CACHE_THRESHOLD = 1.0  # First-Block-Cache relative L1 change; above ~0.3 every step the skip limit allows is skipped
 MAX_CACHE_SKIPS = 10  # First-Block-Cache: most steps in a row estimated without running blocks 1..
 
 # -- memory and precision ----------------------------------------------------------------------------
