@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import re
@@ -83,6 +84,12 @@ def timed(store: list, device="cpu"):
     yield
     synchronize(device)
     store.append(time.perf_counter() - start)
+
+
+def psnr(images: torch.Tensor, reference: torch.Tensor) -> float:
+    """PSNR in dB of images in 0..1 against the reference (inf when identical)."""
+    mse = float(((images.float() - reference.float()) ** 2).mean())
+    return math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
 
 
 def summary(values: list[float]) -> dict:

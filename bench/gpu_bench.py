@@ -38,10 +38,12 @@ for path in (str(REPO), str(BENCH)):
         sys.path.insert(0, path)
 
 import itertools
+import statistics
 
 import benchutil as bu
 import make_random_checkpoint as mrc
 import torch
+from accelerations import acceleration_label, parse_accelerated
 
 # Parity tolerances: max abs difference against fp32 on the CPU (tiny fixture, golden t2i case,
 # 8 steps, latents std ~1.7, images in 0..1). bf16 keeps 8 mantissa bits (relative step 2^-8);
@@ -93,8 +95,12 @@ def release(device: torch.device) -> None:
 
 
 # -- speed -------------------------------------------------------------------------------------------
-def run_generation(pipe, batch: int, size: int, steps: int, guidance: float, seed: int, device) -> dict:
-    """encode -> sample -> decode as ``pipe.generate`` does, each part timed (device synchronised)."""
+def run_generation(pipe, batch: int, size: int, steps: int, guidance: float, seed: int, device,
+                   acceleration: dict | None = None) -> dict:
+    """encode -> sample -> decode as ``pipe.generate`` does, each part timed (device synchronised).
+
+    ``acceleration``: opt-in acceleration settings of ``SamplingParams`` (none: the exact path).
+    """
     from tbac_core.params import SamplingParams
 
     encode, sample, decode = [], [], []
@@ -111,7 +117,7 @@ def run_generation(pipe, batch: int, size: int, steps: int, guidance: float, see
     peak_encode = peak_memory(device)
     # Sampling + decode peak on its own: with offload-mllm the MLLM has left the device by now.
     peak_memory_reset(device)
-    params = SamplingParams(steps=steps, guidance_scale=guidance, seed=seed)
+    params = SamplingParams(steps=steps, guidance_scale=guidance, seed=seed, **(acceleration or {}))
     with bu.timed(sample, device):
         latents = pipe.sample(cond, width=size, height=size, params=params, callback=on_step)
     with bu.timed(decode, device):
@@ -121,7 +127,7 @@ def run_generation(pipe, batch: int, size: int, steps: int, guidance: float, see
         raise RuntimeError(f"non-finite images at batch {batch}: the benchmark would time garbage")
     return {"encode": encode[0], "sample": sample[0], "decode": decode[0],
             "steps": [b - a for a, b in itertools.pairwise(stamps)], "images": images.shape[0],
-            "peak_encode": peak_encode, "peak_sampling": peak_sampling}
+            "first_image": images[0].float().cpu(), "peak_encode": peak_encode, "peak_sampling": peak_sampling}
 
 
 def bench_mode(model, mode: str, device, batches: list[int], size: int, steps: int, guidance: float,
@@ -153,6 +159,34 @@ def bench_mode(model, mode: str, device, batches: list[int], size: int, steps: i
         release(device)
     del pipe
     return results
+
+
+def bench_accelerated(model, device, size: int, steps: int, guidance: float, repeats: int, warmup_steps: int,
+                      configs: list[dict]) -> dict:
+    """Batch 1 in memory mode ``full``: the exact path, then each acceleration set on the same seeds.
+
+    Per set: seconds per image (median), its speed-up over the exact path, and the PSNR of each
+    image against the exact image of the same seed (the acceleration's image cost).
+    """
+    from tbac_core import TBACPipeline
+
+    pipe = TBACPipeline(model, memory="full", device=device, cache_size=0)
+    if warmup_steps > 0:
+        run_generation(pipe, 1, size, warmup_steps, guidance, 0, device)
+    exact = [run_generation(pipe, 1, size, steps, guidance, seed, device) for seed in range(repeats)]
+    exact_seconds = statistics.median(r["encode"] + r["sample"] + r["decode"] for r in exact)
+    rows = {"exact": {"settings": {}, "seconds_per_image": exact_seconds, "speedup": 1.0}}
+    for config in configs:
+        runs = [run_generation(pipe, 1, size, steps, guidance, seed, device, config) for seed in range(repeats)]
+        seconds = statistics.median(r["encode"] + r["sample"] + r["decode"] for r in runs)
+        rows[acceleration_label(config)] = {
+            "settings": config, "seconds_per_image": seconds, "speedup": exact_seconds / seconds,
+            "step_seconds": bu.summary([s for r in runs for s in r["steps"]]),
+            "psnr_db_vs_exact": [bu.psnr(r["first_image"], e["first_image"]) for r, e in zip(runs, exact)],
+        }
+    del pipe
+    release(device)
+    return rows
 
 
 # -- parity ------------------------------------------------------------------------------------------
@@ -238,6 +272,12 @@ def table(result: dict) -> str:
              f"medians of {s['repeats']} runs"),
              bu.markdown_table(["memory mode", "batch", "s/image", "encode s", "step ms", "decode s",
                                 f"peak {memory} encode", f"peak {memory} sample+decode", f"{memory} at rest"], rows)]
+    if result.get("accelerated"):
+        arow = [[name, f"{row['seconds_per_image']:.3f}", f"{row['speedup']:.2f}x",
+                 "-" if name == "exact" else f"{min(row['psnr_db_vs_exact']):.1f}"]
+                for name, row in result["accelerated"].items()]
+        lines += ["", "opt-in accelerations, memory mode full, batch 1:",
+                  bu.markdown_table(["setting", "s/image", "speed-up", "PSNR vs exact (min, dB)"], arow)]
     if result.get("parity"):
         p = result["parity"]
         lines += ["", (f"parity ({p['case']}), reference {p['reference']}: vs golden latents max abs "
@@ -275,6 +315,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--modes", default="full,offload-mllm")
     parser.add_argument("--weights", default="fp8,q8_0",
                         help="quantised weight formats also run in full mode (comma list; '' for none)")
+    parser.add_argument("--accelerated", default="cache_threshold=0.1;cache_threshold=0.2",
+                        help="opt-in acceleration sets timed at batch 1 against the exact path, ';' between sets, "
+                             "each key=value[,key=value] ('' for none)")
     parser.add_argument("--compile", action="store_true", help="also pass compile_dit (torch.compile of DiT blocks)")
     parser.add_argument("--fixtures", type=Path, default=mrc.DEFAULT_FIXTURES)
     parser.add_argument("--skip-parity", action="store_true")
@@ -296,6 +339,10 @@ def main(argv=None) -> dict:
     modes = [m for m in args.modes.split(",") if m]
     from tbac_core.params import QUANTIZATION_FORMATS
 
+    try:
+        accelerated = parse_accelerated(args.accelerated)
+    except ValueError as exc:
+        parser.error(f"--accelerated: {exc}")
     weight_formats = [w for w in args.weights.split(",") if w]
     if set(weight_formats) - set(QUANTIZATION_FORMATS):
         parser.error(f"--weights: choose from {', '.join(QUANTIZATION_FORMATS)}")
@@ -322,7 +369,7 @@ def main(argv=None) -> dict:
                   "dit_bytes": bu.tensor_bytes(model.dit), "vae_bytes": bu.tensor_bytes(model.vae)},
         "settings": {"size": image_size, "steps": steps, "guidance_scale": args.guidance, "sampler": "dpm++",
                      "dtype": args.dtype, "batches": batches, "repeats": repeats, "modes": modes,
-                     "compile_dit": args.compile, "quantized_weights": weight_formats,
+                     "compile_dit": args.compile, "quantized_weights": weight_formats, "accelerated": accelerated,
                      "prompts": "distinct prompts, one image each",
                      "mllm_tokens_per_row": _tokens_per_row(model)},
         "speed": {},
@@ -330,6 +377,9 @@ def main(argv=None) -> dict:
     for mode in modes:
         result["speed"][mode] = bench_mode(model, mode, device, batches, image_size, steps, args.guidance,
                                            repeats, args.warmup_steps)
+    if accelerated:
+        result["accelerated"] = bench_accelerated(model, device, image_size, steps, args.guidance, repeats,
+                                                  args.warmup_steps, accelerated)
     del model
     release(device)
     result["quantized"] = {}

@@ -53,6 +53,7 @@ BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 if str(BENCH) not in sys.path:  # prompts, and lazily benchutil / make_random_checkpoint
     sys.path.insert(0, str(BENCH))
+from accelerations import ACCELERATION_KEYS, acceleration_label, parse_accelerated  # noqa: E402 - no imports either
 from prompts import EDIT_PROMPT, PROMPT  # noqa: E402 - a module without imports (timing starts later)
 RESULTS = BENCH / "results"
 MODELS = BENCH / "models"
@@ -387,27 +388,7 @@ def run_accuracy(args) -> dict:
     return result
 
 
-ACCELERATION_KEYS = {"cache_threshold": float, "cache_max_skips": int, "guidance_cutoff": float}
 ACCELERATED_PHASES = ("generate", "regenerate", "edit")
-
-
-def parse_accelerated(text: str) -> list[dict]:
-    """``"cache_threshold=0.2,cache_max_skips=3;guidance_cutoff=0.9"`` -> one settings dict per set."""
-    configs = []
-    for chunk in (c for c in text.split(";") if c.strip()):
-        config = {}
-        for item in chunk.split(","):
-            key, _, value = item.partition("=")
-            key = key.strip()
-            if key not in ACCELERATION_KEYS or not value.strip():
-                raise ValueError(f"{item.strip()!r}: use key=value with a key of {', '.join(ACCELERATION_KEYS)}")
-            config[key] = ACCELERATION_KEYS[key](value)
-        configs.append(config)
-    return configs
-
-
-def acceleration_label(config: dict) -> str:
-    return " + ".join(f"{key} {value:g}" for key, value in config.items())
 
 
 def summarize_accelerated(runs: dict[str, list[dict]], configs: list[dict], images_dir: Path) -> list[dict]:

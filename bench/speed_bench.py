@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import math
 import statistics
 import sys
 import time
@@ -49,12 +48,6 @@ def configurations(thresholds: list[float], cutoffs: list[float], max_skips: lis
                         {"cache_threshold": thresholds[-1], "cache_max_skips": max_skips[0],
                          "guidance_cutoff": cutoffs[0]}))
     return configs
-
-
-def psnr(images: torch.Tensor, reference: torch.Tensor) -> float:
-    """PSNR in dB of images in 0..1 [B, H, W, 3] against the reference (inf when identical)."""
-    mse = float(((images.float() - reference.float()) ** 2).mean())
-    return math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
 
 
 class BlockCounter:
@@ -122,7 +115,7 @@ def measure_throughput(pipe, sampling: dict, width: int, height: int, count: int
     together_seconds = time.process_time() - start
     return {"prompts": count, "alone_cpu_seconds": round(alone_seconds, 3),
             "together_cpu_seconds": round(together_seconds, 3),
-            "speedup": round(alone_seconds / together_seconds, 3), "psnr_db": round(psnr(together, alone), 2)}
+            "speedup": round(alone_seconds / together_seconds, 3), "psnr_db": round(bu.psnr(together, alone), 2)}
 
 
 def demo_score(pipe, sampling: dict) -> dict:
@@ -202,12 +195,12 @@ def main(argv=None) -> dict:
                "all_cpu_seconds": [round(s, 4) for s in result["all_cpu_seconds"]],
                "speedup": round(exact["cpu_seconds"] / result["cpu_seconds"], 3),
                "blocks_run_fraction": round(result["blocks_run_fraction"], 3),
-               "psnr_db": round(psnr(result["images"], exact["images"]), 2)}
+               "psnr_db": round(bu.psnr(result["images"], exact["images"]), 2)}
         if is_demo:
             score = demo_score(pipe, sampling)
             exact_score_images = exact_score_images if exact_score_images is not None else score["images"]
             row["demo_colour_score"] = f"{score['matched']}/{score['total']}"
-            row["demo_psnr_db"] = round(psnr(score["images"], exact_score_images), 2)
+            row["demo_psnr_db"] = round(bu.psnr(score["images"], exact_score_images), 2)
         rows.append(row)
         print(row, flush=True)
 

@@ -25,7 +25,7 @@ def test_gpu_bench_smoke_runs_and_reports(tmp_path, fixture_root):
     out = tmp_path / "smoke.json"
     done = subprocess.run(
         [sys.executable, str(BENCH / "gpu_bench.py"), "--smoke", "--threads", "1", "--out", str(out),
-         "--fixtures", str(fixture_root.parent)],
+         "--fixtures", str(fixture_root.parent), "--accelerated", "cache_threshold=1,cache_max_skips=1"],
         capture_output=True, text=True, timeout=600, check=False,
     )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
@@ -49,6 +49,14 @@ def test_gpu_bench_smoke_runs_and_reports(tmp_path, fixture_root):
         for batch_stats in stats["batches"].values():
             assert batch_stats["seconds_per_image"]["median"] > 0
     assert "| full, q8_0 weights | 1 |" in done.stdout
+    # The acceleration set ran at batch 1 against the exact path, on the same seeds: its second step was
+    # estimated, so every image differs from the exact one (a finite PSNR).
+    accelerated = result["accelerated"]
+    assert set(accelerated) == {"exact", "cache_threshold 1 + cache_max_skips 1"}
+    row = accelerated["cache_threshold 1 + cache_max_skips 1"]
+    assert row["settings"] == {"cache_threshold": 1.0, "cache_max_skips": 1} and row["seconds_per_image"] > 0
+    assert row["psnr_db_vs_exact"] and all(0 < p < float("inf") for p in row["psnr_db_vs_exact"])
+    assert "| cache_threshold 1 + cache_max_skips 1 |" in done.stdout
     parity = result["parity"]
     assert parity["golden_ok"] and parity["reference_vs_golden_latents_max_abs"] <= 1e-4
     bf16 = parity["compared"]["bf16 on cpu"]
@@ -170,3 +178,24 @@ def test_cpu_real_bench_phases_edit_and_understand_with_the_real_vocabulary(tmp_
     assert runs[1]["weights_bytes"] < runs[0]["weights_bytes"]
     table = crb.tables({"architecture": spec.name, "runs": runs, "quantize": [quantized], "load_check": check})
     assert "| understand 8 tokens |" in table and "| q8_0 |" in table
+
+
+def test_speed_bench_reports_each_acceleration_against_the_exact_run(tmp_path, fixture_root):
+    import speed_bench
+
+    out = tmp_path / "speed.json"
+    result = speed_bench.main(["--model", str(fixture_root / "checkpoint"), "--steps", "4", "--repeats", "1",
+                               "--thresholds", "1", "--max-skips", "1,3", "--cutoffs", "0.5", "--out", str(out)])
+    rows = {row["config"]: row for row in result["rows"]}
+    assert set(rows) == {"exact", "cache 1, max skips 1", "cache 1, max skips 3", "cutoff 0.5",
+                         "cache 1, max skips 1 + cutoff 0.5"}
+    assert rows["exact"]["blocks_run_fraction"] == 1.0 and rows["exact"]["psnr_db"] == float("inf")
+    # Threshold 1 skips whatever the limit allows: 4 steps run blocks 1.. at steps 0 and 2 (1 skip in a
+    # row) or at step 0 alone (3 skips); block 0, the probe, runs at every step.
+    blocks = json.loads((fixture_root / "tiny-Sana_diffusers" / "transformer" / "config.json").read_text())["num_layers"]
+    for name, full_steps in (("cache 1, max skips 1", 2), ("cache 1, max skips 3", 1)):
+        expected = (4 + full_steps * (blocks - 1)) / (4 * blocks)
+        assert rows[name]["blocks_run_fraction"] == pytest.approx(expected, abs=1e-3), name
+        assert rows[name]["psnr_db"] < float("inf"), name
+    assert rows["cutoff 0.5"]["blocks_run_fraction"] == 1.0 and rows["cutoff 0.5"]["psnr_db"] < float("inf")
+    assert json.loads(out.read_text())["rows"] == result["rows"]
