@@ -20,7 +20,7 @@ MAX_BATCH = 64  # images per DiT call (prompts x num_images_per_prompt)
 DEFAULT_IMAGE_SIZE = 512  # TBAC-UniImage-3B's trained size; a checkpoint's config may say otherwise
 SIZE_STEP = 32  # TBAC-UniImage-3B's latent factor; every model's factor divides it
 MAX_GUIDANCE_UI = 30.0  # upper end of the guidance sliders (the library takes any finite value)
-MAX_CACHE_THRESHOLD = 1.0  # First-Block-Cache relative L1 change; above ~0.3 every step the skip limit allows is skipped
+MAX_CACHE_THRESHOLD = 1.0  # First-Block-Cache relative L1 change; above ~0.3 every step the limit allows is skipped
 MAX_CACHE_SKIPS = 10  # First-Block-Cache: most steps in a row estimated without running blocks 1..
 
 # -- memory and precision ----------------------------------------------------------------------------
@@ -59,7 +59,7 @@ class SamplingParams:
     num_images_per_prompt: int = 1
     denoise: float = 1.0  # < 1 with init latents: image-to-image
     # Opt-in accelerations (approximate; the defaults are off and give the exact result).
-    cache_threshold: float = 0.0  # First-Block-Cache: reuse the DiT's residual below this change; 0 = off
+    cache_threshold: float = 0.0  # First-Block-Cache: skip blocks 1.. below this change of block 0; 0 = off
     cache_max_skips: int = 2  # with the cache on: at most this many steps in a row skip blocks 1..
     guidance_cutoff: float = 1.0  # fraction of steps with every guidance branch, then positive only; 1 = off
 
@@ -75,7 +75,7 @@ class SamplingParams:
             raise InvalidParameterError(f"denoise must be in (0, 1], got {self.denoise}.")
         if not 0.0 <= self.cache_threshold <= MAX_CACHE_THRESHOLD:
             raise InvalidParameterError(
-                f"cache_threshold must be in 0..{MAX_CACHE_THRESHOLD} (0 = off, e.g. 0.05-0.1 for a "
+                f"cache_threshold must be in 0..{MAX_CACHE_THRESHOLD} (0 = off, e.g. 0.1-0.2 for a "
                 f"speed-up), got {self.cache_threshold}."
             )
         if not _is_int(self.cache_max_skips) or not 1 <= self.cache_max_skips <= MAX_CACHE_SKIPS:

@@ -79,7 +79,8 @@ FIELDS: dict[str, Field] = {
                      f"{DEFAULT_IMG2IMG_DENOISE} with --init-image); lower keeps more of the image."),
     "cache_threshold": Field(float, ("--cache-threshold",), f"Opt-in step caching (approximate): skip the DiT's "
                              f"blocks after the first when its output changed less than this since the last full "
-                             f"step (their change is extrapolated from the last two full steps); 0..{MAX_CACHE_THRESHOLD} (default {_SAMPLING.cache_threshold:g} = off, exact; "
+                             f"step (their change is extrapolated from the last two full steps); "
+                             f"0..{MAX_CACHE_THRESHOLD} (default {_SAMPLING.cache_threshold:g} = off, exact; "
                              f"README 'Speed' lists the measured speed-up and image cost)."),
     "cache_max_skips": Field(int, ("--cache-max-skips",), f"With --cache-threshold: at most this many steps in a "
                              f"row skip those blocks before a full step runs again; 1..{MAX_CACHE_SKIPS} (default "
