@@ -57,3 +57,18 @@ def test_pip_install_gives_importable_libraries_outside_the_repository(tmp_path)
     help_run = subprocess.run([sys.executable, "-m", "comfy_queue", "--help"], capture_output=True, text=True,
                               timeout=120, env=env, cwd=outside)
     assert help_run.returncode == 0 and "usage" in help_run.stdout
+
+
+def test_tests_run_from_a_clone_whose_folder_is_no_package_name(tmp_path):
+    """``git clone`` names the folder after the repository (``TBAC-UniImage-...``, not a package name);
+    pytest then imports the entry ``__init__.py`` without a package, which must not fail. ComfyUI always
+    imports it as a package and gets the entry point."""
+    clone = tmp_path / "TBAC-UniImage-ComfyUI"
+    (clone / "tests").mkdir(parents=True)
+    shutil.copy(ROOT / "__init__.py", clone / "__init__.py")
+    shutil.copy(ROOT / "pytest.ini", clone / "pytest.ini")
+    (clone / "tests" / "test_one.py").write_text("def test_one():\n    assert True\n")
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"], cwd=clone,
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    assert "1 passed" in done.stdout
