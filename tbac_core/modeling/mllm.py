@@ -166,18 +166,21 @@ def metaquery_rung_states(
     image_token_id: int,
     check_cancel=None,
     grad_enabled: bool = False,
+    seen_images: list | None = None,
 ) -> torch.Tensor:
     """Run the MLLM and return hidden states at ``positions`` for ``rungs`` -> [len(rungs), B, N, H].
 
     The forward stops right after the deepest requested rung: the layers above it, the final norm
     and the LM head are never computed, and no full-sequence hidden states are kept.
     ``grad_enabled``: build the autograd graph (training the metaquery rows); inference leaves it off.
+    ``seen_images``: see ``image_features``; pass one list to several calls to share their images.
     """
     with torch.set_grad_enabled(grad_enabled):
-        return _metaquery_rung_states(model, inputs, positions, rungs, image_token_id, check_cancel)
+        return _metaquery_rung_states(model, inputs, positions, rungs, image_token_id, check_cancel, seen_images)
 
 
-def _metaquery_rung_states(model, inputs, positions, rungs, image_token_id, check_cancel) -> torch.Tensor:
+def _metaquery_rung_states(model, inputs, positions, rungs, image_token_id, check_cancel,
+                           seen_images=None) -> torch.Tensor:
     device = model.device  # the first parameter's: resident under partial loading (see layer_offload)
     input_ids = inputs["input_ids"].to(device)
     attention_mask = inputs["attention_mask"].to(device)
@@ -187,7 +190,7 @@ def _metaquery_rung_states(model, inputs, positions, rungs, image_token_id, chec
     inputs_embeds = model.get_input_embeddings()(input_ids)  # [B, S, H]
     pixel_values = inputs.get("pixel_values")
     if pixel_values is not None:
-        features = image_features(model, pixel_values, grid, check_cancel)  # [image tokens, H]
+        features = image_features(model, pixel_values, grid, check_cancel, seen_images)  # [image tokens, H]
         image_slots = (input_ids == image_token_id).unsqueeze(-1)  # [B, S, 1]
         if int(image_slots.sum()) != features.shape[0]:  # as transformers checks its own scatter
             raise RuntimeError(f"{int(image_slots.sum())} image tokens but {features.shape[0]} image features; "
@@ -207,7 +210,8 @@ def _metaquery_rung_states(model, inputs, positions, rungs, image_token_id, chec
     return torch.stack([store[r] for r in rungs], dim=0)
 
 
-def image_features(model, pixel_values: torch.Tensor, grid_thw: torch.Tensor, check_cancel=None) -> torch.Tensor:
+def image_features(model, pixel_values: torch.Tensor, grid_thw: torch.Tensor, check_cancel=None,
+                   seen_images: list | None = None) -> torch.Tensor:
     """The vision tower's merged features of a batch of images, each distinct image computed once.
 
     ``pixel_values`` [sum of patches, C * T * P * P] and ``grid_thw`` [images, 3] as the image
@@ -216,11 +220,13 @@ def image_features(model, pixel_values: torch.Tensor, grid_thw: torch.Tensor, ch
     so its features are computed once and reused. Each distinct image runs alone: transformers 4.5x's
     SDPA vision attention masks one [patches, patches] matrix over all images of a call, a cost that
     grows with the square of the image count (5.x splits the call per image itself).
+    ``seen_images``: the (patches, features) pairs already computed, extended here; one list shared
+    by several calls (the row groups of one encode) computes each image once across all of them.
     """
     visual = vision_tower(model)
     device = model.device
     patch_counts = grid_thw.prod(-1).tolist()
-    distinct: list[tuple[torch.Tensor, torch.Tensor]] = []  # (patches, features) per distinct image
+    distinct = [] if seen_images is None else seen_images  # (patches, features) per distinct image
     features = []
     for patches, grid in zip(pixel_values.split(patch_counts), grid_thw.split(1)):
         known = next((f for p, f in distinct if p.shape == patches.shape and torch.equal(p, patches)), None)

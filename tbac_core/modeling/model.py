@@ -6,6 +6,7 @@ does not depend on the checkpoint format).
 from __future__ import annotations
 
 import threading
+from collections.abc import MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from ..processing.prompt_layout import (
     metaquery_positions,
     metaquery_suffix,
 )
+from ..processing.images import image_fingerprint
 from ..processing.prompting import PromptBuilder
 from .dit import LadderDiT
 from .mllm import metaquery_rung_states
@@ -91,6 +93,7 @@ class TBACModel:
         keep_all_rungs: bool = False,
         check_cancel=None,
         block_rungs: list[int] | None = None,
+        guidance_row_cache: MutableMapping | None = None,
     ) -> LadderConditioning:
         """Encode prompts (and input images for editing) into a ``LadderConditioning``.
 
@@ -99,6 +102,7 @@ class TBACModel:
         ``layers``: a layer spec or one rung per DiT block; ``block_rungs``: the same, already
         resolved (``layers`` is then only the label). The MLLM stops after the deepest rung needed
         unless ``keep_all_rungs``. ``check_cancel()`` runs at every decoder layer and may raise.
+        ``guidance_row_cache``: keeps the guidance rows' states across encodes (see ``_rung_states``).
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
@@ -108,7 +112,8 @@ class TBACModel:
         deepest = self.identity.num_rungs - 1 if keep_all_rungs else max(block_rungs)
 
         rows = conditioning_rows(self.prompts, prompts, images, negative_prompt)
-        states = self._rung_states(rows, deepest, check_cancel)  # [rungs, rows, N, H]
+        guidance_rows = len(rows) - len(prompts)  # the negative branches come first
+        states = self._rung_states(rows, guidance_rows, deepest, check_cancel, guidance_row_cache)  # [rungs, rows, N, H]
         batch = len(prompts)
         if images is None:
             source = RungSource(states[:, 1:], states[:, :1], None, tuple(prompts), negative_prompt)
@@ -123,10 +128,39 @@ class TBACModel:
             )
         return LadderConditioning.from_source(source, block_rungs, self.identity, layers=str(layers))
 
-    def _rung_states(self, rows: list[tuple[str, list]], deepest: int, check_cancel=None) -> torch.Tensor:
+    def _rung_states(self, rows: list[tuple[str, list]], guidance_rows: int, deepest: int, check_cancel=None,
+                     guidance_row_cache: MutableMapping | None = None) -> torch.Tensor:
+        """The MLLM states of ``rows`` at rungs 0..``deepest`` -> [rungs, rows, N, H].
+
+        The first ``guidance_rows`` rows (negative prompt, with the black or the input images) are
+        each encoded alone, so their states depend on that row only: a new prompt with the same
+        negative prompt and images finds them in ``guidance_row_cache`` (keyed by text, image
+        content and depth) and only its own rows run through the MLLM. The prompt rows are encoded
+        as one batch. One image list is shared by every call, so each distinct image still goes
+        through the vision tower once per encode.
+        """
+        seen_images: list = []
+        this_encode: dict = {}  # rows repeated within this encode (prompts sharing their images) run once
+        guidance = []
+        for text, images in rows[:guidance_rows]:
+            key = (text, tuple(image_fingerprint(image) for image in images), deepest)
+            if key in this_encode:
+                states = this_encode[key]
+            elif guidance_row_cache is not None and key in guidance_row_cache:
+                states = guidance_row_cache[key]
+            else:
+                states = self._run_rows([(text, images)], deepest, check_cancel, seen_images)  # [rungs, 1, N, H]
+                if guidance_row_cache is not None:
+                    guidance_row_cache[key] = states
+            this_encode[key] = states
+            guidance.append(states)
+        prompt_rows = self._run_rows(rows[guidance_rows:], deepest, check_cancel, seen_images)
+        return torch.cat([*guidance, prompt_rows], dim=1)
+
+    def _run_rows(self, rows: list[tuple[str, list]], deepest: int, check_cancel, seen_images: list) -> torch.Tensor:
+        """One MLLM batch of ``rows`` -> [deepest + 1, rows, N, H]."""
         batch = self.prompts.build_batch(rows, self.config.system_prompt, self.metaquery_suffix())
         positions = metaquery_positions(batch["input_ids"], self.prompts.ids, self.config.num_metaqueries)
         with self.mllm_lock:
-            return metaquery_rung_states(
-                self.mllm, batch, positions, list(range(deepest + 1)), self.prompts.ids.image_pad, check_cancel
-            )
+            return metaquery_rung_states(self.mllm, batch, positions, list(range(deepest + 1)),
+                                         self.prompts.ids.image_pad, check_cancel, seen_images=seen_images)

@@ -13,7 +13,6 @@ the denoising loop (``sampling.denoise``) and ``decode`` (DC-AE). The stages tru
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass, replace
@@ -37,7 +36,7 @@ from ..params import (
     check_size,
     check_text,
 )
-from ..processing.images import image_batch, images_per_prompt, images_to_uint8
+from ..processing.images import image_batch, image_fingerprint, images_per_prompt, images_to_uint8
 from .batch_memory import check_denoise_memory
 from .compile import compile_dit_blocks
 from .masking import InpaintBlend, inpaint_blend
@@ -83,29 +82,37 @@ class TBACPipeline:
     library's ``memory`` mode ``full`` / ``offload-mllm`` / ``sequential`` on ``device``.
     ``cache_size``: how many recent conditionings are kept, so re-running an unchanged prompt
     does not run the MLLM again (0 disables; bounded so long queues keep memory flat).
+    ``guidance_cache_size``: how many recent guidance rows (negative prompt with its images) keep
+    their MLLM states, so a new prompt with the same negative prompt and input images runs only its
+    own rows through the MLLM (0 disables; one row is 64 x hidden per rung: ~10 MB for
+    TBAC-UniImage-3B in bf16).
     Thread safety: MLLM runs on one model are serialised (``model.mllm_lock``).
     """
 
     def __init__(self, model: TBACModel, *, memory: str = "full", device=None, cache_size: int = 8,
-                 compile_dit: bool = False, placement: Placement | None = None):
+                 guidance_cache_size: int = 4, compile_dit: bool = False, placement: Placement | None = None):
         self.model = model
         if placement is None:
             placement = MemoryModePlacement(model, resolve_device(device) if device else model.device, memory)
         self.placement = placement
         self.cache_size = cache_size
-        self._cache: OrderedDict[tuple, LadderConditioning] = OrderedDict()
+        self._cache: RecentCache = RecentCache(cache_size)  # request -> LadderConditioning
+        # Guidance rows (negative prompt + images) -> their MLLM states: a new prompt with the same
+        # negative prompt and images runs only its own rows through the MLLM.
+        self._guidance_rows: RecentCache = RecentCache(guidance_cache_size)
         # compile_dit: whether the DiT blocks were compiled (False when asked but no compiler is found).
         compute_device = getattr(placement, "device", None) or model.device  # where the DiT will run
         self.compiled_dit = compile_dit and compile_dit_blocks(model.dit, torch.device(compute_device))
 
     @classmethod
     def from_pretrained(cls, checkpoint_dir, *, memory: str = "full", device=None, cache_size: int = 8,
-                        compile_dit: bool = False, **load_kwargs) -> "TBACPipeline":
+                        guidance_cache_size: int = 4, compile_dit: bool = False, **load_kwargs) -> "TBACPipeline":
         """Load a checkpoint (``load_model``'s arguments); outside ``full`` mode parts are read to the CPU."""
         device = resolve_device(device)
         load_device = device if memory == "full" else torch.device("cpu")
         model = load_model(checkpoint_dir, device=load_device, **load_kwargs)
-        return cls(model, memory=memory, device=device, cache_size=cache_size, compile_dit=compile_dit)
+        return cls(model, memory=memory, device=device, cache_size=cache_size,
+                   guidance_cache_size=guidance_cache_size, compile_dit=compile_dit)
 
     @property
     def vae_scale_factor(self) -> int:
@@ -173,20 +180,18 @@ class TBACPipeline:
         key = (tuple(inputs.prompts), _images_key(inputs.images), inputs.negative_prompt,
                tuple(inputs.block_rungs), inputs.layers, keep_all_rungs)
         if key in self._cache:
-            self._cache.move_to_end(key)
             return self._cache[key]
         with self.model.mllm_lock, self.placement.use("mllm"):
             cond = self.model.encode(inputs.prompts, images=inputs.images, negative_prompt=inputs.negative_prompt,
                                      layers=inputs.layers, block_rungs=inputs.block_rungs,
-                                     keep_all_rungs=keep_all_rungs, check_cancel=check_cancel)
-        if self.cache_size > 0:
-            self._cache[key] = cond
-            while len(self._cache) > self.cache_size:
-                self._cache.popitem(last=False)
+                                     keep_all_rungs=keep_all_rungs, check_cancel=check_cancel,
+                                     guidance_row_cache=self._guidance_rows)
+        self._cache[key] = cond
         return cond
 
     def clear_cache(self) -> None:
         self._cache.clear()
+        self._guidance_rows.clear()
 
     def encode_image(self, images) -> torch.Tensor:
         """Images (PIL, arrays, or [B, H, W, 3] float tensor in 0..1) -> latents, for image-to-image."""
@@ -428,6 +433,25 @@ def _check_prompt_seeds(prompt_seeds: Sequence[int] | None, prompts: int, params
         replace(params, seed=seed).validate()
 
 
+class RecentCache(OrderedDict):
+    """A mapping that keeps its ``size`` most recently used entries (0: keeps nothing)."""
+
+    def __init__(self, size: int):
+        super().__init__()
+        self.size = size
+
+    def __getitem__(self, key):
+        value = super().__getitem__(key)
+        self.move_to_end(key)
+        return value
+
+    def __setitem__(self, key, value):
+        super().__setitem__(key, value)
+        self.move_to_end(key)
+        while len(self) > self.size:
+            self.popitem(last=False)
+
+
 def _images_key(per_prompt_images: list[list[Image.Image]] | None):
     """A content hash of normalised input images (PIL RGB), so equal pixels hit the conditioning cache.
 
@@ -436,10 +460,4 @@ def _images_key(per_prompt_images: list[list[Image.Image]] | None):
     """
     if per_prompt_images is None:
         return None
-    digest = hashlib.sha256()
-    for images in per_prompt_images:
-        for image in images:
-            digest.update(f"|{image.mode}{image.size}".encode())
-            digest.update(image.tobytes())
-        digest.update(b"/")
-    return digest.hexdigest()
+    return tuple(tuple(image_fingerprint(image) for image in images) for images in per_prompt_images)

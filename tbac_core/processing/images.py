@@ -9,6 +9,8 @@ with these functions; everything after it sees PIL RGB images.
 """
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import torch
 from PIL import Image, ImageOps
@@ -189,6 +191,13 @@ def _array_to_uint8(array) -> np.ndarray:
         alpha = array[..., 3:4].astype(np.float64) / 255.0
         array = np.rint(array[..., :3] * alpha + 255.0 * (1 - alpha)).astype(np.uint8)
     return np.ascontiguousarray(array)
+
+
+def image_fingerprint(image: Image.Image) -> str:
+    """A content hash of a PIL image: its mode, size and pixels (what the MLLM sees of it)."""
+    digest = hashlib.sha256(f"{image.mode}{image.size}".encode())
+    digest.update(image.tobytes())
+    return digest.hexdigest()
 
 
 def pil_to_tensor(image: Image.Image) -> torch.Tensor:

@@ -468,7 +468,9 @@ class Trainer:
     def sample_images(self, prompts: list[str]) -> list[Image.Image]:
         from ..pipeline.tbac_pipeline import TBACPipeline
 
-        pipe = TBACPipeline(self.model, cache_size=0, placement=TrainingPlacement(self.model, self.sharded))
+        # No caches: training changes the metaquery rows, which every row's states depend on.
+        pipe = TBACPipeline(self.model, cache_size=0, guidance_cache_size=0,
+                            placement=TrainingPlacement(self.model, self.sharded))
         with eval_mode(self.model.dit), self._autocast():
             output = pipe.generate(prompts, width=self.resolution, height=self.resolution,
                                    steps=self.config.sample_steps, guidance_scale=self.config.sample_guidance,

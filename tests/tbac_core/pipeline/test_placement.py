@@ -57,3 +57,85 @@ def test_compile_switch_compiles_the_dit_blocks(checkpoint_dir):
     model = load_model(checkpoint_dir, device="cpu", dtype="fp32")
     TBACPipeline(model, compile_dit=True, device="cpu")
     assert all(block._compiled_call_impl is not None for block in model.dit.transformer.transformer_blocks)
+
+
+class _MLLMCalls:
+    """Batch rows of every decoder run and every vision-tower call of the MLLM."""
+
+    def __init__(self, mllm):
+        from tbac_core.modeling.mllm import text_model, vision_tower
+
+        self.rows: list[int] = []
+        self.images = 0
+        self.handles = [
+            text_model(mllm).layers[0].register_forward_pre_hook(
+                lambda _m, args, kwargs: self.rows.append((args[0] if args else kwargs["hidden_states"]).shape[0]),
+                with_kwargs=True),
+            vision_tower(mllm).register_forward_pre_hook(lambda _m, _args: setattr(self, "images", self.images + 1)),
+        ]
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self.handles:
+            handle.remove()
+
+
+def _same(a, b) -> None:
+    for source_a, source_b in zip(a.sources, b.sources):
+        for name in ("positive", "negative", "image_negative"):
+            x, y = getattr(source_a, name), getattr(source_b, name)
+            assert (x is None) == (y is None), name
+            if x is not None:
+                torch.testing.assert_close(x, y, atol=0, rtol=0)
+
+
+def test_a_new_prompt_reuses_the_guidance_rows_states(pipe):
+    from PIL import Image
+
+    cached = TBACPipeline(pipe.model, cache_size=0, device="cpu")  # no request cache: only the row cache acts
+    uncached = TBACPipeline(pipe.model, cache_size=0, guidance_cache_size=0, device="cpu")
+    image = Image.new("RGB", (64, 48), (80, 120, 200))
+    with _MLLMCalls(pipe.model.mllm) as calls:
+        cached.encode("a cat", negative_prompt="blurry")
+        assert calls.rows == [1, 1]  # the negative row alone, then the prompt row
+        dog = cached.encode("a dog", negative_prompt="blurry")
+        assert calls.rows == [1, 1, 1]  # only the new prompt's row ran
+        cached.encode("a dog", negative_prompt="grey")
+        assert calls.rows == [1, 1, 1, 1, 1]  # another negative prompt: its row runs
+        calls.rows.clear()
+        cached.encode("make it blue", images=[image])
+        assert calls.rows == [1, 1, 1] and calls.images == 2  # black and input image, each seen once
+        calls.rows.clear()
+        blue_to_red = cached.encode("make it red", images=[image])
+        # Same input image and negative prompt: both guidance rows were kept, the instruction's row runs.
+        assert calls.rows == [1] and calls.images == 3
+    # Reused states are the states an uncached encode computes, bit for bit.
+    _same(dog, uncached.encode("a dog", negative_prompt="blurry"))
+    _same(blue_to_red, uncached.encode("make it red", images=[image]))
+    with _MLLMCalls(pipe.model.mllm) as calls:
+        uncached.encode("a dog", negative_prompt="blurry")
+        assert calls.rows == [1, 1]  # guidance_cache_size=0 keeps nothing
+        calls.rows.clear()
+        uncached.encode(["make it blue", "make it red"], images=[image])
+        # Two prompts sharing the image: their identical guidance rows run once each, the prompts together.
+        assert calls.rows == [1, 1, 2] and calls.images == 2
+
+
+def test_guidance_row_cache_is_bounded_and_keyed_by_content_and_depth(pipe):
+    from PIL import Image
+
+    cached = TBACPipeline(pipe.model, cache_size=0, guidance_cache_size=1, device="cpu")
+    cached.encode("a cat", negative_prompt="blurry")
+    cached.encode("a cat", negative_prompt="grey")
+    assert len(cached._guidance_rows) == 1  # the oldest negative row was dropped
+    with _MLLMCalls(pipe.model.mllm) as calls:
+        cached.encode("a cat", negative_prompt="blurry")
+        cached.encode("a cat", negative_prompt="blurry", keep_all_rungs=True)  # deeper states: another entry
+        cached.encode("make it blue", images=[Image.new("RGB", (64, 48), (1, 2, 3))], negative_prompt="blurry")
+        cached.encode("make it blue", images=[Image.new("RGB", (64, 48), (1, 2, 4))], negative_prompt="blurry")
+    # every guidance row missed: other text, depth or pixels (and the size-1 cache keeps one)
+    assert calls.rows == [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]
+    cached.clear_cache()
+    assert len(cached._guidance_rows) == 0
