@@ -195,7 +195,9 @@ def _metaquery_rung_states(model, inputs, positions, rungs, image_token_id, chec
         if int(image_slots.sum()) != features.shape[0]:  # as transformers checks its own scatter
             raise RuntimeError(f"{int(image_slots.sum())} image tokens but {features.shape[0]} image features; "
                                f"this is a bug, please report it.")
-        inputs_embeds = inputs_embeds.masked_scatter(image_slots, features.to(inputs_embeds.dtype))
+        # Features may come from an earlier encode (seen_images), computed where the MLLM ran then.
+        features = features.to(device=inputs_embeds.device, dtype=inputs_embeds.dtype)
+        inputs_embeds = inputs_embeds.masked_scatter(image_slots, features)
     store: dict[int, torch.Tensor] = {}
     with _capture_rungs(model, rungs, positions, store, check_cancel):
         try:

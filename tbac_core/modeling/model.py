@@ -18,12 +18,13 @@ from ..errors import InvalidParameterError
 from ..ladder.conditioning import LadderConditioning, ModelIdentity, RungSource
 from ..ladder.layer_spec import default_rungs, parse_layer_spec
 from ..loading.components import TBACConfig
+from ..processing.images import image_fingerprint
 from ..processing.prompt_layout import (
     conditioning_rows,
+    guidance_groups,
     metaquery_positions,
     metaquery_suffix,
 )
-from ..processing.images import image_fingerprint
 from ..processing.prompting import PromptBuilder
 from .dit import LadderDiT
 from .mllm import metaquery_rung_states
@@ -94,6 +95,7 @@ class TBACModel:
         check_cancel=None,
         block_rungs: list[int] | None = None,
         guidance_row_cache: MutableMapping | None = None,
+        seen_images: list | None = None,
     ) -> LadderConditioning:
         """Encode prompts (and input images for editing) into a ``LadderConditioning``.
 
@@ -103,6 +105,8 @@ class TBACModel:
         resolved (``layers`` is then only the label). The MLLM stops after the deepest rung needed
         unless ``keep_all_rungs``. ``check_cancel()`` runs at every decoder layer and may raise.
         ``guidance_row_cache``: keeps the guidance rows' states across encodes (see ``_rung_states``).
+        ``seen_images``: the vision features of images already seen (``mllm.image_features``),
+        extended here; pass the same list to later encodes and an image seen before is not run again.
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
@@ -112,8 +116,9 @@ class TBACModel:
         deepest = self.identity.num_rungs - 1 if keep_all_rungs else max(block_rungs)
 
         rows = conditioning_rows(self.prompts, prompts, images, negative_prompt)
-        guidance_rows = len(rows) - len(prompts)  # the negative branches come first
-        states = self._rung_states(rows, guidance_rows, deepest, check_cancel, guidance_row_cache)  # [rungs, rows, N, H]
+        groups = guidance_groups(len(prompts), images is not None)
+        states = self._rung_states(rows, groups, deepest, check_cancel, guidance_row_cache,
+                                   seen_images)  # [rungs, rows, N, H]
         batch = len(prompts)
         if images is None:
             source = RungSource(states[:, 1:], states[:, :1], None, tuple(prompts), negative_prompt)
@@ -128,34 +133,40 @@ class TBACModel:
             )
         return LadderConditioning.from_source(source, block_rungs, self.identity, layers=str(layers))
 
-    def _rung_states(self, rows: list[tuple[str, list]], guidance_rows: int, deepest: int, check_cancel=None,
-                     guidance_row_cache: MutableMapping | None = None) -> torch.Tensor:
+    def _rung_states(self, rows: list[tuple[str, list]], guidance: list[list[int]], deepest: int, check_cancel=None,
+                     guidance_row_cache: MutableMapping | None = None, seen_images: list | None = None
+                     ) -> torch.Tensor:
         """The MLLM states of ``rows`` at rungs 0..``deepest`` -> [rungs, rows, N, H].
 
-        The first ``guidance_rows`` rows (negative prompt, with the black or the input images) are
-        each encoded alone, so their states depend on that row only: a new prompt with the same
-        negative prompt and images finds them in ``guidance_row_cache`` (keyed by text, image
-        content and depth) and only its own rows run through the MLLM. The prompt rows are encoded
-        as one batch. One image list is shared by every call, so each distinct image still goes
-        through the vision tower once per encode.
+        The guidance rows (negative prompt with the black or the input images; ``guidance`` groups
+        their indices, per prompt, as ``guidance_groups`` does) run as one MLLM batch per group, so
+        their states depend on that group only: a new prompt with the same negative prompt and
+        images finds them in ``guidance_row_cache`` (keyed by text, image content and depth) and
+        only its own rows run. The prompt rows run as one batch after them. One image list
+        (``seen_images``, or a new one) is shared by every batch, so each distinct image goes
+        through the vision tower at most once.
         """
-        seen_images: list = []
-        this_encode: dict = {}  # rows repeated within this encode (prompts sharing their images) run once
-        guidance = []
-        for text, images in rows[:guidance_rows]:
-            key = (text, tuple(image_fingerprint(image) for image in images), deepest)
+        seen_images = [] if seen_images is None else seen_images
+        this_encode: dict = {}  # groups repeated within this encode (prompts sharing their images) run once
+        states: dict[int, torch.Tensor] = {}  # row index -> [rungs, N, H]
+        for group in guidance:
+            group_rows = [rows[i] for i in group]
+            content = tuple((text, tuple(image_fingerprint(image) for image in images)) for text, images in group_rows)
+            key = (content, deepest)
             if key in this_encode:
-                states = this_encode[key]
+                group_states = this_encode[key]
             elif guidance_row_cache is not None and key in guidance_row_cache:
-                states = guidance_row_cache[key]
+                group_states = guidance_row_cache[key]
             else:
-                states = self._run_rows([(text, images)], deepest, check_cancel, seen_images)  # [rungs, 1, N, H]
+                group_states = self._run_rows(group_rows, deepest, check_cancel, seen_images)  # [rungs, rows, N, H]
                 if guidance_row_cache is not None:
-                    guidance_row_cache[key] = states
-            this_encode[key] = states
-            guidance.append(states)
-        prompt_rows = self._run_rows(rows[guidance_rows:], deepest, check_cancel, seen_images)
-        return torch.cat([*guidance, prompt_rows], dim=1)
+                    guidance_row_cache[key] = group_states
+            this_encode[key] = group_states
+            states.update({i: group_states[:, k] for k, i in enumerate(group)})
+        prompt_indices = [i for i in range(len(rows)) if i not in states]
+        prompt_states = self._run_rows([rows[i] for i in prompt_indices], deepest, check_cancel, seen_images)
+        states.update({i: prompt_states[:, k] for k, i in enumerate(prompt_indices)})
+        return torch.stack([states[i].to(prompt_states.device) for i in range(len(rows))], dim=1)
 
     def _run_rows(self, rows: list[tuple[str, list]], deepest: int, check_cancel, seen_images: list) -> torch.Tensor:
         """One MLLM batch of ``rows`` -> [deepest + 1, rows, N, H]."""

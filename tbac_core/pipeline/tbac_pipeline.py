@@ -82,10 +82,11 @@ class TBACPipeline:
     library's ``memory`` mode ``full`` / ``offload-mllm`` / ``sequential`` on ``device``.
     ``cache_size``: how many recent conditionings are kept, so re-running an unchanged prompt
     does not run the MLLM again (0 disables; bounded so long queues keep memory flat).
-    ``guidance_cache_size``: how many recent guidance rows (negative prompt with its images) keep
-    their MLLM states, so a new prompt with the same negative prompt and input images runs only its
-    own rows through the MLLM (0 disables; one row is 64 x hidden per rung: ~10 MB for
-    TBAC-UniImage-3B in bf16).
+    ``guidance_cache_size``: how many recent guidance groups (negative prompt with its images) keep
+    their MLLM states, and twice as many recent images their vision features, so a new prompt with
+    the same negative prompt and input images runs only its own rows through the MLLM and no image
+    through the vision tower again (0 disables; a row is 64 x hidden per rung: ~10 MB for
+    TBAC-UniImage-3B in bf16; a 512x512 image's features ~1.3 MB).
     Thread safety: MLLM runs on one model are serialised (``model.mllm_lock``).
     """
 
@@ -100,6 +101,8 @@ class TBACPipeline:
         # Guidance rows (negative prompt + images) -> their MLLM states: a new prompt with the same
         # negative prompt and images runs only its own rows through the MLLM.
         self._guidance_rows: RecentCache = RecentCache(guidance_cache_size)
+        self.guidance_cache_size = guidance_cache_size
+        self._seen_images: list = []  # (patches, vision features) of recent input images, oldest first
         # compile_dit: whether the DiT blocks were compiled (False when asked but no compiler is found).
         compute_device = getattr(placement, "device", None) or model.device  # where the DiT will run
         self.compiled_dit = compile_dit and compile_dit_blocks(model.dit, torch.device(compute_device))
@@ -185,13 +188,16 @@ class TBACPipeline:
             cond = self.model.encode(inputs.prompts, images=inputs.images, negative_prompt=inputs.negative_prompt,
                                      layers=inputs.layers, block_rungs=inputs.block_rungs,
                                      keep_all_rungs=keep_all_rungs, check_cancel=check_cancel,
-                                     guidance_row_cache=self._guidance_rows)
+                                     guidance_row_cache=self._guidance_rows, seen_images=self._seen_images)
+        # The images of the last few encodes (an edit shows its input and a black image) stay known.
+        del self._seen_images[:max(0, len(self._seen_images) - 2 * self.guidance_cache_size)]
         self._cache[key] = cond
         return cond
 
     def clear_cache(self) -> None:
         self._cache.clear()
         self._guidance_rows.clear()
+        self._seen_images.clear()
 
     def encode_image(self, images) -> torch.Tensor:
         """Images (PIL, arrays, or [B, H, W, 3] float tensor in 0..1) -> latents, for image-to-image."""

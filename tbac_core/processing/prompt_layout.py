@@ -52,6 +52,17 @@ def conditioning_rows(
             + [(caption, imgs) for caption, imgs in zip(captions, pil)])
 
 
+def guidance_groups(num_prompts: int, with_images: bool) -> list[list[int]]:
+    """The guidance rows of ``conditioning_rows``' layout, grouped per prompt -> row indices per group.
+
+    Text-to-image: one group, the shared negative row. Editing: per prompt, its negative row with
+    the black images and its negative row with the input images (same images, so same length).
+    """
+    if not with_images:
+        return [[0]]
+    return [[i, num_prompts + i] for i in range(num_prompts)]
+
+
 def metaquery_positions(input_ids: torch.Tensor, ids: SpecialIds, num_metaqueries: int) -> torch.Tensor:
     """Positions strictly between each row's last <|vision_start|> and last <|vision_end|> -> [B, N]."""
     seq = input_ids.shape[1]

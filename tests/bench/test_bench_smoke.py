@@ -199,3 +199,14 @@ def test_speed_bench_reports_each_acceleration_against_the_exact_run(tmp_path, f
         assert rows[name]["psnr_db"] < float("inf"), name
     assert rows["cutoff 0.5"]["blocks_run_fraction"] == 1.0 and rows["cutoff 0.5"]["psnr_db"] < float("inf")
     assert json.loads(out.read_text())["rows"] == result["rows"]
+
+
+def test_encode_bench_times_new_prompts_against_the_first(tmp_path, fixture_root):
+    import encode_bench
+
+    out = tmp_path / "encode.json"
+    result = encode_bench.main(["--model", str(fixture_root / "checkpoint"), "--repeats", "2", "--image-size", "64",
+                                "--out", str(out)])
+    for key in ("first_prompt_s", "new_prompt_s", "first_edit_s", "new_instruction_same_image_s"):
+        assert result[key] > 0, key
+    assert json.loads(out.read_text())["new_prompt_s"] == result["new_prompt_s"]

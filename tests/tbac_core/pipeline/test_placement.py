@@ -106,11 +106,14 @@ def test_a_new_prompt_reuses_the_guidance_rows_states(pipe):
         assert calls.rows == [1, 1, 1, 1, 1]  # another negative prompt: its row runs
         calls.rows.clear()
         cached.encode("make it blue", images=[image])
-        assert calls.rows == [1, 1, 1] and calls.images == 2  # black and input image, each seen once
+        # The negative rows with the black and with the input image as one batch, then the instruction;
+        # black and input image each seen once.
+        assert calls.rows == [2, 1] and calls.images == 2
         calls.rows.clear()
         blue_to_red = cached.encode("make it red", images=[image])
-        # Same input image and negative prompt: both guidance rows were kept, the instruction's row runs.
-        assert calls.rows == [1] and calls.images == 3
+        # Same input image and negative prompt: both guidance rows were kept, the instruction's row runs,
+        # and the image's vision features were kept too.
+        assert calls.rows == [1] and calls.images == 2
     # Reused states are the states an uncached encode computes, bit for bit.
     _same(dog, uncached.encode("a dog", negative_prompt="blurry"))
     _same(blue_to_red, uncached.encode("make it red", images=[image]))
@@ -119,8 +122,8 @@ def test_a_new_prompt_reuses_the_guidance_rows_states(pipe):
         assert calls.rows == [1, 1]  # guidance_cache_size=0 keeps nothing
         calls.rows.clear()
         uncached.encode(["make it blue", "make it red"], images=[image])
-        # Two prompts sharing the image: their identical guidance rows run once each, the prompts together.
-        assert calls.rows == [1, 1, 2] and calls.images == 2
+        # Two prompts sharing the image: their identical guidance rows run once, the prompts together.
+        assert calls.rows == [2, 2] and calls.images == 2
 
 
 def test_guidance_row_cache_is_bounded_and_keyed_by_content_and_depth(pipe):
@@ -135,7 +138,8 @@ def test_guidance_row_cache_is_bounded_and_keyed_by_content_and_depth(pipe):
         cached.encode("a cat", negative_prompt="blurry", keep_all_rungs=True)  # deeper states: another entry
         cached.encode("make it blue", images=[Image.new("RGB", (64, 48), (1, 2, 3))], negative_prompt="blurry")
         cached.encode("make it blue", images=[Image.new("RGB", (64, 48), (1, 2, 4))], negative_prompt="blurry")
-    # every guidance row missed: other text, depth or pixels (and the size-1 cache keeps one)
-    assert calls.rows == [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]
+    # every guidance group missed: other text, depth or pixels (and the size-1 cache keeps one)
+    assert calls.rows == [1, 1, 1, 1, 2, 1, 2, 1]
+    assert len(cached._seen_images) == 2  # an edit's two images (input and black) for a cache of 1
     cached.clear_cache()
-    assert len(cached._guidance_rows) == 0
+    assert len(cached._guidance_rows) == 0 and not cached._seen_images
