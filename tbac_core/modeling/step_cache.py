@@ -22,7 +22,7 @@ import torch
 
 
 class FirstBlockCache:
-    """Per-generation state: the last two full steps' residuals, and counts of full/reused steps."""
+    """Per-generation state: the last two full steps' residuals and the skips since the last of them."""
 
     def __init__(self, threshold: float, max_skips: int):
         self.threshold = threshold
@@ -31,8 +31,6 @@ class FirstBlockCache:
         # (timestep [1], blocks 1..'s output - input [B, L, D]) of the last two full steps, oldest first.
         self.full_history: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.skips_in_a_row = 0
-        self.full_steps = 0
-        self.reused_steps = 0
 
     def relative_change(self, first_residual: torch.Tensor) -> float:
         """mean |r - r_full| / mean |r_full| against the last full step's block-0 residual."""
@@ -47,7 +45,6 @@ class FirstBlockCache:
             return False
         reuse = self.skips_in_a_row < self.max_skips and self.relative_change(first_residual) < self.threshold
         if reuse:
-            self.reused_steps += 1
             self.skips_in_a_row += 1
         return reuse
 
@@ -77,4 +74,3 @@ class FirstBlockCache:
         self.first_residual = first_residual
         self.full_history = [*self.full_history[-1:], (timestep[:1].float(), rest_residual)]
         self.skips_in_a_row = 0
-        self.full_steps += 1

@@ -96,12 +96,10 @@ class TBACPipeline:
         if placement is None:
             placement = MemoryModePlacement(model, resolve_device(device) if device else model.device, memory)
         self.placement = placement
-        self.cache_size = cache_size
         self._cache: RecentCache = RecentCache(cache_size)  # request -> LadderConditioning
         # Guidance rows (negative prompt + images) -> their MLLM states: a new prompt with the same
         # negative prompt and images runs only its own rows through the MLLM.
         self._guidance_rows: RecentCache = RecentCache(guidance_cache_size)
-        self.guidance_cache_size = guidance_cache_size
         self._seen_images: list = []  # (patches, vision features) of recent input images, oldest first
         # compile_dit: whether the DiT blocks were compiled (False when asked but no compiler is found).
         compute_device = getattr(placement, "device", None) or model.device  # where the DiT will run
@@ -116,6 +114,11 @@ class TBACPipeline:
         model = load_model(checkpoint_dir, device=load_device, **load_kwargs)
         return cls(model, memory=memory, device=device, cache_size=cache_size,
                    guidance_cache_size=guidance_cache_size, compile_dit=compile_dit)
+
+    @property
+    def cache_size(self) -> int:
+        """How many recent conditionings are kept (the constructor's ``cache_size``)."""
+        return self._cache.size
 
     @property
     def vae_scale_factor(self) -> int:
@@ -190,7 +193,7 @@ class TBACPipeline:
                                      keep_all_rungs=keep_all_rungs, check_cancel=check_cancel,
                                      guidance_row_cache=self._guidance_rows, seen_images=self._seen_images)
         # The images of the last few encodes (an edit shows its input and a black image) stay known.
-        del self._seen_images[:max(0, len(self._seen_images) - 2 * self.guidance_cache_size)]
+        del self._seen_images[:max(0, len(self._seen_images) - 2 * self._guidance_rows.size)]
         self._cache[key] = cond
         return cond
 
