@@ -79,7 +79,8 @@ def main(argv=None) -> dict:
     result = {
         "what": "bench/encode_bench.py: CPU seconds of MLLM conditioning, no request cache",
         "date": datetime.date.today().isoformat(), "model": str(checkpoint), "dtype": args.dtype,
-        "threads": args.threads, "guidance_cache_size": args.guidance_cache_size or "library default",
+        "threads": args.threads,
+        "guidance_cache_size": "library default" if args.guidance_cache_size is None else args.guidance_cache_size,
         "image_size": args.image_size, "machine": bu.machine_facts(),
         "first_prompt_s": first_prompt, "new_prompt_s": statistics.median(new_prompts),
         "first_edit_s": first_edit, "new_instruction_same_image_s": statistics.median(new_instructions),
