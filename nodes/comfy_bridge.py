@@ -68,7 +68,8 @@ __all__ = [
     "ComfyPlacement", "ManagedModel", "offloadable_patcher", "prepare_partial_loading", "after_comfy_load",
     "Progress", "cancel_check", "preview_max_size", "PREVIEW_FORMAT",
     "NativeBaseModel", "NativeLatentFormat", "FLOW_MODEL_TYPE", "model_patcher", "cross_attention_cond",
-    "regular_cond", "NativeVAE", "vae_patcher", "dtype_size",
+    "regular_cond", "NativeVAE", "vae_patcher", "dtype_size", "run_diffusion_model_wrappers",
+    "add_sampling_wrapper",
 ]
 
 logger = logging.getLogger(__name__)
@@ -302,6 +303,21 @@ FLOW_MODEL_TYPE = comfy.model_base.ModelType.FLOW if IN_COMFYUI else None
 def model_patcher(model: torch.nn.Module, devices: Devices):
     """A ``ModelPatcher`` (ComfyUI's MODEL value) around a native model."""
     return offloadable_patcher(model, devices.compute, devices.offload["dit"])
+
+
+def run_diffusion_model_wrappers(forward: Callable, module: torch.nn.Module, transformer_options: dict, *args):
+    """``forward(*args)`` through the ``DIFFUSION_MODEL`` wrappers on the MODEL (core EasyCache's), as core's
+    models call themselves; ``args`` ends with ``transformer_options``, where those wrappers look for it."""
+    if not IN_COMFYUI:
+        return forward(*args)
+    extension = comfy.patcher_extension
+    wrappers = extension.get_all_wrappers(extension.WrappersMP.DIFFUSION_MODEL, transformer_options)
+    return extension.WrapperExecutor.new_class_executor(forward, module, wrappers).execute(*args)
+
+
+def add_sampling_wrapper(patcher, key: str, wrapper: Callable) -> None:
+    """Run ``wrapper(executor, ...)`` around each sampling run of ``patcher`` (core's ``OUTER_SAMPLE``)."""
+    patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, key, wrapper)
 
 
 def cross_attention_cond(tensor: torch.Tensor):

@@ -19,12 +19,13 @@ Image' / 'TBAC Decode' and with the native model.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import torch
 
 from ..tbac_core.errors import InvalidParameterError
-from ..tbac_core.modeling import decode_signed, encode_signed, mask_to_bias
+from ..tbac_core.modeling import ConditionKVCache, decode_signed, encode_signed, mask_to_bias
 from ..tbac_core.params import MAX_STEPS, SAMPLERS, SamplingParams
 from ..tbac_core.pipeline import make_scheduler
 from . import comfy_bridge as bridge
@@ -33,6 +34,9 @@ from .generate import model_input
 from .loader import ROOT_CATEGORY
 
 DEFAULTS = SamplingParams()
+logger = logging.getLogger(__name__)
+# transformer_options key of the sampling run's ConditionKVCache (and of its sampling wrapper).
+CONDITION_KV_KEY = "tbac_condition_kv"
 CATEGORY = f"{ROOT_CATEGORY}/native"
 # ComfyUI's Latent2RGB previews map -1..1 to 0..255; our projection gives 0..1.
 PREVIEW_RANGE_SCALE, PREVIEW_RANGE_SHIFT = 2.0, -1.0
@@ -74,7 +78,13 @@ class NativeModelConfig:
 
 
 class LadderDiTDiffusionModel(torch.nn.Module):
-    """The ladder DiT with core's ``diffusion_model`` call: ``(x, t, context=[B, blocks*N, D], ...)``."""
+    """The ladder DiT with core's ``diffusion_model`` call: ``(x, t, context=[B, blocks*N, D], ...)``.
+
+    Runs through the ``DIFFUSION_MODEL`` wrappers patched onto the MODEL, as core's own models do, so
+    core EasyCache works on it. Core samplers hand over the raw conditions at every step; within a
+    sampling run the blocks' cross-attention keys/values come from the run's ``ConditionKVCache``
+    (put in place by ``native_model``'s sampling wrapper), keyed by core's per-condition uuids.
+    """
 
     def __init__(self, dit):
         super().__init__()
@@ -86,11 +96,41 @@ class LadderDiTDiffusionModel(torch.nn.Module):
 
     def forward(self, x, timesteps, context=None, control=None, transformer_options=None, attention_mask=None,
                 **unused):
-        blocks = list(context.to(self.dit.dtype).chunk(self.dit.num_blocks, dim=1))  # num_blocks x [B, N, D]
+        transformer_options = transformer_options if transformer_options is not None else {}
+        return bridge.run_diffusion_model_wrappers(
+            self._forward, self, transformer_options, x, timesteps, context, attention_mask, transformer_options)
+
+    def _forward(self, x, timesteps, context, attention_mask, transformer_options):
+        context = context.to(self.dit.dtype)  # [B, blocks*N, D]
         if attention_mask is None:
-            attention_mask = torch.ones(context.shape[0], blocks[0].shape[1], device=x.device)
-        bias = mask_to_bias(attention_mask.to(x.device), self.dit.dtype)
-        return self.dit(x, timesteps.to(x.device), blocks, bias)
+            attention_mask = torch.ones(context.shape[0], context.shape[1] // self.dit.num_blocks, device=x.device)
+        bias = mask_to_bias(attention_mask.to(x.device), self.dit.dtype)  # [B, 1, N]
+        kv_cache = transformer_options.get(CONDITION_KV_KEY)
+        groups = transformer_options.get("uuids") or []
+        if kv_cache is not None and groups and context.shape[0] % len(groups) == 0:
+            conditions = kv_cache.block_kv(self.dit, context, bias, groups)
+        else:
+            # num_blocks x [B, N, D], contiguous: the projections of a strided view are slow (dit.py)
+            conditions = [block.contiguous() for block in context.chunk(self.dit.num_blocks, dim=1)]
+        return self.dit(x, timesteps.to(x.device), conditions, bias)
+
+
+def condition_kv_sampling_wrapper(executor, *args, **kwargs):
+    """Core's ``OUTER_SAMPLE`` wrapper: one ``ConditionKVCache`` for the sampling run, dropped after it.
+
+    Core's guider runs this on its own copy of the model options and restores the original when
+    sampling ends, so the cache (the conditions' keys/values, memory on the compute device) is freed
+    with the run.
+    """
+    guider = executor.class_obj
+    cache = ConditionKVCache()
+    guider.model_options.setdefault("transformer_options", {})[CONDITION_KV_KEY] = cache
+    try:
+        return executor(*args, **kwargs)
+    finally:
+        guider.model_options["transformer_options"].pop(CONDITION_KV_KEY, None)
+        logger.debug("TBAC native model: cross-attention keys/values computed for %d condition batches, "
+                     "reused %d times", cache.computed, cache.reused)
 
 
 class TBACNativeDiT(bridge.NativeBaseModel):
@@ -115,7 +155,9 @@ def native_model(model):
         sampling_settings={"shift": tbac.scheduler_config.get("flow_shift", 3.0),
                            "multiplier": tbac.scheduler_config.get("num_train_timesteps", 1000)},
     )
-    return bridge.model_patcher(TBACNativeDiT(tbac.dit, config, device=model.devices.offload["dit"]), model.devices)
+    patcher = bridge.model_patcher(TBACNativeDiT(tbac.dit, config, device=model.devices.offload["dit"]), model.devices)
+    bridge.add_sampling_wrapper(patcher, CONDITION_KV_KEY, condition_kv_sampling_wrapper)
+    return patcher
 
 
 def core_conditioning(model, cond, branch: str, repeats: int = 1) -> list:

@@ -3,7 +3,7 @@ from .._exports import lazy_exports
 
 _EXPORTS = {  # module -> the names it exports
     ".model": ("TBACModel",),
-    ".dit": ("LadderDiT", "Connector", "mask_to_bias"),
+    ".dit": ("LadderDiT", "Connector", "ConditionKVCache", "mask_to_bias"),
     ".vae": ("decode_signed", "encode_signed"),
     ".layer_offload": ("make_layers_offloadable", "offloadable_layers", "place_resident", "resident_tensors"),
 }

@@ -210,3 +210,15 @@ def test_encode_bench_times_new_prompts_against_the_first(tmp_path, fixture_root
     for key in ("first_prompt_s", "new_prompt_s", "first_edit_s", "new_instruction_same_image_s"):
         assert result[key] > 0, key
     assert json.loads(out.read_text())["new_prompt_s"] == result["new_prompt_s"]
+
+
+def test_native_step_bench_times_raw_conditions_against_cached_keys_values(tmp_path, fixture_root):
+    import native_step_bench
+
+    out = tmp_path / "native.json"
+    result = native_step_bench.main(["--model", str(fixture_root / "checkpoint"), "--size", "64", "--repeats", "2",
+                                     "--out", str(out)])
+    assert result["raw_s"] > 0 and result["cached_s"] > 0 and result["raw_cpu_s"] > 0
+    assert result["strided_s"] > 0
+    assert len(result["raw_all_s"]) == len(result["cached_all_s"]) == len(result["strided_all_s"]) == 2
+    assert json.loads(out.read_text())["cached_over_raw"] == result["cached_over_raw"]

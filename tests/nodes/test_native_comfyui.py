@@ -38,6 +38,21 @@ def test_core_euler_on_the_native_model_matches_our_euler(figures):
     assert figures["ksampler_shape"] == [1, 8, 8, 8]
 
 
+def test_conditions_keys_and_values_are_computed_once_per_sampling_run(figures):
+    # 20 steps, positive and negative in one batch: 2 condition groups projected, then reused 19 times each.
+    assert figures["kv_cache_runs"] == 1
+    assert figures["kv_cache_computed_reused"] == [2, 38]
+    assert figures["kv_cache_gone_after_sampling"]
+    assert figures["plain_dit_calls"] == 20
+
+
+def test_core_easycache_works_on_the_native_model(figures):
+    assert figures["easycache_0.0_dit_calls"] == 20
+    assert figures["easycache_0.0_max_diff"] == 0.0
+    assert figures["easycache_0.5_dit_calls"] < 20
+    assert figures["easycache_0.5_max_diff"] > 0.0
+
+
 def test_core_dual_cfg_guider_gives_our_three_way_edit_guidance(figures):
     assert figures["edit_3way_dualcfg_max_diff"] < PARITY
 

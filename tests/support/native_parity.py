@@ -23,6 +23,7 @@ import comfy.utils
 import latent_preview
 import torch
 from comfy_extras.nodes_custom_sampler import Guider_DualCFG
+from comfy_extras.nodes_easycache import EasyCacheNode
 from PIL import Image
 
 import nodes as core_nodes
@@ -133,4 +134,37 @@ with torch.inference_mode():
     figures["vae_memory_decode_512_bytes"] = vae.memory_used_decode((1, tbac.latent_channels, 512 // factor,
                                                                      512 // factor), torch.float32)
     figures["vae_patcher_is_the_placements"] = vae.patcher is bridge.vae_patcher(model)
+
+# 7. the conditions' cross-attention keys/values: computed once per condition in a sampling run.
+runs = []
+
+
+class RecordingKVCache(native.ConditionKVCache):
+    def __init__(self):
+        super().__init__()
+        runs.append(self)
+
+
+native.ConditionKVCache = RecordingKVCache
+dit_calls = []
+counter = tbac.dit.register_forward_pre_hook(lambda module, args: dit_calls.append(args[0].shape[0]))
+positive, negative, image_only, latent, noise = native_inputs(cond)
+LONG = 20
+long_sigmas = native.flow_sigmas(tbac.scheduler_config, "euler", LONG)
+core = comfy.sample.sample_custom(patcher, noise, G, comfy.samplers.sampler_object("euler"), long_sigmas,
+                                  positive, negative, latent, seed=SEED)
+figures["kv_cache_runs"] = len(runs)
+figures["kv_cache_computed_reused"] = [runs[-1].computed, runs[-1].reused]
+figures["kv_cache_gone_after_sampling"] = native.CONDITION_KV_KEY not in patcher.model_options["transformer_options"]
+figures["plain_dit_calls"] = len(dit_calls)
+
+# 8. core EasyCache on the native model: off (threshold 0) changes nothing, on it skips DiT calls.
+for threshold in (0.0, 0.5):
+    (cached_patcher,) = EasyCacheNode.execute(patcher, threshold, 0.15, 0.95, False).args
+    dit_calls.clear()
+    out = comfy.sample.sample_custom(cached_patcher, noise, G, comfy.samplers.sampler_object("euler"), long_sigmas,
+                                     positive, negative, latent, seed=SEED)
+    figures[f"easycache_{threshold}_dit_calls"] = len(dit_calls)
+    figures[f"easycache_{threshold}_max_diff"] = max_diff(out, core)
+counter.remove()
 print("FIGURES " + json.dumps(figures))

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from tbac_core.errors import InvalidParameterError
-from tbac_core.modeling.dit import mask_to_bias
+from tbac_core.modeling.dit import ConditionKVCache, mask_to_bias
 from tbac_core.params import SamplingParams
 from tbac_core.pipeline.sampling import (
     combine_guidance,
@@ -103,6 +103,49 @@ def test_dit_forward_takes_precomputed_keys_values(pipe, conds):
         plain = dit(latents, timestep, block_conditions, mask_bias)
         precomputed = dit(latents, timestep, dit.precompute_conditions(block_conditions, mask_bias))
     assert torch.equal(plain, precomputed)
+
+
+def test_condition_kv_cache_reuses_equal_conditions_per_key_and_recomputes_changed_ones(pipe, conds):
+    dit = pipe.model.dit
+    cond = conds["t2i"]
+    negative, positive = (torch.cat(cond.block_conditions(name, dit.embed_condition), dim=1)
+                          for name in ("negative", "positive"))  # [2, blocks * N, D] each
+    rows = negative.shape[0]
+    mask_bias = mask_to_bias(_keep_mask(cond, (rows, negative.shape[1] // dit.num_blocks), 1, 1), dit.dtype)
+    latents = initial_noise(1, (2 * rows, 8, 8, 8))
+    timestep = torch.full((2 * rows,), 500.0)
+
+    def forward(conditions):
+        with torch.no_grad():
+            return dit(latents, timestep, conditions, torch.cat([mask_bias, mask_bias]))
+
+    batch = torch.cat([negative, positive])  # a copy, as core's cond_cat makes at every step
+    plain = forward(list(batch.chunk(dit.num_blocks, dim=1)))
+    cache = ConditionKVCache()
+    with torch.no_grad():
+        first = cache.block_kv(dit, batch, torch.cat([mask_bias, mask_bias]), ["neg", "pos"])
+        again = cache.block_kv(dit, torch.cat([negative, positive]), torch.cat([mask_bias, mask_bias]),
+                               ["neg", "pos"])
+    assert (cache.computed, cache.reused) == (2, 2)
+    assert torch.equal(forward(first), plain) and torch.equal(forward(again), plain)
+    # The groups one at a time, then in the other order: still one projection per key.
+    with torch.no_grad():
+        alone = cache.block_kv(dit, positive, mask_bias, ["pos"])
+        swapped = cache.block_kv(dit, torch.cat([positive, negative]), torch.cat([mask_bias, mask_bias]),
+                                 ["pos", "neg"])
+    assert (cache.computed, cache.reused) == (2, 5)
+    assert torch.equal(alone[0].key, first[0].key[rows:])
+    assert torch.equal(swapped[0].key[:rows], first[0].key[rows:])
+    # A key that comes back with other values is projected again, never served stale.
+    with torch.no_grad():
+        changed = cache.block_kv(dit, negative + 1.0, mask_bias, ["neg"])
+        masked = cache.block_kv(dit, negative + 1.0, torch.full_like(mask_bias, -10000.0), ["neg"])
+    assert (cache.computed, cache.reused) == (4, 5)
+    assert not torch.equal(changed[0].key, first[0].key[:rows])
+    assert torch.equal(masked[0].key, changed[0].key) and not torch.equal(masked[0].attention_mask,
+                                                                           changed[0].attention_mask)
+    with pytest.raises(ValueError, match="3 equal groups"):
+        cache.block_kv(dit, batch, None, ["a", "b", "c"])
 
 
 def test_one_timestep_for_all_rows_is_embedded_once(pipe, conds):

@@ -1,0 +1,120 @@
+#!/usr/bin/env python3
+"""One denoising step of the ladder DiT as core samplers drive it: raw conditions vs cached keys/values.
+
+Core samplers on 'TBAC Native Model' hand the DiT its raw conditions at every step. Without the
+sampling run's ``ConditionKVCache`` every block projects its condition's cross-attention keys and
+values again each step; with it they are projected once per run. This times one DiT call on a
+text-to-image batch (negative + positive rows, same latents) three ways, in one process, alternating:
+``strided`` (each block's condition a strided view of core's side-by-side context, projected in the
+call: the native model before it made them contiguous), ``raw`` (contiguous copies projected in the
+call: the first step of a run) and ``cached`` (a ``ConditionKVCache`` hit: every later step). Wall seconds, medians (with more than one thread, the CPU time of OpenMP's waiting
+threads would blur the comparison), and the process's CPU seconds beside them.
+
+Usage: python bench/native_step_bench.py [--model medium|DIR] [--dtype fp32|bf16] [--threads 1]
+       [--size 256] [--repeats 5]
+``--out FILE`` also writes the figures as JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import statistics
+import sys
+import time
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+for path in (str(REPO), str(BENCH)):
+    if path not in sys.path:
+        sys.path.insert(0, path)
+
+import benchutil as bu  # noqa: E402
+import torch  # noqa: E402
+from prompts import PROMPT  # noqa: E402
+
+
+def timed(call) -> tuple[float, float]:
+    """-> (wall seconds, process CPU seconds) of ``call()``."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    call()
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="medium", help="medium, or a checkpoint folder")
+    parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--size", type=int, default=256, help="image side in pixels")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
+    torch.set_num_threads(args.threads)
+
+    from tbac_core import TBACPipeline
+    from tbac_core.modeling import ConditionKVCache, mask_to_bias
+
+    checkpoint = BENCH / "models" / "medium" / "checkpoint" if args.model == "medium" else Path(args.model)
+    pipe = TBACPipeline.from_pretrained(checkpoint, device="cpu", dtype=args.dtype, cache_size=0)
+    dit, model = pipe.model.dit, pipe.model
+    if args.size % model.vae_scale_factor:
+        parser.error(f"--size must be a multiple of {model.vae_scale_factor}")
+    with torch.no_grad():
+        cond = pipe.encode(PROMPT)
+        # core's context: each block's condition side by side, [rows, blocks * N, D]; negative then positive.
+        context = torch.cat([torch.cat(cond.block_conditions(branch, dit.embed_condition), dim=1)
+                             for branch in ("negative", "positive")])
+        rows, tokens = context.shape[0], context.shape[1] // dit.num_blocks
+        bias = mask_to_bias(torch.ones(rows, tokens), dit.dtype)
+        side = args.size // model.vae_scale_factor
+        latents = torch.randn(rows, model.latent_channels, side, side, dtype=dit.dtype)
+        timestep = torch.full((rows,), 500.0)
+        cache = ConditionKVCache()
+        groups = [f"row{i}" for i in range(rows)]
+
+        def strided():  # the blocks' conditions as strided views of the context (the native model before)
+            dit(latents, timestep, list(context.chunk(dit.num_blocks, dim=1)), bias)
+
+        def raw():  # projected in the call from contiguous copies (without a cache: the first step)
+            dit(latents, timestep, [block.contiguous() for block in context.chunk(dit.num_blocks, dim=1)], bias)
+
+        def cached():  # the sampling run's cache, from the second step on
+            dit(latents, timestep, cache.block_kv(dit, context.clone(), bias, groups))
+
+        variants = {"strided": strided, "raw": raw, "cached": cached}
+        for call in variants.values():
+            call()  # warm-up: page in the weights, fill the cache
+        times = {name: [] for name in variants}
+        for _ in range(args.repeats):
+            for name, call in variants.items():
+                times[name].append(timed(call))
+    result = {
+        "what": "bench/native_step_bench.py: wall (and CPU) seconds of one DiT call (2 guidance rows): conditions "
+                "as strided views, projected in the call, or the native model's cached keys/values",
+        "date": datetime.date.today().isoformat(), "model": str(checkpoint), "dtype": args.dtype,
+        "threads": args.threads, "size": args.size, "repeats": args.repeats, "machine": bu.machine_facts(),
+    }
+    labels = {"strided": "strided views, projected in the call", "raw": "contiguous, projected in the call",
+              "cached": "cached keys/values"}
+    rows = []
+    for name, pairs in times.items():
+        wall, cpu = (list(column) for column in zip(*pairs))
+        result[f"{name}_s"], result[f"{name}_cpu_s"] = statistics.median(wall), statistics.median(cpu)
+        result[f"{name}_all_s"] = wall
+        rows.append([labels[name], f"{result[name + '_s']:.3f}", f"{min(wall):.3f}-{max(wall):.3f}",
+                     f"{result[name + '_cpu_s']:.3f}"])
+    result["cached_over_raw"] = result["cached_s"] / result["raw_s"]
+    result["cached_over_strided"] = result["cached_s"] / result["strided_s"]
+    print(bu.markdown_table(["one DiT call, 2 rows", "wall s (median)", "range", "CPU s (median)"], rows))
+    print(f"cached / raw: {result['cached_over_raw']:.3f}; cached / strided: {result['cached_over_strided']:.3f} "
+          "(wall)")
+    if args.out:
+        print(f"wrote {bu.write_json(args.out, result)}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
