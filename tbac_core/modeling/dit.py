@@ -72,6 +72,7 @@ class CrossAttentionKV:
 class _CachedCondition:
     condition: torch.Tensor  # [rows, num_blocks * N, D] as the caller passed it
     mask_bias: torch.Tensor | None  # [rows, 1, N]
+    weights: tuple  # _cross_attention_weights_stamp of the DiT when the keys/values were projected
     block_kv: list[CrossAttentionKV]  # num_blocks
 
 
@@ -82,8 +83,9 @@ class ConditionKVCache:
     A batch is made of equal row groups, each named by a key that the caller keeps for the whole
     sampling run (core's per-condition uuids). A group's keys/values are reused only when its
     condition and mask equal the stored ones (``torch.equal``: a copy's cost, against the two
-    projections per block it saves), so a reused key with other values is recomputed, never wrong.
-    Lives as long as the sampling run that made it (entries are never evicted).
+    projections per block it saves) and the cross-attention weights are the same tensors, unmodified
+    (ComfyUI hooks may patch weights between steps), so a reused key with other values is projected
+    again, never served stale. Lives as long as the sampling run that made it (no eviction).
     """
 
     def __init__(self):
@@ -104,21 +106,30 @@ class ConditionKVCache:
             raise ValueError(f"{condition.shape[0]} condition rows do not split into {groups} equal groups")
         conditions = condition.chunk(groups)
         biases = [None] * groups if mask_bias is None else mask_bias.chunk(groups)
-        per_group = [self._group_kv(dit, key, rows, bias)
+        weights = _cross_attention_weights_stamp(dit)
+        per_group = [self._group_kv(dit, key, rows, bias, weights)
                      for key, rows, bias in zip(group_keys, conditions, biases)]
         if groups == 1:
             return per_group[0]
         return [CrossAttentionKV.cat(list(parts)) for parts in zip(*per_group)]
 
-    def _group_kv(self, dit, key, condition, mask_bias) -> list[CrossAttentionKV]:
+    def _group_kv(self, dit, key, condition, mask_bias, weights) -> list[CrossAttentionKV]:
         entry = self._entries.get(key)
-        if entry is not None and _same(entry.condition, condition) and _same(entry.mask_bias, mask_bias):
+        if (entry is not None and entry.weights == weights and _same(entry.condition, condition)
+                and _same(entry.mask_bias, mask_bias)):
             self.reused += 1
             return entry.block_kv
         block_kv = dit.precompute_conditions(list(condition.chunk(dit.num_blocks, dim=1)), mask_bias)
-        self._entries[key] = _CachedCondition(condition, mask_bias, block_kv)
+        self._entries[key] = _CachedCondition(condition, mask_bias, weights, block_kv)
         self.computed += 1
         return block_kv
+
+
+def _cross_attention_weights_stamp(dit: LadderDiT) -> tuple:
+    """Which tensors the blocks' cross-attentions hold, and their in-place versions: equal stamps, same weights."""
+    return tuple((id(tensor), tensor._version)
+                 for block in dit.transformer.transformer_blocks if block.attn2 is not None
+                 for tensor in (*block.attn2.parameters(), *block.attn2.buffers()))
 
 
 def _same(stored: torch.Tensor | None, given: torch.Tensor | None) -> bool:

@@ -144,6 +144,17 @@ def test_condition_kv_cache_reuses_equal_conditions_per_key_and_recomputes_chang
     assert not torch.equal(changed[0].key, first[0].key[:rows])
     assert torch.equal(masked[0].key, changed[0].key) and not torch.equal(masked[0].attention_mask,
                                                                            changed[0].attention_mask)
+    # Weights changed in place (a ComfyUI hook patching them between steps): projected again.
+    to_k = dit.transformer.transformer_blocks[0].attn2.to_k.weight
+    with torch.no_grad():
+        cache.block_kv(dit, negative + 1.0, mask_bias, ["neg"])
+        assert (cache.computed, cache.reused) == (5, 5)
+        assert cache.block_kv(dit, negative + 1.0, mask_bias, ["neg"])[0] is not None
+        assert (cache.computed, cache.reused) == (5, 6)
+        to_k.mul_(1.0)  # same values, but written: a hook's patch
+        repatched = cache.block_kv(dit, negative + 1.0, mask_bias, ["neg"])
+    assert (cache.computed, cache.reused) == (6, 6)
+    assert torch.equal(repatched[0].key, changed[0].key)
     with pytest.raises(ValueError, match="3 equal groups"):
         cache.block_kv(dit, batch, None, ["a", "b", "c"])
 
