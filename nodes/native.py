@@ -181,7 +181,7 @@ class TBACNativeModel(io.ComfyNode):
             description=(
                 "The ladder DiT as a ComfyUI MODEL with flow-matching sampling (the checkpoint's shift), for core "
                 "KSampler, KSamplerAdvanced and SamplerCustomAdvanced. Condition it with 'TBAC To Conditioning'; "
-                "its latents are TBAC latents (decode with 'TBAC Decode')."
+                "its latents are TBAC latents (decode with 'TBAC Decode'). Core EasyCache / LazyCache work on it."
             ),
             inputs=[model_input()],
             outputs=[io.Model.Output("MODEL", tooltip="For core samplers, with 'TBAC To Conditioning'.")],
