@@ -126,8 +126,12 @@ class ConditionKVCache:
 
 
 def _cross_attention_weights_stamp(dit: LadderDiT) -> tuple:
-    """Which tensors the blocks' cross-attentions hold, and their in-place versions: equal stamps, same weights."""
-    return tuple((id(tensor), tensor._version)
+    """Which tensors the blocks' cross-attentions hold, and their in-place versions: equal stamps, same weights.
+
+    Inference tensors (weights loaded under ``torch.inference_mode``, as ComfyUI runs its nodes) keep
+    no version counter; they are told apart by identity and storage alone.
+    """
+    return tuple((id(tensor), tensor.data_ptr(), None if tensor.is_inference() else tensor._version)
                  for block in dit.transformer.transformer_blocks if block.attn2 is not None
                  for tensor in (*block.attn2.parameters(), *block.attn2.buffers()))
 

@@ -32,8 +32,9 @@ pack = real_comfyui.import_pack(pack_root)
 bridge, native, generate = pack.nodes.comfy_bridge, pack.nodes.native, pack.nodes.generate
 SamplingParams = pack.tbac_core.params.SamplingParams
 
-tbac = pack.tbac_core.load_model(
-    fixture_root / "checkpoint", device="cpu", dtype="float32", models_dirs=[fixture_root])
+with torch.inference_mode():  # as ComfyUI runs its nodes: the weights are inference tensors
+    tbac = pack.tbac_core.load_model(
+        fixture_root / "checkpoint", device="cpu", dtype="float32", models_dirs=[fixture_root])
 model = bridge.ManagedModel(tbac, bridge.devices_for("cpu"), "tbac-tiny")
 patcher = native.native_model(model)
 STEPS, SEED, G, IG, SIZE = 6, 5, 4.5, 1.5, 64

@@ -395,3 +395,21 @@ def test_compile_without_a_compiler_falls_back_with_a_clear_message(monkeypatch,
     assert Blocks.compiled == 0 and "runs uncompiled" in caplog.text
     monkeypatch.setattr(config.cpp, "cxx", ("sh",))  # any program on PATH counts as found
     assert dit_compile.compile_dit_blocks(FakeDiT, torch.device("cpu")) is True and Blocks.compiled == 2
+
+
+def test_condition_kv_cache_works_on_inference_tensor_weights(checkpoint_dir):
+    # ComfyUI runs its nodes under torch.inference_mode: the loaded weights keep no version counter.
+    from tbac_core import load_model
+
+    with torch.inference_mode():
+        model = load_model(checkpoint_dir, device="cpu", dtype="float32")
+    dit = model.dit
+    assert dit.transformer.transformer_blocks[0].attn2.to_k.weight.is_inference()
+    width = dit.transformer.transformer_blocks[0].attn2.to_k.in_features
+    context = torch.randn(2, dit.num_blocks * 4, width)  # [B, blocks * N, D], N = 4
+    cache = ConditionKVCache()
+    with torch.no_grad():
+        first = cache.block_kv(dit, context, None, ["a"])
+        again = cache.block_kv(dit, context.clone(), None, ["a"])
+    assert (cache.computed, cache.reused) == (1, 1)
+    assert again is first
