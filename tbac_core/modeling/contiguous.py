@@ -5,7 +5,7 @@ transposed view, and the DC-AE's multiscale attention runs its projections on ``
 ``[B, C, H, W]`` maps. On CUDA a strided input only changes the GEMM's transpose flags, but on the
 CPU a bfloat16 ``F.linear`` on a strided 3-D/4-D input leaves oneDNN's fast path: 28x slower for one
 ``[2, 64, 2240]`` projection, and 1.58 -> 1.18 s per DiT step of the real architecture at 512x512
-(``bench/native_step_bench.py``-style measurement, README: *Speed and memory*). A forward pre-hook
+(in-process A/B, 2 threads; README: *Speed and memory*). A forward pre-hook
 that makes the input contiguous costs one copy of an activation (a no-op when it already is) and
 changes no arithmetic: float32 results are bit-identical.
 """
