@@ -113,7 +113,7 @@ def run_train(ctx) -> int:
     import torch
 
     from ..loading import apply_adapter
-    from .distributed import is_main_process, launch_device
+    from .distributed import is_main_process, launch_device, leave_process_group
     from .export import export_checkpoint
     from .trainer import Trainer
 
@@ -132,7 +132,8 @@ def run_train(ctx) -> int:
     _log(ctx, f"{trainer.data.describe()}; training "
               f"{trainer.parts.num_trainable():,} parameters ({', '.join(trainer.parts.named_groups())}); "
               f"rungs per DiT block {trainer.block_rungs}.")
-    result = trainer.train()
+    result = trainer.train()  # ends with every process past its last collective
+    leave_process_group()
     _log(ctx, f"Done: {result.steps} steps in {result.seconds:.0f}s; trained parts in {result.final_dir}.")
     if args.export and trainer.is_main_process:
         del trainer, model
