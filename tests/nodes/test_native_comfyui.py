@@ -46,11 +46,12 @@ def test_conditions_keys_and_values_are_computed_once_per_sampling_run(figures):
     assert figures["plain_dit_calls"] == 20
 
 
-def test_core_easycache_works_on_the_native_model(figures):
+def test_core_easycache_and_lazycache_work_on_the_native_model(figures):
     assert figures["easycache_0.0_dit_calls"] == 20
     assert figures["easycache_0.0_max_diff"] == 0.0
     assert figures["easycache_0.5_dit_calls"] < 20
     assert figures["easycache_0.5_max_diff"] > 0.0
+    assert figures["lazycache_0.5_dit_calls"] < 20
 
 
 def test_core_dual_cfg_guider_gives_our_three_way_edit_guidance(figures):

@@ -23,7 +23,7 @@ import comfy.utils
 import latent_preview
 import torch
 from comfy_extras.nodes_custom_sampler import Guider_DualCFG
-from comfy_extras.nodes_easycache import EasyCacheNode
+from comfy_extras.nodes_easycache import EasyCacheNode, LazyCacheNode
 from PIL import Image
 
 import nodes as core_nodes
@@ -167,5 +167,10 @@ for threshold in (0.0, 0.5):
                                      positive, negative, latent, seed=SEED)
     figures[f"easycache_{threshold}_dit_calls"] = len(dit_calls)
     figures[f"easycache_{threshold}_max_diff"] = max_diff(out, core)
+(lazy_patcher,) = LazyCacheNode.execute(patcher, 0.5, 0.15, 0.95, False).args
+dit_calls.clear()
+comfy.sample.sample_custom(lazy_patcher, noise, G, comfy.samplers.sampler_object("euler"), long_sigmas,
+                           positive, negative, latent, seed=SEED)
+figures["lazycache_0.5_dit_calls"] = len(dit_calls)
 counter.remove()
 print("FIGURES " + json.dumps(figures))
