@@ -15,6 +15,7 @@ from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 from .layer_offload import to_device
 from .meta_init import empty_weights
+from .vision_patch_embed import use_linear_patch_embed
 
 
 def canonical_key(key: str) -> str:
@@ -47,6 +48,7 @@ def build_mllm(config_dict: dict, embedding_rows: int) -> tuple[Qwen2_5_VLForCon
     with empty_weights():
         model = Qwen2_5_VLForConditionalGeneration._from_config(config, attn_implementation="sdpa")
     model.lm_head = nn.Identity()  # attached from the embedding after loading
+    use_linear_patch_embed(vision_tower(model))  # the kernel-sized Conv3d as a matmul (vision_patch_embed: why)
     model.eval().requires_grad_(False)
     return model, base_vocab
 
