@@ -109,10 +109,9 @@ class LadderDiTDiffusionModel(torch.nn.Module):
         groups = transformer_options.get("uuids") or []
         if kv_cache is not None and groups and context.shape[0] % len(groups) == 0:
             conditions = kv_cache.block_kv(self.dit, context, bias, groups)
-        else:
-            # num_blocks x [B, N, D], contiguous: the projections of a strided view are slow (dit.py)
-            conditions = [block.contiguous() for block in context.chunk(self.dit.num_blocks, dim=1)]
-        return self.dit(x, timesteps.to(x.device), conditions, bias)
+        else:  # no sampling run to keep them for: this step's keys/values
+            conditions = self.dit.precompute_conditions(list(context.chunk(self.dit.num_blocks, dim=1)), bias)
+        return self.dit(x, timesteps.to(x.device), conditions)
 
 
 def condition_kv_sampling_wrapper(executor, *args, **kwargs):
