@@ -12,6 +12,7 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -84,6 +85,18 @@ def timed(store: list, device="cpu"):
     yield
     synchronize(device)
     store.append(time.perf_counter() - start)
+
+
+class Seconds(NamedTuple):
+    wall: float
+    cpu: float  # the process's CPU time (steadier than wall time on a shared machine with one thread)
+
+
+def wall_and_cpu_seconds(call) -> Seconds:
+    """Run ``call()`` once -> its wall seconds and the process's CPU seconds."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    call()
+    return Seconds(time.perf_counter() - wall, time.process_time() - cpu)
 
 
 def psnr(images: torch.Tensor, reference: torch.Tensor) -> float:

@@ -17,7 +17,6 @@ import argparse
 import datetime
 import statistics
 import sys
-import time
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
@@ -44,10 +43,8 @@ def edit_image(size: int):
     return image
 
 
-def timed(call) -> float:
-    start = time.process_time()
-    call()
-    return time.process_time() - start
+def cpu_seconds(call) -> float:
+    return bu.wall_and_cpu_seconds(call).cpu
 
 
 def main(argv=None) -> dict:
@@ -72,10 +69,11 @@ def main(argv=None) -> dict:
     pipe = TBACPipeline.from_pretrained(checkpoint, device="cpu", dtype=args.dtype, cache_size=0, **options)
     image = edit_image(args.image_size)
     with torch.no_grad():
-        first_prompt = timed(lambda: pipe.encode(PROMPT))
-        new_prompts = [timed(lambda p=p: pipe.encode(p)) for p in NEW_PROMPTS[:args.repeats]]
-        first_edit = timed(lambda: pipe.encode(EDIT_PROMPT, images=[image]))
-        new_instructions = [timed(lambda p=p: pipe.encode(p, images=[image])) for p in NEW_INSTRUCTIONS[:args.repeats]]
+        first_prompt = cpu_seconds(lambda: pipe.encode(PROMPT))
+        new_prompts = [cpu_seconds(lambda p=p: pipe.encode(p)) for p in NEW_PROMPTS[:args.repeats]]
+        first_edit = cpu_seconds(lambda: pipe.encode(EDIT_PROMPT, images=[image]))
+        new_instructions = [cpu_seconds(lambda p=p: pipe.encode(p, images=[image]))
+                            for p in NEW_INSTRUCTIONS[:args.repeats]]
     result = {
         "what": "bench/encode_bench.py: CPU seconds of MLLM conditioning, no request cache",
         "date": datetime.date.today().isoformat(), "model": str(checkpoint), "dtype": args.dtype,

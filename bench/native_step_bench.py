@@ -20,7 +20,6 @@ import argparse
 import datetime
 import statistics
 import sys
-import time
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
@@ -32,13 +31,6 @@ for path in (str(REPO), str(BENCH)):
 import benchutil as bu  # noqa: E402
 import torch  # noqa: E402
 from prompts import PROMPT  # noqa: E402
-
-
-def timed(call) -> tuple[float, float]:
-    """-> (wall seconds, process CPU seconds) of ``call()``."""
-    wall, cpu = time.perf_counter(), time.process_time()
-    call()
-    return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def main(argv=None) -> dict:
@@ -90,7 +82,7 @@ def main(argv=None) -> dict:
         times = {name: [] for name in variants}
         for _ in range(args.repeats):
             for name, call in variants.items():
-                times[name].append(timed(call))
+                times[name].append(bu.wall_and_cpu_seconds(call))
     result = {
         "what": "bench/native_step_bench.py: wall (and CPU) seconds of one DiT call (2 guidance rows): conditions "
                 "as strided views, projected in the call, or the native model's cached keys/values",
