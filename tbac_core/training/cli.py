@@ -113,7 +113,7 @@ def run_train(ctx) -> int:
     import torch
 
     from ..loading import apply_adapter
-    from .distributed import is_main_process, launch_device, leave_process_group
+    from .distributed import end_launched_process, is_main_process, launch_device, leave_process_group
     from .export import export_checkpoint
     from .trainer import Trainer
 
@@ -141,7 +141,7 @@ def run_train(ctx) -> int:
         apply_adapter(base, result.final_dir)
         out = export_checkpoint(base, args.export, config_updates={"trained_from": str(folder)})
         _log(ctx, f"Standalone checkpoint written to {out}.")
-    return 0
+    return end_launched_process(0)
 
 
 def _log(ctx, message: str) -> None:

@@ -12,7 +12,9 @@ and each chunk into ``num_processes`` consecutive slices; process r trains slice
 """
 from __future__ import annotations
 
+import logging
 import os
+import sys
 
 import torch
 from accelerate import Accelerator, PartialState
@@ -58,12 +60,29 @@ def make_accelerator() -> Accelerator:
 def leave_process_group() -> None:
     """Close the process group of ``accelerate launch`` once training is over (a plain run has none).
 
-    A gloo group left for the interpreter's exit can abort a process after its work is done
-    ("terminate called without an active exception": seen once in CI on a 2-process CPU run that had
-    finished and saved). Call it after the last collective: it is local, not a barrier.
+    Call it after the last collective: it is local, not a barrier.
     """
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+def end_launched_process(code: int) -> int:
+    """Return ``code`` from a plain run; end a process of a multi-process launch with it at once.
+
+    Call it when the process has written everything. The interpreter's teardown of a finished
+    2-process CPU run could still abort it (SIGABRT, "terminate called without an active
+    exception": a C++ thread of c10d/gloo still joinable when its owner is destroyed), even after
+    ``leave_process_group``, and the launcher then reports the whole run failed though it saved
+    everything: seen twice in CI. So after closing the group and flushing the logs and streams,
+    such a process skips the teardown (``os._exit``).
+    """
+    if launched_processes() == 1:
+        return code
+    leave_process_group()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(code)
 
 
 def is_main_process() -> bool:

@@ -127,3 +127,21 @@ def test_fsdp_run_resumes_from_a_checkpoint(two_process_run, one_process_run, ch
                                "--resume", str(two_process_run / "checkpoint-000001"))
     assert history(out / "final")[-1] == pytest.approx(losses[-1], rel=1e-5)
     assert_close(read_adapter_tensors(out / "final"), states[1])
+
+
+def test_a_launched_process_ends_with_its_code_and_flushed_output():
+    """Under a multi-process launch the train CLI ends its process itself (no interpreter teardown)."""
+    from tbac_core.training.distributed import end_launched_process
+
+    script = ("import logging, sys\n"
+              "from tbac_core.training.distributed import end_launched_process\n"
+              "logging.basicConfig(stream=sys.stderr)\n"
+              "print('saved', end='')\n"
+              "logging.getLogger('x').warning('logged')\n"
+              "end_launched_process(3)\n"
+              "print('not reached')\n")
+    env = dict(os.environ, WORLD_SIZE="2", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stdout) == (3, "saved")
+    assert "logged" in done.stderr
+    assert end_launched_process(3) == 3  # a plain run (no WORLD_SIZE) just returns it
