@@ -99,6 +99,19 @@ def wall_and_cpu_seconds(call) -> Seconds:
     return Seconds(time.perf_counter() - wall, time.process_time() - cpu)
 
 
+def timing_rows(result: dict, times: dict[str, list[Seconds]], labels: dict[str, str]) -> list[list[str]]:
+    """Per variant, store ``{name}_s`` / ``{name}_cpu_s`` (medians) and ``{name}_all_s`` (every wall time) in
+    ``result`` -> markdown rows: label, median wall, wall range, median CPU."""
+    rows = []
+    for name, pairs in times.items():
+        wall, cpu = (list(column) for column in zip(*pairs))
+        result[f"{name}_s"], result[f"{name}_cpu_s"] = statistics.median(wall), statistics.median(cpu)
+        result[f"{name}_all_s"] = wall
+        rows.append([labels.get(name, name), f"{result[name + '_s']:.3f}", f"{min(wall):.3f}-{max(wall):.3f}",
+                     f"{result[name + '_cpu_s']:.3f}"])
+    return rows
+
+
 def psnr(images: torch.Tensor, reference: torch.Tensor) -> float:
     """PSNR in dB of images in 0..1 against the reference (inf when identical)."""
     mse = float(((images.float() - reference.float()) ** 2).mean())

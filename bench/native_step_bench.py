@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import statistics
 import sys
 from pathlib import Path
 
@@ -91,13 +90,7 @@ def main(argv=None) -> dict:
     }
     labels = {"strided": "strided views, projected in the call", "raw": "contiguous, projected in the call",
               "cached": "cached keys/values"}
-    rows = []
-    for name, pairs in times.items():
-        wall, cpu = (list(column) for column in zip(*pairs))
-        result[f"{name}_s"], result[f"{name}_cpu_s"] = statistics.median(wall), statistics.median(cpu)
-        result[f"{name}_all_s"] = wall
-        rows.append([labels[name], f"{result[name + '_s']:.3f}", f"{min(wall):.3f}-{max(wall):.3f}",
-                     f"{result[name + '_cpu_s']:.3f}"])
+    rows = bu.timing_rows(result, times, labels)
     result["cached_over_raw"] = result["cached_s"] / result["raw_s"]
     result["cached_over_strided"] = result["cached_s"] / result["strided_s"]
     print(bu.markdown_table(["one DiT call, 2 rows", "wall s (median)", "range", "CPU s (median)"], rows))

@@ -29,7 +29,7 @@ from ..modeling.mllm import (
     text_model,
 )
 from ..modeling.model import TBACModel
-from ..modeling.vae import use_contiguous_projections
+from ..modeling.vae import speed_up_vae
 from ..modeling.weight_layout import input_major_keys
 from ..processing.prompting import (
     TBAC_IMAGE_PIXELS,
@@ -294,7 +294,7 @@ def _load_vae(files: CheckpointFiles, vae_config: dict, dtype, device) -> Autoen
     with empty_weights():
         vae = AutoencoderDC.from_config(vae_config)
     load_strict(vae, files.load_component("vae", dtype, device), files.describe())
-    use_contiguous_projections(vae)
+    speed_up_vae(vae)
     return vae.to(device).eval().requires_grad_(False)
 
 

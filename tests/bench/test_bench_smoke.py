@@ -222,3 +222,14 @@ def test_native_step_bench_times_raw_conditions_against_cached_keys_values(tmp_p
     assert result["strided_s"] > 0
     assert len(result["raw_all_s"]) == len(result["cached_all_s"]) == len(result["strided_all_s"]) == 2
     assert json.loads(out.read_text())["cached_over_raw"] == result["cached_over_raw"]
+
+
+def test_decode_bench_times_both_norms_and_finds_the_same_bits(tmp_path, fixture_root):
+    import decode_bench
+
+    out = tmp_path / "decode.json"
+    result = decode_bench.main(["--model", str(fixture_root / "checkpoint"), "--size", "64", "--repeats", "2",
+                                "--out", str(out)])
+    assert result["same_bits"] is True
+    assert result["lean_s"] > 0 and result["diffusers_s"] > 0 and len(result["lean_all_s"]) == 2
+    assert json.loads(out.read_text())["lean_over_diffusers"] == result["lean_over_diffusers"]

@@ -1,0 +1,81 @@
+#!/usr/bin/env python3
+"""The DC-AE decode with diffusers' RMSNorm vs ``LeanRMSNorm`` (modeling/rms_norm.py), same weights.
+
+Loads a checkpoint (its tensors are mapped lazily: only the DC-AE is read), then decodes the same
+random latents in one process, alternating the two norms on the same VAE, and checks that both give
+the same bits. Wall seconds, medians (with more than one thread, OpenMP's waiting threads blur CPU
+time), and the process's CPU seconds beside them.
+
+Usage: python bench/decode_bench.py [--model medium|real|DIR] [--dtype fp32|bf16] [--threads 1]
+       [--size 512] [--repeats 3]
+``--out FILE`` also writes the figures as JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+for path in (str(REPO), str(BENCH)):
+    if path not in sys.path:
+        sys.path.insert(0, path)
+
+import benchutil as bu  # noqa: E402
+import torch  # noqa: E402
+
+MODELS = {"medium": BENCH / "models" / "medium" / "checkpoint", "real": BENCH / "models" / "real" / "checkpoint"}
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="medium", help="medium, real, or a checkpoint folder")
+    parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--size", type=int, default=512, help="image side in pixels")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
+    torch.set_num_threads(args.threads)
+
+    from tbac_core import TBACPipeline
+    from tbac_core.modeling.rms_norm import use_diffusers_rms_norms, use_lean_rms_norms
+
+    checkpoint = MODELS.get(args.model, Path(args.model))
+    pipe = TBACPipeline.from_pretrained(checkpoint, device="cpu", dtype=args.dtype, cache_size=0)
+    factor = pipe.model.vae_scale_factor
+    if args.size % factor:
+        parser.error(f"--size must be a multiple of {factor}")
+    side = args.size // factor
+    latents = torch.randn(1, pipe.model.latent_channels, side, side, generator=torch.Generator().manual_seed(0))
+    vae = pipe.model.vae
+    norms = {"diffusers": use_diffusers_rms_norms, "lean": use_lean_rms_norms}
+    images, times = {}, {name: [] for name in norms}
+    for repeat in range(args.repeats + 1):  # the first round pages the weights in and is not counted
+        for name, swap in norms.items():
+            swap(vae)
+            seconds = bu.wall_and_cpu_seconds(lambda: images.__setitem__(name, pipe.decode(latents, tiled=False)))
+            if repeat:
+                times[name].append(seconds)
+    result = {
+        "what": "bench/decode_bench.py: wall (and CPU) seconds of one DC-AE decode, diffusers' RMSNorm vs LeanRMSNorm",
+        "date": datetime.date.today().isoformat(), "model": str(checkpoint), "dtype": args.dtype,
+        "threads": args.threads, "size": args.size, "repeats": args.repeats, "machine": bu.machine_facts(),
+        "same_bits": torch.equal(images["diffusers"], images["lean"]),
+    }
+    rows = bu.timing_rows(result, times, {})
+    result["lean_over_diffusers"] = result["lean_s"] / result["diffusers_s"]
+    print(bu.markdown_table([f"decode {args.size}x{args.size}, RMSNorm", "wall s (median)", "range",
+                             "CPU s (median)"], rows))
+    print(f"lean / diffusers: {result['lean_over_diffusers']:.3f} (wall); same bits: {result['same_bits']}")
+    if args.out:
+        print(f"wrote {bu.write_json(args.out, result)}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
