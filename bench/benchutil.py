@@ -16,8 +16,23 @@ from typing import NamedTuple
 
 import torch
 
+MODELS_DIR = Path(__file__).resolve().parent / "models"  # make_random_checkpoint.py writes them here
 PROC_STATUS = Path("/proc/self/status")
 PROC_CLEAR_REFS = Path("/proc/self/clear_refs")
+
+
+# -- command line of the single-process benchmarks -------------------------------------------------
+def add_model_options(parser) -> None:
+    """``--model``, ``--dtype``, ``--threads`` and ``--out`` (see ``model_checkpoint``)."""
+    parser.add_argument("--model", default="medium", help="medium, real, or a checkpoint folder")
+    parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=None, help="also write the figures to this JSON file")
+
+
+def model_checkpoint(model: str) -> Path:
+    """``--model``: a benchmark model's checkpoint (medium, real: bench/models/NAME/checkpoint), or a folder."""
+    return MODELS_DIR / model / "checkpoint" if model in ("medium", "real") else Path(model)
 
 
 # -- memory of this process -----------------------------------------------------------------------

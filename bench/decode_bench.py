@@ -26,17 +26,12 @@ for path in (str(REPO), str(BENCH)):
 import benchutil as bu  # noqa: E402
 import torch  # noqa: E402
 
-MODELS = {"medium": BENCH / "models" / "medium" / "checkpoint", "real": BENCH / "models" / "real" / "checkpoint"}
-
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="medium", help="medium, real, or a checkpoint folder")
-    parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
-    parser.add_argument("--threads", type=int, default=1)
+    bu.add_model_options(parser)
     parser.add_argument("--size", type=int, default=512, help="image side in pixels")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
@@ -45,7 +40,7 @@ def main(argv=None) -> dict:
     from tbac_core import TBACPipeline
     from tbac_core.modeling.rms_norm import use_diffusers_rms_norms, use_lean_rms_norms
 
-    checkpoint = MODELS.get(args.model, Path(args.model))
+    checkpoint = bu.model_checkpoint(args.model)
     pipe = TBACPipeline.from_pretrained(checkpoint, device="cpu", dtype=args.dtype, cache_size=0)
     factor = pipe.model.vae_scale_factor
     if args.size % factor:

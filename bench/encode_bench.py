@@ -49,14 +49,11 @@ def cpu_seconds(call) -> float:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="medium", help="medium, or a checkpoint folder")
-    parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
-    parser.add_argument("--threads", type=int, default=1)
+    bu.add_model_options(parser)
     parser.add_argument("--repeats", type=int, default=3, help=f"new prompts / instructions (1..{len(NEW_PROMPTS)})")
     parser.add_argument("--guidance-cache-size", type=int, default=None,
                         help="TBACPipeline's guidance_cache_size (default: the library's)")
     parser.add_argument("--image-size", type=int, default=256, help="side of the edited image in pixels")
-    parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     if not 1 <= args.repeats <= len(NEW_PROMPTS):
         parser.error(f"--repeats must be in 1..{len(NEW_PROMPTS)}")
@@ -64,7 +61,7 @@ def main(argv=None) -> dict:
 
     from tbac_core import TBACPipeline
 
-    checkpoint = BENCH / "models" / "medium" / "checkpoint" if args.model == "medium" else Path(args.model)
+    checkpoint = bu.model_checkpoint(args.model)
     options = {} if args.guidance_cache_size is None else {"guidance_cache_size": args.guidance_cache_size}
     pipe = TBACPipeline.from_pretrained(checkpoint, device="cpu", dtype=args.dtype, cache_size=0, **options)
     image = edit_image(args.image_size)

@@ -34,12 +34,9 @@ from prompts import PROMPT  # noqa: E402
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="medium", help="medium, or a checkpoint folder")
-    parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
-    parser.add_argument("--threads", type=int, default=1)
+    bu.add_model_options(parser)
     parser.add_argument("--size", type=int, default=256, help="image side in pixels")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
@@ -48,7 +45,7 @@ def main(argv=None) -> dict:
     from tbac_core import TBACPipeline
     from tbac_core.modeling import ConditionKVCache, mask_to_bias
 
-    checkpoint = BENCH / "models" / "medium" / "checkpoint" if args.model == "medium" else Path(args.model)
+    checkpoint = bu.model_checkpoint(args.model)
     pipe = TBACPipeline.from_pretrained(checkpoint, device="cpu", dtype=args.dtype, cache_size=0)
     dit, model = pipe.model.dit, pipe.model
     if args.size % model.vae_scale_factor:
