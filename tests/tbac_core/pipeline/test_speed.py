@@ -413,3 +413,12 @@ def test_condition_kv_cache_works_on_inference_tensor_weights(checkpoint_dir):
         again = cache.block_kv(dit, context.clone(), None, ["a"])
     assert (cache.computed, cache.reused) == (1, 1)
     assert again is first
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_dit_dtype_and_device_are_diffusers_answers_without_the_module_walk(checkpoint_dir, dtype):
+    from tbac_core import load_model
+
+    dit = load_model(checkpoint_dir, device="cpu", dtype=dtype).dit
+    assert (dit.dtype, dit.device) == (dit.transformer.dtype, dit.transformer.device)
+    assert dit.dtype == getattr(torch, dtype)
