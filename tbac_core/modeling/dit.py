@@ -16,6 +16,7 @@ from diffusers.models.normalization import RMSNorm
 from torch import nn
 
 from .contiguous import make_inputs_contiguous
+from .linear_attention import use_token_major_linear_attention
 from .mix_ffn import use_token_major_ffn
 from .step_cache import FirstBlockCache
 from .weights_stamp import weights_stamp
@@ -202,6 +203,7 @@ class LadderDiT(nn.Module):
             if block.attn2 is not None and not isinstance(block.attn2.processor, PrecomputedKVAttnProcessor):
                 block.attn2.set_processor(PrecomputedKVAttnProcessor(block.attn2.processor))
         use_token_major_ffn(transformer.transformer_blocks)  # 1x1 convs as matmuls (mix_ffn: why)
+        use_token_major_linear_attention(block.attn1 for block in transformer.transformer_blocks)
         # The self-attention's output projection gets a transposed view (contiguous: why).
         make_inputs_contiguous(block.attn1.to_out[0] for block in transformer.transformer_blocks)
 

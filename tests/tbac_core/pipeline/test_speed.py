@@ -422,3 +422,22 @@ def test_dit_dtype_and_device_are_diffusers_answers_without_the_module_walk(chec
     dit = load_model(checkpoint_dir, device="cpu", dtype=dtype).dit
     assert (dit.dtype, dit.device) == (dit.transformer.dtype, dit.transformer.device)
     assert dit.dtype == getattr(torch, dtype)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_token_major_linear_attention_keeps_the_denoising_bits(checkpoint_dir, dtype):
+    from diffusers.models.attention_processor import SanaLinearAttnProcessor2_0
+
+    from tbac_core import TBACPipeline
+    from tbac_core.modeling.linear_attention import TokenMajorLinearAttnProcessor
+
+    pipe = TBACPipeline.from_pretrained(checkpoint_dir, device="cpu", dtype=dtype)
+    cond = pipe.encode("a red cat")
+    latents = {}
+    for processor in (SanaLinearAttnProcessor2_0, TokenMajorLinearAttnProcessor):
+        for block in pipe.model.dit.transformer.transformer_blocks:
+            block.attn1.set_processor(processor())
+        latents[processor] = _run(pipe, cond, SamplingParams(steps=STEPS, guidance_scale=4.5))
+    reference, ours = latents[SanaLinearAttnProcessor2_0], latents[TokenMajorLinearAttnProcessor]
+    # Same bits on this project's CPUs (AVX-512, MKL); another BLAS may round the transposed products apart.
+    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5 * float(reference.abs().max()))
