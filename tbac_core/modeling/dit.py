@@ -19,7 +19,6 @@ from .contiguous import make_inputs_contiguous
 from .linear_attention import use_token_major_linear_attention
 from .mix_ffn import use_token_major_ffn
 from .step_cache import FirstBlockCache
-from .weights_stamp import weights_stamp
 
 # The official connector's RMSNorm starts at sqrt(5.5) and is trained; the value comes from the
 # checkpoint, but a freshly built connector (training) starts here.
@@ -128,9 +127,14 @@ class ConditionKVCache:
 
 
 def _cross_attention_weights_stamp(dit: LadderDiT) -> tuple:
-    """Which tensors the blocks' cross-attentions hold, and their in-place versions: equal stamps, same weights."""
-    return weights_stamp(tensor for block in dit.transformer.transformer_blocks if block.attn2 is not None
-                         for tensor in (*block.attn2.parameters(), *block.attn2.buffers()))
+    """Which tensors the blocks' cross-attentions hold, and their in-place versions: equal stamps, same weights.
+
+    Inference tensors (weights loaded under ``torch.inference_mode``, as ComfyUI runs its nodes) keep
+    no version counter; they are told apart by identity and storage alone.
+    """
+    return tuple((id(tensor), tensor.data_ptr(), None if tensor.is_inference() else tensor._version)
+                 for block in dit.transformer.transformer_blocks if block.attn2 is not None
+                 for tensor in (*block.attn2.parameters(), *block.attn2.buffers()))
 
 
 def _same(stored: torch.Tensor | None, given: torch.Tensor | None) -> bool:

@@ -15,17 +15,7 @@ from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 from .layer_offload import to_device
 from .meta_init import empty_weights
-from .prefix_kv import (
-    PrefixLayers,
-    SharedPrefix,
-    cache_keyword,
-    cache_layers,
-    cache_with_prefix,
-    columns_after_prefix,
-    new_cache,
-)
 from .vision_patch_embed import use_linear_patch_embed
-from .weights_stamp import weights_stamp
 
 
 def canonical_key(key: str) -> str:
@@ -179,7 +169,6 @@ def metaquery_rung_states(
     check_cancel=None,
     grad_enabled: bool = False,
     seen_images: list | None = None,
-    shared_prefix: SharedPrefix | None = None,
 ) -> torch.Tensor:
     """Run the MLLM and return hidden states at ``positions`` for ``rungs`` -> [len(rungs), B, N, H].
 
@@ -187,16 +176,13 @@ def metaquery_rung_states(
     and the LM head are never computed, and no full-sequence hidden states are kept.
     ``grad_enabled``: build the autograd graph (training the metaquery rows); inference leaves it off.
     ``seen_images``: see ``image_features``; pass one list to several calls to share their images.
-    ``shared_prefix``: the ids every row starts with; their keys/values come from its cache and the
-    rows run only the tokens after them (``prefix_kv``: why).
     """
     with torch.set_grad_enabled(grad_enabled):
-        return _metaquery_rung_states(model, inputs, positions, rungs, image_token_id, check_cancel, seen_images,
-                                      shared_prefix)
+        return _metaquery_rung_states(model, inputs, positions, rungs, image_token_id, check_cancel, seen_images)
 
 
 def _metaquery_rung_states(model, inputs, positions, rungs, image_token_id, check_cancel,
-                           seen_images=None, shared_prefix=None) -> torch.Tensor:
+                           seen_images=None) -> torch.Tensor:
     device = model.device  # the first parameter's: resident under partial loading (see layer_offload)
     input_ids = inputs["input_ids"].to(device)
     attention_mask = inputs["attention_mask"].to(device)
@@ -214,62 +200,18 @@ def _metaquery_rung_states(model, inputs, positions, rungs, image_token_id, chec
         # Features may come from an earlier encode (seen_images), computed where the MLLM ran then.
         features = features.to(device=inputs_embeds.device, dtype=inputs_embeds.dtype)
         inputs_embeds = inputs_embeds.masked_scatter(image_slots, features)
-    run = {"inputs_embeds": inputs_embeds, "attention_mask": attention_mask, "position_ids": position_ids,
-           "use_cache": False}
-    after_prefix = None if shared_prefix is None else columns_after_prefix(input_ids, attention_mask,
-                                                                           shared_prefix.ids)
-    if after_prefix is not None and _prefix_positions_lead(position_ids, attention_mask, len(shared_prefix.ids)):
-        run = _run_after_prefix(model, run, after_prefix, shared_prefix)
-        positions = positions.to(device) - len(shared_prefix.ids)  # the metaqueries follow the prefix
     store: dict[int, torch.Tensor] = {}
     with _capture_rungs(model, rungs, positions, store, check_cancel):
         try:
-            model(**run)
+            model(
+                inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                use_cache=False,
+            )
         except _StopForward:
             pass
     return torch.stack([store[r] for r in rungs], dim=0)
-
-
-def _prefix_positions_lead(position_ids: torch.Tensor, attention_mask: torch.Tensor, prefix_length: int) -> bool:
-    """Whether every left-padded row's prefix has M-RoPE positions 0..P-1 on all three axes, as the
-    prefix gets when it runs alone (``_prefix_key_values``)."""
-    pads = (attention_mask == 0).sum(dim=1)  # [B]
-    span = torch.arange(prefix_length, device=position_ids.device)
-    columns = (pads[:, None] + span)[None].expand(position_ids.shape[0], -1, -1)  # [3, B, P]
-    return torch.equal(position_ids.gather(2, columns), span.expand_as(columns))
-
-
-def _run_after_prefix(model, run: dict, after_prefix: torch.Tensor, shared_prefix: SharedPrefix) -> dict:
-    """The forward arguments for each row's tokens after the shared prefix, the prefix as their cache."""
-    embeds, mask, position_ids = run["inputs_embeds"], run["attention_mask"], run["position_ids"]
-    rows, prefix_length = embeds.shape[0], len(shared_prefix.ids)
-    layers = shared_prefix.cache.layers(shared_prefix.ids, _decoder_stamp(model),
-                                        lambda: _prefix_key_values(model, shared_prefix.ids))
-    return {
-        "inputs_embeds": embeds.gather(1, after_prefix[..., None].expand(-1, -1, embeds.shape[-1])),  # [B, S-P, H]
-        "attention_mask": torch.cat([mask.new_ones(rows, prefix_length), mask.gather(1, after_prefix)], dim=1),
-        "position_ids": position_ids.gather(2, after_prefix[None].expand(position_ids.shape[0], -1, -1)),
-        "use_cache": True,
-        cache_keyword(model): cache_with_prefix(layers, rows),
-    }
-
-
-def _decoder_stamp(model) -> tuple:
-    decoder = text_model(model)
-    return str(model.device), weights_stamp((*decoder.parameters(), *decoder.buffers()))
-
-
-@torch.no_grad()
-def _prefix_key_values(model, ids: tuple[int, ...]) -> PrefixLayers:
-    """Run the prefix alone (one row, positions 0..P-1) through every decoder layer -> its keys/values."""
-    device = model.device
-    decoder = text_model(model)
-    input_ids = torch.tensor([ids], dtype=torch.long, device=device)  # [1, P]
-    position_ids = torch.arange(len(ids), device=device).view(1, 1, -1).expand(3, 1, -1)  # [3, 1, P]
-    cache = new_cache()
-    decoder(inputs_embeds=model.get_input_embeddings()(input_ids), attention_mask=torch.ones_like(input_ids),
-            position_ids=position_ids, use_cache=True, **{cache_keyword(decoder): cache})
-    return cache_layers(cache)
 
 
 def image_features(model, pixel_values: torch.Tensor, grid_thw: torch.Tensor, check_cancel=None,

@@ -28,7 +28,6 @@ from ..processing.prompt_layout import (
 from ..processing.prompting import PromptBuilder
 from .dit import LadderDiT
 from .mllm import metaquery_rung_states
-from .prefix_kv import PrefixKVCache, SharedPrefix
 
 
 @dataclass
@@ -46,8 +45,6 @@ class TBACModel:
     identity: ModelIdentity
     # Serialises MLLM runs: layer capture puts hooks on the shared MLLM for the duration of a run.
     mllm_lock: threading.RLock = field(default_factory=threading.RLock, repr=False, compare=False)
-    # The system turn's keys/values, shared by every conditioning row (prefix_kv: why).
-    system_prefix_kv: PrefixKVCache = field(default_factory=PrefixKVCache, repr=False, compare=False)
 
     # -- properties ------------------------------------------------------------------------
     @property
@@ -175,8 +172,6 @@ class TBACModel:
         """One MLLM batch of ``rows`` -> [deepest + 1, rows, N, H]."""
         batch = self.prompts.build_batch(rows, self.config.system_prompt, self.metaquery_suffix())
         positions = metaquery_positions(batch["input_ids"], self.prompts.ids, self.config.num_metaqueries)
-        prefix = SharedPrefix(tuple(self.prompts.system_turn_ids(self.config.system_prompt)), self.system_prefix_kv)
         with self.mllm_lock:
             return metaquery_rung_states(self.mllm, batch, positions, list(range(deepest + 1)),
-                                         self.prompts.ids.image_pad, check_cancel, seen_images=seen_images,
-                                         shared_prefix=prefix)
+                                         self.prompts.ids.image_pad, check_cancel, seen_images=seen_images)

@@ -114,12 +114,6 @@ class PromptBuilder:
             ids = ids[: self.max_text_tokens]
         return self.tokenizer.decode(ids)
 
-    def system_turn_ids(self, system_prompt: str | None) -> list[int]:
-        """The ids every conversation starts with: the system turn and the next turn's ``<|im_start|>``."""
-        ids = self.ids
-        system = QWEN_DEFAULT_SYSTEM_PROMPT if system_prompt is None else system_prompt
-        return [ids.im_start, *self.text_ids("system\n" + system), ids.im_end, *self.text_ids("\n"), ids.im_start]
-
     def chat_ids(
         self,
         user_text: str,
@@ -129,7 +123,9 @@ class PromptBuilder:
     ) -> list[int]:
         """Qwen2-VL chat template: [system], user (images first, then text), assistant prompt."""
         ids = self.ids
-        out = self.system_turn_ids(system_prompt)
+        system = QWEN_DEFAULT_SYSTEM_PROMPT if system_prompt is None else system_prompt
+        out = [ids.im_start, *self.text_ids("system\n" + system), ids.im_end, *self.text_ids("\n")]
+        out.append(ids.im_start)
         if num_image_tokens:
             out += self.text_ids("user\n")
             for count in num_image_tokens:
