@@ -114,6 +114,19 @@ def wall_and_cpu_seconds(call) -> Seconds:
     return Seconds(time.perf_counter() - wall, time.process_time() - cpu)
 
 
+def alternating(variants: dict, repeats: int) -> tuple[dict[str, list[Seconds]], dict]:
+    """Run each variant's call in turn, ``repeats`` rounds after one uncounted warm-up round (it pages
+    the weights in and fills caches) -> (seconds per variant, each variant's last output)."""
+    times: dict[str, list[Seconds]] = {name: [] for name in variants}
+    outputs = {}
+    for round_index in range(repeats + 1):
+        for name, call in variants.items():
+            seconds = wall_and_cpu_seconds(lambda: outputs.__setitem__(name, call()))
+            if round_index:
+                times[name].append(seconds)
+    return times, outputs
+
+
 def timing_rows(result: dict, times: dict[str, list[Seconds]], labels: dict[str, str]) -> list[list[str]]:
     """Per variant, store ``{name}_s`` / ``{name}_cpu_s`` (medians) and ``{name}_all_s`` (every wall time) in
     ``result`` -> markdown rows: label, median wall, wall range, median CPU."""

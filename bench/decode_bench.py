@@ -48,14 +48,14 @@ def main(argv=None) -> dict:
     side = args.size // factor
     latents = torch.randn(1, pipe.model.latent_channels, side, side, generator=torch.Generator().manual_seed(0))
     vae = pipe.model.vae
-    norms = {"diffusers": use_diffusers_rms_norms, "lean": use_lean_rms_norms}
-    images, times = {}, {name: [] for name in norms}
-    for repeat in range(args.repeats + 1):  # the first round pages the weights in and is not counted
-        for name, swap in norms.items():
+    def decode_with(swap):
+        def call():
             swap(vae)
-            seconds = bu.wall_and_cpu_seconds(lambda: images.__setitem__(name, pipe.decode(latents, tiled=False)))
-            if repeat:
-                times[name].append(seconds)
+            return pipe.decode(latents, tiled=False)
+        return call
+
+    times, images = bu.alternating({"diffusers": decode_with(use_diffusers_rms_norms),
+                                    "lean": decode_with(use_lean_rms_norms)}, args.repeats)
     result = {
         "what": "bench/decode_bench.py: wall (and CPU) seconds of one DC-AE decode, diffusers' RMSNorm vs LeanRMSNorm",
         "date": datetime.date.today().isoformat(), "model": str(checkpoint), "dtype": args.dtype,

@@ -72,13 +72,7 @@ def main(argv=None) -> dict:
         def cached():  # the sampling run's cache, from the second step on
             dit(latents, timestep, cache.block_kv(dit, context.clone(), bias, groups))
 
-        variants = {"strided": strided, "raw": raw, "cached": cached}
-        for call in variants.values():
-            call()  # warm-up: page in the weights, fill the cache
-        times = {name: [] for name in variants}
-        for _ in range(args.repeats):
-            for name, call in variants.items():
-                times[name].append(bu.wall_and_cpu_seconds(call))
+        times, _ = bu.alternating({"strided": strided, "raw": raw, "cached": cached}, args.repeats)
     result = {
         "what": "bench/native_step_bench.py: wall (and CPU) seconds of one DiT call (2 guidance rows): conditions "
                 "as strided views, projected in the call, or the native model's cached keys/values",

@@ -233,3 +233,14 @@ def test_decode_bench_times_both_norms_and_finds_the_same_bits(tmp_path, fixture
     assert result["same_bits"] is True
     assert result["lean_s"] > 0 and result["diffusers_s"] > 0 and len(result["lean_all_s"]) == 2
     assert json.loads(out.read_text())["lean_over_diffusers"] == result["lean_over_diffusers"]
+
+
+def test_attention_bench_times_both_processors(tmp_path, fixture_root):
+    import attention_bench
+
+    out = tmp_path / "attention.json"
+    result = attention_bench.main(["--model", str(fixture_root / "checkpoint"), "--size", "64", "--repeats", "2",
+                                   "--out", str(out)])
+    assert result["max_abs_difference"] < 1e-4
+    assert result["token_major_s"] > 0 and result["diffusers_s"] > 0 and len(result["token_major_all_s"]) == 2
+    assert json.loads(out.read_text())["token_major_over_diffusers"] == result["token_major_over_diffusers"]
