@@ -14,8 +14,6 @@ Usage: python bench/attention_bench.py [--model medium|real|DIR] [--dtype fp32|b
 """
 from __future__ import annotations
 
-import argparse
-import datetime
 import sys
 from pathlib import Path
 
@@ -31,25 +29,13 @@ from prompts import PROMPT  # noqa: E402
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    bu.add_model_options(parser)
-    parser.add_argument("--size", type=int, default=256, help="image side in pixels")
-    parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args(argv)
-    if args.repeats < 1:
-        parser.error("--repeats must be at least 1")
-    torch.set_num_threads(args.threads)
-
+    args, parser = bu.one_call_benchmark_arguments(__doc__, argv, size=256, repeats=5)
     from diffusers.models.attention_processor import SanaLinearAttnProcessor2_0
 
-    from tbac_core import TBACPipeline
     from tbac_core.modeling.linear_attention import TokenMajorLinearAttnProcessor
 
-    checkpoint = bu.model_checkpoint(args.model)
-    pipe = TBACPipeline.from_pretrained(checkpoint, device="cpu", dtype=args.dtype, cache_size=0)
+    checkpoint, pipe = bu.cpu_pipeline(args, parser)
     dit, model = pipe.model.dit, pipe.model
-    if args.size % model.vae_scale_factor:
-        parser.error(f"--size must be a multiple of {model.vae_scale_factor}")
     blocks = dit.transformer.transformer_blocks
     with torch.no_grad():
         cond = pipe.encode(PROMPT)
@@ -73,11 +59,10 @@ def main(argv=None) -> dict:
         block.attn1.set_processor(TokenMajorLinearAttnProcessor())
     difference = (outputs["diffusers"].float() - outputs["token_major"].float()).abs().max().item()
     result = {
-        "what": "bench/attention_bench.py: wall (and CPU) seconds of one DiT call (2 guidance rows), diffusers' "
-                "SANA linear attention vs TokenMajorLinearAttnProcessor",
-        "date": datetime.date.today().isoformat(), "model": str(checkpoint), "dtype": args.dtype,
-        "threads": args.threads, "size": args.size, "rows": batch_rows, "repeats": args.repeats,
-        "machine": bu.machine_facts(), "same_bits": torch.equal(outputs["diffusers"], outputs["token_major"]), "max_abs_difference": difference,
+        **bu.run_facts("bench/attention_bench.py: wall (and CPU) seconds of one DiT call (2 guidance rows), "
+                       "diffusers' SANA linear attention vs TokenMajorLinearAttnProcessor", args, checkpoint),
+        "rows": batch_rows, "same_bits": torch.equal(outputs["diffusers"], outputs["token_major"]),
+        "max_abs_difference": difference,
     }
     rows = bu.timing_rows(result, times, {"diffusers": "diffusers' processor", "token_major": "token-major"})
     result["token_major_over_diffusers"] = result["token_major_s"] / result["diffusers_s"]

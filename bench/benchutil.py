@@ -1,6 +1,8 @@
 """Helpers shared by the benchmark scripts: machine facts, memory readings, timing summaries, tables."""
 from __future__ import annotations
 
+import argparse
+import datetime
 import json
 import math
 import os
@@ -33,6 +35,39 @@ def add_model_options(parser) -> None:
 def model_checkpoint(model: str) -> Path:
     """``--model``: a benchmark model's checkpoint (medium, real: bench/models/NAME/checkpoint), or a folder."""
     return MODELS_DIR / model / "checkpoint" if model in ("medium", "real") else Path(model)
+
+
+def one_call_benchmark_arguments(doc: str, argv, size: int, repeats: int):
+    """The command line of the benchmarks that time one call in variants, alternating (decode_bench,
+    native_step_bench, attention_bench): the model options, ``--size``, ``--repeats`` -> (args, parser).
+    Sets torch's thread count."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_options(parser)
+    parser.add_argument("--size", type=int, default=size, help="image side in pixels")
+    parser.add_argument("--repeats", type=int, default=repeats)
+    args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
+    torch.set_num_threads(args.threads)
+    return args, parser
+
+
+def cpu_pipeline(args, parser):
+    """``--model`` loaded on the CPU in ``--dtype`` -> (checkpoint folder, pipeline without a request cache);
+    refuses a ``--size`` that is not a multiple of the model's VAE factor."""
+    from tbac_core import TBACPipeline
+
+    checkpoint = model_checkpoint(args.model)
+    pipe = TBACPipeline.from_pretrained(checkpoint, device="cpu", dtype=args.dtype, cache_size=0)
+    if args.size % pipe.model.vae_scale_factor:
+        parser.error(f"--size must be a multiple of {pipe.model.vae_scale_factor}")
+    return checkpoint, pipe
+
+
+def run_facts(what: str, args, checkpoint: Path) -> dict:
+    """The head of a one-call benchmark's result: what it measured, on which model, settings and machine."""
+    return {"what": what, "date": datetime.date.today().isoformat(), "model": str(checkpoint), "dtype": args.dtype,
+            "threads": args.threads, "size": args.size, "repeats": args.repeats, "machine": machine_facts()}
 
 
 # -- memory of this process -----------------------------------------------------------------------

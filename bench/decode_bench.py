@@ -12,8 +12,6 @@ Usage: python bench/decode_bench.py [--model medium|real|DIR] [--dtype fp32|bf16
 """
 from __future__ import annotations
 
-import argparse
-import datetime
 import sys
 from pathlib import Path
 
@@ -28,26 +26,14 @@ import torch  # noqa: E402
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    bu.add_model_options(parser)
-    parser.add_argument("--size", type=int, default=512, help="image side in pixels")
-    parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args(argv)
-    if args.repeats < 1:
-        parser.error("--repeats must be at least 1")
-    torch.set_num_threads(args.threads)
-
-    from tbac_core import TBACPipeline
+    args, parser = bu.one_call_benchmark_arguments(__doc__, argv, size=512, repeats=3)
     from tbac_core.modeling.rms_norm import use_diffusers_rms_norms, use_lean_rms_norms
 
-    checkpoint = bu.model_checkpoint(args.model)
-    pipe = TBACPipeline.from_pretrained(checkpoint, device="cpu", dtype=args.dtype, cache_size=0)
-    factor = pipe.model.vae_scale_factor
-    if args.size % factor:
-        parser.error(f"--size must be a multiple of {factor}")
-    side = args.size // factor
+    checkpoint, pipe = bu.cpu_pipeline(args, parser)
+    side = args.size // pipe.model.vae_scale_factor
     latents = torch.randn(1, pipe.model.latent_channels, side, side, generator=torch.Generator().manual_seed(0))
     vae = pipe.model.vae
+
     def decode_with(swap):
         def call():
             swap(vae)
@@ -57,9 +43,8 @@ def main(argv=None) -> dict:
     times, images = bu.alternating({"diffusers": decode_with(use_diffusers_rms_norms),
                                     "lean": decode_with(use_lean_rms_norms)}, args.repeats)
     result = {
-        "what": "bench/decode_bench.py: wall (and CPU) seconds of one DC-AE decode, diffusers' RMSNorm vs LeanRMSNorm",
-        "date": datetime.date.today().isoformat(), "model": str(checkpoint), "dtype": args.dtype,
-        "threads": args.threads, "size": args.size, "repeats": args.repeats, "machine": bu.machine_facts(),
+        **bu.run_facts("bench/decode_bench.py: wall (and CPU) seconds of one DC-AE decode, diffusers' RMSNorm vs "
+                       "LeanRMSNorm", args, checkpoint),
         "same_bits": torch.equal(images["diffusers"], images["lean"]),
     }
     rows = bu.timing_rows(result, times, {})

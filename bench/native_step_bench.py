@@ -16,8 +16,6 @@ Usage: python bench/native_step_bench.py [--model medium|DIR] [--dtype fp32|bf16
 """
 from __future__ import annotations
 
-import argparse
-import datetime
 import sys
 from pathlib import Path
 
@@ -33,23 +31,11 @@ from prompts import PROMPT  # noqa: E402
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    bu.add_model_options(parser)
-    parser.add_argument("--size", type=int, default=256, help="image side in pixels")
-    parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args(argv)
-    if args.repeats < 1:
-        parser.error("--repeats must be at least 1")
-    torch.set_num_threads(args.threads)
-
-    from tbac_core import TBACPipeline
+    args, parser = bu.one_call_benchmark_arguments(__doc__, argv, size=256, repeats=5)
     from tbac_core.modeling import ConditionKVCache, mask_to_bias
 
-    checkpoint = bu.model_checkpoint(args.model)
-    pipe = TBACPipeline.from_pretrained(checkpoint, device="cpu", dtype=args.dtype, cache_size=0)
+    checkpoint, pipe = bu.cpu_pipeline(args, parser)
     dit, model = pipe.model.dit, pipe.model
-    if args.size % model.vae_scale_factor:
-        parser.error(f"--size must be a multiple of {model.vae_scale_factor}")
     with torch.no_grad():
         cond = pipe.encode(PROMPT)
         # core's context: each block's condition side by side, [rows, blocks * N, D]; negative then positive.
@@ -73,12 +59,9 @@ def main(argv=None) -> dict:
             dit(latents, timestep, cache.block_kv(dit, context.clone(), bias, groups))
 
         times, _ = bu.alternating({"strided": strided, "raw": raw, "cached": cached}, args.repeats)
-    result = {
-        "what": "bench/native_step_bench.py: wall (and CPU) seconds of one DiT call (2 guidance rows): conditions "
-                "as strided views, projected in the call, or the native model's cached keys/values",
-        "date": datetime.date.today().isoformat(), "model": str(checkpoint), "dtype": args.dtype,
-        "threads": args.threads, "size": args.size, "repeats": args.repeats, "machine": bu.machine_facts(),
-    }
+    result = bu.run_facts("bench/native_step_bench.py: wall (and CPU) seconds of one DiT call (2 guidance rows): "
+                          "conditions as strided views, projected in the call, or the native model's cached "
+                          "keys/values", args, checkpoint)
     labels = {"strided": "strided views, projected in the call", "raw": "contiguous, projected in the call",
               "cached": "cached keys/values"}
     rows = bu.timing_rows(result, times, labels)
