@@ -55,8 +55,6 @@ def main(argv=None) -> dict:
 
         times, outputs = bu.alternating({"diffusers": step_with(SanaLinearAttnProcessor2_0),
                                          "token_major": step_with(TokenMajorLinearAttnProcessor)}, args.repeats)
-    for block in blocks:
-        block.attn1.set_processor(TokenMajorLinearAttnProcessor())
     difference = (outputs["diffusers"].float() - outputs["token_major"].float()).abs().max().item()
     result = {
         **bu.run_facts("bench/attention_bench.py: wall (and CPU) seconds of one DiT call (2 guidance rows), "

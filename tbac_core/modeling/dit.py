@@ -208,7 +208,8 @@ class LadderDiT(nn.Module):
                 block.attn2.set_processor(PrecomputedKVAttnProcessor(block.attn2.processor))
         use_token_major_ffn(transformer.transformer_blocks)  # 1x1 convs as matmuls (mix_ffn: why)
         use_token_major_linear_attention(block.attn1 for block in transformer.transformer_blocks)
-        # The self-attention's output projection gets a transposed view (contiguous: why).
+        # diffusers' self-attention processor, wherever it still runs (a block the token-major one does
+        # not support, A/B runs), hands its output projection a transposed view (contiguous: why).
         make_inputs_contiguous(block.attn1.to_out[0] for block in transformer.transformer_blocks)
 
     @property

@@ -7,8 +7,9 @@ that must be copied again. ``TokenMajorLinearAttnProcessor`` does the same produ
 ``[B, heads, N, d]`` views instead: ReLU runs on the contiguous projections, the ones column is
 concatenated once, and the output leaves in token order. The same matrix products (transposed), in
 float32 as diffusers does them: equal within float rounding, and on the DiT's own shapes the same
-bits on this project's CPU (a 20-step medium generation, float32 and bfloat16). Medium model,
-float32, 1 thread, in-process A/B: 20 denoising steps 2.269 -> 2.231 s (bfloat16: 1.037 -> 1.023 s).
+bits on this project's CPU (a 20-step medium generation, float32 and bfloat16). About 1 % faster:
+one DiT call (``bench/attention_bench.py``) 0.0-0.7 % on the medium model in float32, 1.5 % on the
+real architecture in bf16 at 512x512; 20-step medium sampling A/Bs 1.2-1.9 %.
 """
 from __future__ import annotations
 

@@ -425,7 +425,7 @@ def test_dit_dtype_and_device_are_diffusers_answers_without_the_module_walk(chec
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_token_major_linear_attention_keeps_the_denoising_bits(checkpoint_dir, dtype):
+def test_token_major_linear_attention_changes_denoising_by_rounding_at_most(checkpoint_dir, dtype):
     from diffusers.models.attention_processor import SanaLinearAttnProcessor2_0
 
     from tbac_core import TBACPipeline
