@@ -15,6 +15,15 @@ from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 from .layer_offload import to_device
 from .meta_init import empty_weights
+from .prefix_kv import (
+    RowPrefix,
+    cache_keyword,
+    cache_with_prefix,
+    columns_after_prefix,
+    keep_row_head,
+    new_cache,
+    shared_prefix_length,
+)
 from .vision_patch_embed import use_linear_patch_embed
 
 
@@ -169,6 +178,7 @@ def metaquery_rung_states(
     check_cancel=None,
     grad_enabled: bool = False,
     seen_images: list | None = None,
+    prefix: RowPrefix | None = None,
 ) -> torch.Tensor:
     """Run the MLLM and return hidden states at ``positions`` for ``rungs`` -> [len(rungs), B, N, H].
 
@@ -176,19 +186,34 @@ def metaquery_rung_states(
     and the LM head are never computed, and no full-sequence hidden states are kept.
     ``grad_enabled``: build the autograd graph (training the metaquery rows); inference leaves it off.
     ``seen_images``: see ``image_features``; pass one list to several calls to share their images.
+    ``prefix``: leading columns of an earlier pass (``metaquery_rung_states_keeping_head``); the rows
+    run only their columns after the longest prefix they all share with it (``prefix_kv``: why).
     """
     with torch.set_grad_enabled(grad_enabled):
-        return _metaquery_rung_states(model, inputs, positions, rungs, image_token_id, check_cancel, seen_images)
+        states, _ = _metaquery_rung_states(model, inputs, positions, rungs, image_token_id, check_cancel,
+                                           seen_images, prefix=None if grad_enabled else prefix)
+        return states
 
 
-def _metaquery_rung_states(model, inputs, positions, rungs, image_token_id, check_cancel,
-                           seen_images=None) -> torch.Tensor:
+@torch.no_grad()
+def metaquery_rung_states_keeping_head(model, inputs: dict, positions: torch.Tensor, rungs: list[int],
+                                       image_token_id: int, row: int, check_cancel=None,
+                                       seen_images: list | None = None) -> tuple[torch.Tensor, RowPrefix | None]:
+    """``metaquery_rung_states`` (whole rows, no gradients) that also keeps row ``row``'s head
+    (``inputs["head_lengths"]``) with its keys/values -> (states, ``RowPrefix`` or None)."""
+    return _metaquery_rung_states(model, inputs, positions, rungs, image_token_id, check_cancel, seen_images,
+                                  keep_head_of=row)
+
+
+def _metaquery_rung_states(model, inputs, positions, rungs, image_token_id, check_cancel, seen_images=None, *,
+                           prefix: RowPrefix | None = None, keep_head_of: int | None = None
+                           ) -> tuple[torch.Tensor, RowPrefix | None]:
     device = model.device  # the first parameter's: resident under partial loading (see layer_offload)
     input_ids = inputs["input_ids"].to(device)
     attention_mask = inputs["attention_mask"].to(device)
     grid = inputs.get("image_grid_thw")
     grid = grid.to(device) if grid is not None else None
-    position_ids = rope_position_ids(model, input_ids, attention_mask, grid, image_token_id)
+    position_ids = rope_position_ids(model, input_ids, attention_mask, grid, image_token_id)  # [3, B, S]
     inputs_embeds = model.get_input_embeddings()(input_ids)  # [B, S, H]
     pixel_values = inputs.get("pixel_values")
     if pixel_values is not None:
@@ -200,18 +225,38 @@ def _metaquery_rung_states(model, inputs, positions, rungs, image_token_id, chec
         # Features may come from an earlier encode (seen_images), computed where the MLLM ran then.
         features = features.to(device=inputs_embeds.device, dtype=inputs_embeds.dtype)
         inputs_embeds = inputs_embeds.masked_scatter(image_slots, features)
+    run = {"inputs_embeds": inputs_embeds, "attention_mask": attention_mask, "position_ids": position_ids,
+           "use_cache": False}
+    layers_run = min(max(rungs), len(text_model(model).layers))  # decoder layers up to the deepest rung
+    shared = 0
+    if prefix is not None and layers_run > 0:
+        shared = shared_prefix_length(prefix, input_ids, attention_mask, inputs_embeds, position_ids, layers_run)
+    cache = None
+    if shared:
+        after = columns_after_prefix(attention_mask, shared)  # [B, S - P]
+        rows = input_ids.shape[0]
+        run = {
+            "inputs_embeds": inputs_embeds.gather(1, after[..., None].expand(-1, -1, inputs_embeds.shape[-1])),
+            "attention_mask": torch.cat([attention_mask.new_ones(rows, shared), attention_mask.gather(1, after)], 1),
+            "position_ids": position_ids.gather(2, after[None].expand(position_ids.shape[0], -1, -1)),
+            "use_cache": True,
+            cache_keyword(model): cache_with_prefix(prefix, shared, layers_run, rows, device, inputs_embeds.dtype),
+        }
+        positions = positions.to(device) - shared  # the metaqueries follow the prefix
+    elif keep_head_of is not None and layers_run > 0:
+        cache = new_cache()
+        run.update({"use_cache": True, cache_keyword(model): cache})
     store: dict[int, torch.Tensor] = {}
     with _capture_rungs(model, rungs, positions, store, check_cancel):
         try:
-            model(
-                inputs_embeds=inputs_embeds,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                use_cache=False,
-            )
+            model(**run)
         except _StopForward:
             pass
-    return torch.stack([store[r] for r in rungs], dim=0)
+    states = torch.stack([store[r] for r in rungs], dim=0)
+    if cache is None:
+        return states, None
+    head = int(inputs["head_lengths"][keep_head_of]) if "head_lengths" in inputs else 0
+    return states, keep_row_head(cache, keep_head_of, head, input_ids, attention_mask, inputs_embeds, position_ids)
 
 
 def image_features(model, pixel_values: torch.Tensor, grid_thw: torch.Tensor, check_cancel=None,

@@ -27,7 +27,8 @@ from ..processing.prompt_layout import (
 )
 from ..processing.prompting import PromptBuilder
 from .dit import LadderDiT
-from .mllm import metaquery_rung_states
+from .mllm import metaquery_rung_states, metaquery_rung_states_keeping_head
+from .prefix_kv import RowPrefix
 
 
 @dataclass
@@ -142,36 +143,53 @@ class TBACModel:
         their indices, per prompt, as ``guidance_groups`` does) run as one MLLM batch per group, so
         their states depend on that group only: a new prompt with the same negative prompt and
         images finds them in ``guidance_row_cache`` (keyed by text, image content and depth) and
-        only its own rows run. The prompt rows run as one batch after them. One image list
-        (``seen_images``, or a new one) is shared by every batch, so each distinct image goes
-        through the vision tower at most once.
+        only its own rows run. The prompt rows run as one batch after them, only their columns after
+        what they share with the first group's last row (the system turn, and an edit's input
+        images): that row's head keys/values are kept with the group's states (``prefix_kv``: why).
+        One image list (``seen_images``, or a new one) is shared by every batch, so each distinct
+        image goes through the vision tower at most once.
         """
         seen_images = [] if seen_images is None else seen_images
         this_encode: dict = {}  # groups repeated within this encode (prompts sharing their images) run once
         states: dict[int, torch.Tensor] = {}  # row index -> [rungs, N, H]
+        prefix = None  # the first group's last row's head: what the prompt rows skip
         for group in guidance:
             group_rows = [rows[i] for i in group]
             content = tuple((text, tuple(image_fingerprint(image) for image in images)) for text, images in group_rows)
             key = (content, deepest)
             if key in this_encode:
-                group_states = this_encode[key]
+                group_states, head = this_encode[key]
             elif guidance_row_cache is not None and key in guidance_row_cache:
-                group_states = guidance_row_cache[key]
+                group_states, head = guidance_row_cache[key]
             else:
-                group_states = self._run_rows(group_rows, deepest, check_cancel, seen_images)  # [rungs, rows, N, H]
+                group_states, head = self._run_rows(group_rows, deepest, check_cancel, seen_images,
+                                                    keep_head_of=len(group_rows) - 1)  # [rungs, rows, N, H]
                 if guidance_row_cache is not None:
-                    guidance_row_cache[key] = group_states
-            this_encode[key] = group_states
+                    guidance_row_cache[key] = group_states, head
+            this_encode[key] = group_states, head
+            if group is guidance[0]:
+                prefix = head
             states.update({i: group_states[:, k] for k, i in enumerate(group)})
         prompt_indices = [i for i in range(len(rows)) if i not in states]
-        prompt_states = self._run_rows([rows[i] for i in prompt_indices], deepest, check_cancel, seen_images)
+        prompt_states, _ = self._run_rows([rows[i] for i in prompt_indices], deepest, check_cancel, seen_images,
+                                          prefix=prefix)
         states.update({i: prompt_states[:, k] for k, i in enumerate(prompt_indices)})
         return torch.stack([states[i].to(prompt_states.device) for i in range(len(rows))], dim=1)
 
-    def _run_rows(self, rows: list[tuple[str, list]], deepest: int, check_cancel, seen_images: list) -> torch.Tensor:
-        """One MLLM batch of ``rows`` -> [deepest + 1, rows, N, H]."""
+    def _run_rows(self, rows: list[tuple[str, list]], deepest: int, check_cancel, seen_images: list, *,
+                  prefix: RowPrefix | None = None, keep_head_of: int | None = None
+                  ) -> tuple[torch.Tensor, RowPrefix | None]:
+        """One MLLM batch of ``rows`` -> ([deepest + 1, rows, N, H], the head of row ``keep_head_of`` or None).
+
+        ``prefix``: the rows run only their columns after what they share with it.
+        """
         batch = self.prompts.build_batch(rows, self.config.system_prompt, self.metaquery_suffix())
         positions = metaquery_positions(batch["input_ids"], self.prompts.ids, self.config.num_metaqueries)
+        rungs = list(range(deepest + 1))
+        image_pad = self.prompts.ids.image_pad
         with self.mllm_lock:
-            return metaquery_rung_states(self.mllm, batch, positions, list(range(deepest + 1)),
-                                         self.prompts.ids.image_pad, check_cancel, seen_images=seen_images)
+            if keep_head_of is not None:
+                return metaquery_rung_states_keeping_head(self.mllm, batch, positions, rungs, image_pad, keep_head_of,
+                                                          check_cancel, seen_images=seen_images)
+            return metaquery_rung_states(self.mllm, batch, positions, rungs, image_pad, check_cancel,
+                                         seen_images=seen_images, prefix=prefix), None

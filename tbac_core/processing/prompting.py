@@ -121,21 +121,34 @@ class PromptBuilder:
         system_prompt: str | None,
         suffix_ids: list[int] = (),
     ) -> list[int]:
-        """Qwen2-VL chat template: [system], user (images first, then text), assistant prompt."""
+        """Qwen2-VL chat template: [system], user (images first, then text), assistant prompt.
+
+        The first ``head_length(num_image_tokens, system_prompt)`` ids do not depend on ``user_text``.
+        """
+        ids = self.ids
+        out = self._head_ids(num_image_tokens, system_prompt)
+        # Without images "user\n" and the text form one text run, tokenised together.
+        out += self.text_ids(user_text if num_image_tokens else "user\n" + user_text)
+        out += [ids.im_end, *self.text_ids("\n"), ids.im_start, *self.text_ids("assistant\n")]
+        return out + list(suffix_ids)
+
+    def head_length(self, num_image_tokens: list[int], system_prompt: str | None) -> int:
+        """How many leading ids of a row depend only on the system prompt and the images, not on its text.
+
+        Rows with the same head share its keys/values in the MLLM (``modeling.prefix_kv``).
+        """
+        return len(self._head_ids(num_image_tokens, system_prompt))
+
+    def _head_ids(self, num_image_tokens: list[int], system_prompt: str | None) -> list[int]:
+        # The system turn, the user turn's <|im_start|>, and with images "user\n" and the image blocks.
         ids = self.ids
         system = QWEN_DEFAULT_SYSTEM_PROMPT if system_prompt is None else system_prompt
-        out = [ids.im_start, *self.text_ids("system\n" + system), ids.im_end, *self.text_ids("\n")]
-        out.append(ids.im_start)
+        out = [ids.im_start, *self.text_ids("system\n" + system), ids.im_end, *self.text_ids("\n"), ids.im_start]
         if num_image_tokens:
             out += self.text_ids("user\n")
             for count in num_image_tokens:
                 out += [ids.vision_start, *([ids.image_pad] * count), ids.vision_end]
-            out += self.text_ids(user_text)
-        else:
-            # Without images "user\n" and the text form one text run, tokenised together.
-            out += self.text_ids("user\n" + user_text)
-        out += [ids.im_end, *self.text_ids("\n"), ids.im_start, *self.text_ids("assistant\n")]
-        return out + list(suffix_ids)
+        return out
 
     # -- images ----------------------------------------------------------------------------
     def prepare_image(self, image) -> Image.Image:
@@ -181,17 +194,19 @@ class PromptBuilder:
         if all_images:
             pixel_values, grid_thw = self._process_unique(all_images)
             tokens = self.tokens_per_image(grid_thw)
-        id_rows, cursor = [], 0
+        id_rows, head_lengths, cursor = [], [], 0
         for text, imgs in rows:
             counts = tokens[cursor: cursor + len(imgs)]
             cursor += len(imgs)
             id_rows.append(self.chat_ids(text, counts, system_prompt, suffix_ids))
+            head_lengths.append(self.head_length(counts, system_prompt))
         input_ids, attention_mask = self.pad_left(id_rows)
         return {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "pixel_values": pixel_values,
             "image_grid_thw": grid_thw,
+            "head_lengths": torch.tensor(head_lengths, dtype=torch.long),  # [B]: see head_length
         }
 
     def _process_unique(self, images: list[Image.Image]) -> tuple[torch.Tensor, torch.Tensor]:
