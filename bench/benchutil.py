@@ -37,14 +37,16 @@ def model_checkpoint(model: str) -> Path:
     return MODELS_DIR / model / "checkpoint" if model in ("medium", "real") else Path(model)
 
 
-def one_call_benchmark_arguments(doc: str, argv, size: int, repeats: int):
+def one_call_benchmark_arguments(doc: str, argv, size: int, repeats: int, add_arguments=None):
     """The command line of the benchmarks that time one call in variants, alternating (decode_bench,
-    native_step_bench, attention_bench): the model options, ``--size``, ``--repeats`` -> (args, parser).
-    Sets torch's thread count."""
+    native_step_bench, attention_bench): the model options, ``--size``, ``--repeats`` and whatever
+    ``add_arguments(parser)`` adds -> (args, parser). Sets torch's thread count."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_options(parser)
     parser.add_argument("--size", type=int, default=size, help="image side in pixels")
     parser.add_argument("--repeats", type=int, default=repeats)
+    if add_arguments is not None:
+        add_arguments(parser)
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")

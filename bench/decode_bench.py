@@ -1,13 +1,15 @@
 #!/usr/bin/env python3
-"""The DC-AE decode with diffusers' RMSNorm vs ``LeanRMSNorm`` (modeling/rms_norm.py), same weights.
+"""One DC-AE decode with diffusers' modules vs our drop-in equivalents, same weights.
 
-Loads a checkpoint (its tensors are mapped lazily: only the DC-AE is read), then decodes the same
-random latents in one process, alternating the two norms on the same VAE, and checks that both give
-the same bits. Wall seconds, medians (with more than one thread, OpenMP's waiting threads blur CPU
-time), and the process's CPU seconds beside them.
+``--compare norms`` (default): diffusers' RMSNorm vs ``LeanRMSNorm`` (modeling/rms_norm.py);
+``--compare up-blocks``: diffusers' ``DCUpBlock2d`` vs ``ViewShortcutDCUpBlock`` (modeling/dc_up_block.py),
+the rest of the VAE as the library runs it. Loads a checkpoint (its tensors are mapped lazily: only
+the DC-AE is read), then decodes the same random latents in one process, alternating the two
+variants on the same VAE, and checks that both give the same bits. Wall seconds, medians (with more
+than one thread, OpenMP's waiting threads blur CPU time), and the process's CPU seconds beside them.
 
 Usage: python bench/decode_bench.py [--model medium|real|DIR] [--dtype fp32|bf16] [--threads 1]
-       [--size 512] [--repeats 3]
+       [--size 512] [--repeats 3] [--compare norms|up-blocks]
 ``--out FILE`` also writes the figures as JSON.
 """
 from __future__ import annotations
@@ -25,9 +27,25 @@ import benchutil as bu  # noqa: E402
 import torch  # noqa: E402
 
 
-def main(argv=None) -> dict:
-    args, parser = bu.one_call_benchmark_arguments(__doc__, argv, size=512, repeats=3)
+def comparisons() -> dict:
+    """``--compare`` choice -> (label, (name, swap) of the baseline, (name, swap) of ours)."""
+    from tbac_core.modeling.dc_up_block import use_diffusers_up_blocks, use_view_shortcut_up_blocks
     from tbac_core.modeling.rms_norm import use_diffusers_rms_norms, use_lean_rms_norms
+
+    return {
+        "norms": ("diffusers' RMSNorm vs LeanRMSNorm", ("diffusers", use_diffusers_rms_norms),
+                  ("lean", use_lean_rms_norms)),
+        "up-blocks": ("diffusers' DCUpBlock2d vs ViewShortcutDCUpBlock", ("diffusers", use_diffusers_up_blocks),
+                      ("view", use_view_shortcut_up_blocks)),
+    }
+
+
+def main(argv=None) -> dict:
+    choices = comparisons()
+    args, parser = bu.one_call_benchmark_arguments(
+        __doc__, argv, size=512, repeats=3,
+        add_arguments=lambda p: p.add_argument("--compare", choices=sorted(choices), default="norms"))
+    label, (base, use_base), (ours, use_ours) = choices[args.compare]
 
     checkpoint, pipe = bu.cpu_pipeline(args, parser)
     side = args.size // pipe.model.vae_scale_factor
@@ -40,18 +58,19 @@ def main(argv=None) -> dict:
             return pipe.decode(latents, tiled=False)
         return call
 
-    times, images = bu.alternating({"diffusers": decode_with(use_diffusers_rms_norms),
-                                    "lean": decode_with(use_lean_rms_norms)}, args.repeats)
+    times, images = bu.alternating({base: decode_with(use_base), ours: decode_with(use_ours)}, args.repeats)
+    use_ours(vae)  # the library's own state afterwards
     result = {
-        **bu.run_facts("bench/decode_bench.py: wall (and CPU) seconds of one DC-AE decode, diffusers' RMSNorm vs "
-                       "LeanRMSNorm", args, checkpoint),
-        "same_bits": torch.equal(images["diffusers"], images["lean"]),
+        **bu.run_facts(f"bench/decode_bench.py: wall (and CPU) seconds of one DC-AE decode, {label}", args,
+                       checkpoint),
+        "compare": args.compare,
+        "same_bits": torch.equal(images[base], images[ours]),
     }
     rows = bu.timing_rows(result, times, {})
-    result["lean_over_diffusers"] = result["lean_s"] / result["diffusers_s"]
-    print(bu.markdown_table([f"decode {args.size}x{args.size}, RMSNorm", "wall s (median)", "range",
+    result[f"{ours}_over_{base}"] = result[f"{ours}_s"] / result[f"{base}_s"]
+    print(bu.markdown_table([f"decode {args.size}x{args.size}, {args.compare}", "wall s (median)", "range",
                              "CPU s (median)"], rows))
-    print(f"lean / diffusers: {result['lean_over_diffusers']:.3f} (wall); same bits: {result['same_bits']}")
+    print(f"{ours} / {base}: {result[f'{ours}_over_{base}']:.3f} (wall); same bits: {result['same_bits']}")
     if args.out:
         print(f"wrote {bu.write_json(args.out, result)}")
     return result

@@ -19,6 +19,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .module_swap import swap_children
+
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
@@ -75,7 +77,7 @@ def _plus(states: torch.Tensor, other: torch.Tensor, reuse: bool) -> torch.Tenso
 
 def use_lean_rms_norms(model: nn.Module) -> int:
     """Swap every diffusers ``RMSNorm`` inside ``model`` for ``LeanRMSNorm`` (same parameters) -> how many."""
-    return _swap_children(model, LeanRMSNorm.supports, LeanRMSNorm)
+    return swap_children(model, LeanRMSNorm.supports, LeanRMSNorm)
 
 
 def use_diffusers_rms_norms(model: nn.Module) -> int:
@@ -87,13 +89,4 @@ def use_diffusers_rms_norms(model: nn.Module) -> int:
         plain.weight, plain.bias = lean.weight, lean.bias  # None, or the very same parameters
         return plain
 
-    return _swap_children(model, lambda child: isinstance(child, LeanRMSNorm), diffusers_norm)
-
-
-def _swap_children(model: nn.Module, selected, replacement) -> int:
-    """Replace each submodule for which ``selected(child)`` holds by ``replacement(child)`` -> how many."""
-    swaps = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
-             if selected(child)]
-    for parent, name, child in swaps:
-        setattr(parent, name, replacement(child))
-    return len(swaps)
+    return swap_children(model, lambda child: isinstance(child, LeanRMSNorm), diffusers_norm)

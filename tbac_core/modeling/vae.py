@@ -12,6 +12,7 @@ from diffusers import AutoencoderDC
 from torch import nn
 
 from .contiguous import make_inputs_contiguous
+from .dc_up_block import use_view_shortcut_up_blocks
 from .rms_norm import use_lean_rms_norms
 
 
@@ -26,9 +27,11 @@ def use_contiguous_projections(vae: AutoencoderDC) -> int:
 
 
 def speed_up_vae(vae: AutoencoderDC) -> None:
-    """The exact CPU speed-ups of the DC-AE: contiguous projection inputs, lean RMS norms (rms_norm.py)."""
+    """The exact speed-ups of the DC-AE: contiguous projection inputs, lean RMS norms (rms_norm.py),
+    up-blocks whose shortcut is a view of their input (dc_up_block.py)."""
     use_contiguous_projections(vae)
     use_lean_rms_norms(vae)
+    use_view_shortcut_up_blocks(vae)
 
 
 def decode_signed(vae: AutoencoderDC, latents: torch.Tensor) -> torch.Tensor:

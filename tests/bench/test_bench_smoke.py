@@ -235,6 +235,15 @@ def test_decode_bench_times_both_norms_and_finds_the_same_bits(tmp_path, fixture
     assert json.loads(out.read_text())["lean_over_diffusers"] == result["lean_over_diffusers"]
 
 
+def test_decode_bench_compares_the_up_blocks(fixture_root):
+    import decode_bench
+
+    result = decode_bench.main(["--model", str(fixture_root / "checkpoint"), "--size", "64", "--repeats", "2",
+                                "--compare", "up-blocks"])
+    assert result["same_bits"] is True and result["compare"] == "up-blocks"
+    assert result["view_s"] > 0 and result["diffusers_s"] > 0 and result["view_over_diffusers"] > 0
+
+
 def test_attention_bench_times_both_processors(tmp_path, fixture_root):
     import attention_bench
 
