@@ -195,3 +195,12 @@ def test_shared_prefix_length_compares_ids_positions_and_embeddings():
     right_padded = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]])
     assert shared_prefix_length(prefix, ids, right_padded, embeds, positions, 1) == 0
     assert shared_prefix_length(prefix, ids[:1, :2], mask[:1, :2], embeds[:1, :2], positions[:, :1, :2], 1) == 1
+
+
+def test_a_kept_head_is_a_compact_copy_in_cpu_memory(pipe):
+    model = pipe.model
+    _, head = _guidance_head(model, [("", []), ("a much longer negative prompt than the first", [])], 0,
+                             list(range(model.identity.num_rungs)))
+    for tensor in (head.ids, head.embeds, head.position_ids, *head.layers[0]):
+        assert tensor.device.type == "cpu"
+        assert tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()  # not the pass's buffers
