@@ -125,12 +125,8 @@ class PromptBuilder:
 
         The first ``head_length(num_image_tokens, system_prompt)`` ids do not depend on ``user_text``.
         """
-        ids = self.ids
-        out = self._head_ids(num_image_tokens, system_prompt)
-        # Without images "user\n" and the text form one text run, tokenised together.
-        out += self.text_ids(user_text if num_image_tokens else "user\n" + user_text)
-        out += [ids.im_end, *self.text_ids("\n"), ids.im_start, *self.text_ids("assistant\n")]
-        return out + list(suffix_ids)
+        return self._head_ids(num_image_tokens, system_prompt) + self._tail_ids(user_text, bool(num_image_tokens),
+                                                                              suffix_ids)
 
     def head_length(self, num_image_tokens: list[int], system_prompt: str | None) -> int:
         """How many leading ids of a row depend only on the system prompt and the images, not on its text.
@@ -149,6 +145,14 @@ class PromptBuilder:
             for count in num_image_tokens:
                 out += [ids.vision_start, *([ids.image_pad] * count), ids.vision_end]
         return out
+
+    def _tail_ids(self, user_text: str, with_images: bool, suffix_ids: list[int]) -> list[int]:
+        # The user's text, the assistant turn's start and the suffix (the metaquery block).
+        ids = self.ids
+        # Without images "user\n" and the text form one text run, tokenised together.
+        out = self.text_ids(user_text if with_images else "user\n" + user_text)
+        out += [ids.im_end, *self.text_ids("\n"), ids.im_start, *self.text_ids("assistant\n")]
+        return out + list(suffix_ids)
 
     # -- images ----------------------------------------------------------------------------
     def prepare_image(self, image) -> Image.Image:
@@ -198,8 +202,9 @@ class PromptBuilder:
         for text, imgs in rows:
             counts = tokens[cursor: cursor + len(imgs)]
             cursor += len(imgs)
-            id_rows.append(self.chat_ids(text, counts, system_prompt, suffix_ids))
-            head_lengths.append(self.head_length(counts, system_prompt))
+            head = self._head_ids(counts, system_prompt)  # chat_ids, with the head's length kept
+            id_rows.append(head + self._tail_ids(text, bool(counts), suffix_ids))
+            head_lengths.append(len(head))
         input_ids, attention_mask = self.pad_left(id_rows)
         return {
             "input_ids": input_ids,
