@@ -41,38 +41,33 @@ class ViewShortcutDCUpBlock(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """[B, C, H, W] -> [B, C * repeats / factor^2, H * factor, W * factor], as ``DCUpBlock2d``."""
-        if not self.shortcut or hidden_states.dim() != 4:
+        shortcut = shortcut_view(hidden_states, self.repeats, self.factor) if self.shortcut else None
+        if shortcut is None:  # no shortcut, or a layout no view covers: diffusers' own block
             return self.source(hidden_states)
         if self.interpolate:
             x = self.conv(F.interpolate(hidden_states, scale_factor=self.factor, mode=self.interpolation_mode))
         else:
             x = F.pixel_shuffle(self.conv(hidden_states), self.factor)
-        views = shortcut_views(x, hidden_states, self.repeats, self.factor)
-        if views is None:  # a layout the views do not cover: diffusers' own shortcut
-            shortcut = hidden_states.repeat_interleave(self.repeats, dim=1,
-                                                       output_size=hidden_states.shape[1] * self.repeats)
-            return x + F.pixel_shuffle(shortcut, self.factor)
-        out, shortcut = views
+        out = x.view(shortcut.shape)  # only splits x's dimensions: a view in any memory format
         if torch.is_grad_enabled():  # autograd recording: nothing is overwritten
             return (out + shortcut).view(x.shape)
         out.add_(shortcut)
         return x
 
 
-def shortcut_views(x: torch.Tensor, hidden: torch.Tensor, repeats: int, factor: int
-                   ) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """``x`` [B, C_out, H*f, W*f] and ``pixel_shuffle(repeat_interleave(hidden, repeats, 1), f)`` as two views of one
-    shape, the second a strided view of ``hidden`` [B, C, H, W] -> (x's view, the shortcut's view), or None.
+def shortcut_view(hidden: torch.Tensor, repeats: int, factor: int) -> torch.Tensor | None:
+    """``pixel_shuffle(repeat_interleave(hidden, repeats, 1), f)`` as a strided view of ``hidden`` [B, C, H, W]
+    whose 7 dimensions split the output's [B, C_out, H*f, W*f] -> that view, or None.
 
     Output channel ``c`` at sub-pixel ``(i, j)`` reads input channel ``(c * f^2 + i * f + j) // repeats``;
     that index is a sum of strides when ``repeats`` is a multiple of ``f^2``, a divisor of ``f``, or a
     multiple of ``f`` dividing ``f^2`` (the DC-AE's blocks: 2 and 4 with ``f = 2``). Otherwise None.
     """
     f, r = factor, repeats
-    B, C, H, W = hidden.shape
-    if (C * r) % (f * f) or x.shape != (B, C * r // (f * f), H * f, W * f):
+    if hidden.dim() != 4 or (hidden.shape[1] * r) % (f * f):
         return None
-    c_out = x.shape[1]
+    B, C, H, W = hidden.shape
+    c_out = C * r // (f * f)
     sb, sc, sh, sw = hidden.stride()
     if r % (f * f) == 0:  # each input channel feeds r / f^2 whole output channels
         shape = (B, C, r // (f * f), H, f, W, f)
@@ -85,8 +80,7 @@ def shortcut_views(x: torch.Tensor, hidden: torch.Tensor, repeats: int, factor: 
         strides = (sb, (f * f // r) * sc, sh, sc, 0, sw, 0)
     else:
         return None
-    # Both only split x's dimensions (a view in any memory format, channels-last included).
-    return x.view(shape), hidden.as_strided(shape, strides, hidden.storage_offset())
+    return hidden.as_strided(shape, strides, hidden.storage_offset())
 
 
 def use_view_shortcut_up_blocks(model: nn.Module) -> int:
