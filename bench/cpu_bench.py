@@ -5,7 +5,9 @@ Measured, each a median over several runs:
 
 * checkpoint load (``TBACPipeline.from_pretrained``, float32 on the CPU), in a fresh process per run,
   with its peak RSS compared to the bytes of the loaded weights (issue 8: at most 1.3x);
-* MLLM conditioning (``pipe.encode``: prompt + negative, the conditioning cache off);
+* MLLM conditioning (``pipe.encode``, the conditioning cache off): a first encode (every cache
+  cleared: the negative prompt's row, then the prompt's) and a new prompt whose negative row is
+  kept in the guidance cache (the prompt's row only);
 * one sampler step (ladder DiT on both guidance rows + DPM-Solver++ step), from step callbacks;
 * a full generation (encode + ``--steps`` steps with guidance + decode);
 * VAE decode of one image;
@@ -80,7 +82,7 @@ def phase_run(checkpoint: Path, repeats: int, steps: int, guidance: float) -> di
     def on_step(info, stamps):
         stamps.append(time.perf_counter())
 
-    generation, encode, decode = [], [], []
+    generation, first_encode, encode, decode = [], [], [], []
     peak_generation = None
     for run in range(repeats):
         stamps: list[float] = []
@@ -96,8 +98,11 @@ def phase_run(checkpoint: Path, repeats: int, steps: int, guidance: float) -> di
         step_times += [b - a for a, b in zip(stamps, stamps[1:])]
     latents = output.latents
     for _ in range(repeats + 2):
-        with bu.timed(encode):
-            cond = pipe.encode(PROMPT)
+        pipe.clear_cache()
+        with bu.timed(first_encode):
+            pipe.encode(PROMPT)
+        with bu.timed(encode):  # another prompt; the negative prompt's row comes from the guidance cache
+            cond = pipe.encode(PROMPT + ".")
     for _ in range(repeats):
         with bu.timed(decode):
             pipe.decode(latents[:1])
@@ -105,6 +110,7 @@ def phase_run(checkpoint: Path, repeats: int, steps: int, guidance: float) -> di
         conditioning_rows(pipe.model.prompts, [PROMPT], None, ""), model.config.system_prompt, model.metaquery_suffix()
     )["input_ids"].shape
     return {
+        "first_encode_seconds": bu.summary(first_encode),
         "encode_seconds": bu.summary(encode),
         "step_seconds": bu.summary(step_times),
         "generation_seconds": bu.summary(generation),
@@ -224,7 +230,9 @@ def table(result: dict) -> str:
 
     rows = [
         row("checkpoint load (fp32, fresh process)", load["seconds"]),
-        row(f"MLLM conditioning (prompt + negative, {run['mllm_rows_tokens'][1]} tokens/row)", run["encode_seconds"]),
+        row(f"MLLM conditioning, first (negative + prompt rows, {run['mllm_rows_tokens'][1]} tokens/row)",
+            run["first_encode_seconds"]),
+        row("MLLM conditioning, a new prompt (the negative row cached)", run["encode_seconds"]),
         row("one sampler step (DiT x 2 guidance rows + DPM++)", run["step_seconds"]),
         row(f"full generation ({settings['steps']} steps, guidance {settings['guidance_scale']}, {size})",
             run["generation_seconds"]),

@@ -201,6 +201,21 @@ def test_speed_bench_reports_each_acceleration_against_the_exact_run(tmp_path, f
     assert json.loads(out.read_text())["rows"] == result["rows"]
 
 
+def test_cpu_bench_times_every_phase_and_both_encodes(tmp_path, fixture_root):
+    import cpu_bench
+
+    out = tmp_path / "cpu.json"
+    result = cpu_bench.main(["--size", "tiny", "--models", str(tmp_path / "models"), "--repeats", "1",
+                             "--load-repeats", "1", "--steps", "2", "--threads", "1", "--out", str(out)])
+    run = result["run"]
+    for key in ("first_encode_seconds", "encode_seconds", "step_seconds", "generation_seconds", "decode_seconds"):
+        assert run[key]["median"] > 0, key
+    assert run["encode_seconds"]["runs"] == run["first_encode_seconds"]["runs"] == 3  # repeats + 2
+    assert "MLLM conditioning, first (negative + prompt rows" in result["table"]
+    assert "MLLM conditioning, a new prompt (the negative row cached)" in result["table"]
+    assert json.loads(out.read_text())["run"] == run
+
+
 def test_encode_bench_times_new_prompts_against_the_first(tmp_path, fixture_root):
     import encode_bench
 
