@@ -1,4 +1,5 @@
-"""Choosing the compute device and dtype from the user's words (``auto``, ``cpu``, ``bf16``...)."""
+"""Choosing the compute device and dtype from the user's words (``auto``, ``cpu``, ``bf16``...), and
+where what the library keeps between calls waits (``to_host``)."""
 from __future__ import annotations
 
 import torch
@@ -25,3 +26,13 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     if dtype not in names:
         raise InvalidParameterError(f"Unknown dtype {dtype!r}; choose auto, {', '.join(sorted(names))}.")
     return names[dtype]
+
+
+def to_host(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` in CPU memory (itself when it is there already).
+
+    What the library keeps between calls (the guidance rows' MLLM states, recent images' vision
+    features) waits in CPU memory, so GPU memory holds only what a run uses: in ComfyUI that is what
+    its memory manager loads and accounts for. Each use brings its few MB back to the device.
+    """
+    return tensor.to("cpu")

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
+from ..devices import to_host
 from .layer_offload import to_device
 from .meta_init import empty_weights
 from .prefix_kv import (
@@ -284,6 +285,6 @@ def image_features(model, pixel_values: torch.Tensor, grid_thw: torch.Tensor, ch
                 check_cancel()
             output = visual(patches.to(device=device, dtype=vision_dtype(model)), grid_thw=grid)
             known = output if isinstance(output, torch.Tensor) else output.pooler_output  # 4.5x / 5.x
-            distinct.append((patches, known))
-        features.append(known)  # [T * H/merge * W/merge, H]
+            distinct.append((patches, to_host(known)))  # kept in CPU memory between encodes (to_host: why)
+        features.append(known.to(device))  # [T * H/merge * W/merge, H]
     return torch.cat(features)

@@ -14,6 +14,7 @@ import torch
 from diffusers import AutoencoderDC
 from PIL import Image
 
+from ..devices import to_host
 from ..errors import InvalidParameterError
 from ..ladder.conditioning import LadderConditioning, ModelIdentity, RungSource
 from ..ladder.layer_spec import default_rungs, parse_layer_spec
@@ -164,8 +165,8 @@ class TBACModel:
             else:
                 group_states, head = self._run_rows(group_rows, deepest, check_cancel, seen_images,
                                                     keep_head_of=len(group_rows) - 1)  # [rungs, rows, N, H]
-                if guidance_row_cache is not None:
-                    guidance_row_cache[key] = group_states, head
+                if guidance_row_cache is not None:  # kept in CPU memory between encodes (to_host: why)
+                    guidance_row_cache[key] = to_host(group_states), head
             this_encode[key] = group_states, head
             if group is guidance[0]:
                 prefix = head

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
+from ..devices import to_host
+
 # Per decoder layer: key, value [1, kv_heads, P, head_dim].
 PrefixLayers = list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -87,7 +89,7 @@ def _cpu_copy(tensor: torch.Tensor) -> torch.Tensor:
     """A compact copy in CPU memory. Kept heads wait there between encodes (~1 MB for a text row, ~12 MB
     more per input image at real size), so the GPU memory stays free for sampling; each prompt pass
     brings the part it uses to its device."""
-    return tensor.clone() if tensor.device.type == "cpu" else tensor.to("cpu")
+    return tensor.clone() if tensor.device.type == "cpu" else to_host(tensor)
 
 
 def shared_prefix_length(prefix: RowPrefix, input_ids: torch.Tensor, attention_mask: torch.Tensor,

@@ -85,10 +85,10 @@ class TBACPipeline:
     ``guidance_cache_size``: how many recent guidance groups (negative prompt with its images) keep
     their MLLM states, and twice as many recent images their vision features, so a new prompt with
     the same negative prompt and input images runs only its own rows through the MLLM and no image
-    through the vision tower again (0 disables; a row is 64 x hidden per rung: ~10 MB for
-    TBAC-UniImage-3B in bf16; a 512x512 image's features ~1.3 MB; a group also keeps its head's
-    keys/values in CPU memory, ``modeling.prefix_kv``: ~1.2 MB for a text row, ~12 MB more
-    per input image).
+    through the vision tower again (0 disables). All of it waits in CPU memory between encodes
+    (``devices.to_host``): a row is 64 x hidden per rung, ~10 MB for TBAC-UniImage-3B in bf16; an
+    input image's features ~1 MB (256 tokens); a group's head keys/values (``modeling.prefix_kv``)
+    ~1.2 MB for a text row, ~12 MB more per input image.
     Thread safety: MLLM runs on one model are serialised (``model.mllm_lock``).
     """
 

@@ -143,3 +143,38 @@ def test_guidance_row_cache_is_bounded_and_keyed_by_content_and_depth(pipe):
     assert len(cached._seen_images) == 2  # an edit's two images (input and black) for a cache of 1
     cached.clear_cache()
     assert len(cached._guidance_rows) == 0 and not cached._seen_images
+
+
+def test_what_is_kept_between_encodes_waits_in_host_memory(pipe, monkeypatch):
+    """Guidance states, kept heads and vision features all go through ``devices.to_host`` when kept, so on
+    a GPU they leave its memory to what a run uses (on this CPU the call is the identity: the test checks
+    that every kept tensor is one ``to_host`` returned, and that results are unchanged)."""
+    from PIL import Image
+
+    import tbac_core.modeling.mllm as mllm
+    import tbac_core.modeling.model as model
+    import tbac_core.modeling.prefix_kv as prefix_kv
+    from tbac_core.devices import to_host
+
+    hosted: list[torch.Tensor] = []
+
+    def recording_to_host(tensor):
+        hosted.append(to_host(tensor).clone())  # a new tensor: kept tensors must be these very ones
+        return hosted[-1]
+
+    for module in (mllm, model, prefix_kv):
+        monkeypatch.setattr(module, "to_host", recording_to_host)
+    cached = TBACPipeline(pipe.model, cache_size=0, device="cpu")
+    image = Image.new("RGB", (64, 48), (200, 30, 30))
+    reference = TBACPipeline(pipe.model, cache_size=0, guidance_cache_size=0, device="cpu")
+    for prompt, images in (("a cat", None), ("make it blue", [image])):
+        _same(cached.encode(prompt, images=images), reference.encode(prompt, images=images))
+    kept = {id(t) for t in hosted}
+    assert len(cached._guidance_rows) == 2 and len(cached._seen_images) == 2  # text group, edit group; 2 images
+    for states, head in cached._guidance_rows.values():
+        assert id(states) in kept
+        # On the CPU a head is copied by clone (a compact copy, not to_host); its tensors are CPU-resident.
+        assert head is None or all(t.device.type == "cpu" for pair in head.layers for t in pair)
+    assert all(id(features) in kept for _, features in cached._seen_images)
+    # Kept states are reused as they are: a new prompt with the same negative row gives the uncached result.
+    _same(cached.encode("a dog", images=None), reference.encode("a dog", images=None))
