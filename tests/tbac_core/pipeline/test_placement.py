@@ -146,9 +146,10 @@ def test_guidance_row_cache_is_bounded_and_keyed_by_content_and_depth(pipe):
 
 
 def test_what_is_kept_between_encodes_waits_in_host_memory(pipe, monkeypatch):
-    """Guidance states, kept heads and vision features all go through ``devices.to_host`` when kept, so on
-    a GPU they leave its memory to what a run uses (on this CPU the call is the identity: the test checks
-    that every kept tensor is one ``to_host`` returned, and that results are unchanged)."""
+    """Kept guidance states and vision features go through ``devices.to_host`` (kept heads are compact CPU
+    copies), so on a GPU they leave its memory to what a run uses. On this CPU ``to_host`` is the
+    identity, so the test makes it return new tensors and checks that the kept ones are those, and that
+    results are unchanged."""
     from PIL import Image
 
     import tbac_core.modeling.mllm as mllm
