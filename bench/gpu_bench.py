@@ -7,7 +7,8 @@ random weights drawn straight on the GPU, see ``make_random_checkpoint.build_ran
 * 512x512, 30 steps, guidance 4.5 (DPM++), batch 1 / 4 / 16 distinct prompts, memory modes ``full``
   and ``offload-mllm``: seconds per image, MLLM encode time (in ``offload-mllm`` it includes moving
   the MLLM to the GPU and back), per-step time, VAE decode time, peak VRAM
-  (``torch.cuda.max_memory_allocated``) and VRAM at rest;
+  (``torch.cuda.max_memory_allocated``), VRAM at rest, and the VRAM the pipeline still holds after
+  the runs (its caches wait in host memory: ~0 expected);
 * quantised weights (``--weights``, default fp8 and GGUF Q8_0): the same model with the MLLM's decoder
   linears and the DiT blocks' attention linears quantised on the GPU (``build_random_model(...,
   quantization=...)``, the layers ``load_model`` puts in), memory mode ``full``, same batches;
@@ -157,6 +158,9 @@ def bench_mode(model, mode: str, device, batches: list[int], size: int, steps: i
             "peak_memory_sampling_decode": peak_sampling,
         }
         release(device)
+    # What the pipeline keeps on the device between runs (its guidance and image caches wait in host
+    # memory, devices.to_host): ~0 on a GPU. On the CPU (--smoke) this is RSS growth, allocator noise.
+    results["memory_kept_after_runs_bytes"] = resting_memory(device) - rest
     del pipe
     return results
 
@@ -265,13 +269,15 @@ def table(result: dict) -> str:
                 bu.gib(stats["peak_memory_encode"]["bytes"]),
                 bu.gib(stats["peak_memory_sampling_decode"]["bytes"]),
                 bu.gib(data["memory_at_rest_bytes"]),
+                bu.gib(data["memory_kept_after_runs_bytes"]) if "memory_kept_after_runs_bytes" in data else "-",
             ])
     s = result["settings"]
     memory = "VRAM" if result["device"].startswith("cuda") else "RSS"
     lines = [(f"{s['size']}x{s['size']}, {s['steps']} steps, guidance {s['guidance_scale']}, {s['dtype']}, "
              f"medians of {s['repeats']} runs"),
              bu.markdown_table(["memory mode", "batch", "s/image", "encode s", "step ms", "decode s",
-                                f"peak {memory} encode", f"peak {memory} sample+decode", f"{memory} at rest"], rows)]
+                                f"peak {memory} encode", f"peak {memory} sample+decode", f"{memory} at rest",
+                                f"{memory} kept after the runs"], rows)]
     if result.get("accelerated"):
         arow = [[name, f"{row['seconds_per_image']:.3f}", f"{row['speedup']:.2f}x",
                  "-" if name == "exact" else f"{min(row['psnr_db_vs_exact']):.1f}"]

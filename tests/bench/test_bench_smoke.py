@@ -29,13 +29,14 @@ def test_gpu_bench_smoke_runs_and_reports(tmp_path, fixture_root):
         capture_output=True, text=True, timeout=600, check=False,
     )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
-    assert "| memory mode | batch | s/image |" in done.stdout
+    assert "| memory mode | batch | s/image |" in done.stdout and "RSS kept after the runs |" in done.stdout
     assert "bf16 on cpu" in done.stdout
     result = json.loads(out.read_text())
     assert result["smoke"] is True and result["model"]["architecture"] == "tiny"
     assert set(result["speed"]) == {"full", "offload-mllm"}
     for mode in result["speed"].values():
         assert set(mode["batches"]) == {"1", "2"}
+        assert isinstance(mode["memory_kept_after_runs_bytes"], int)  # RSS growth on the CPU: only its presence
         for stats in mode["batches"].values():
             for key in ("seconds_per_image", "encode_seconds", "step_seconds", "decode_seconds"):
                 assert stats[key]["median"] > 0, key
