@@ -270,17 +270,22 @@ def image_features(model, pixel_values: torch.Tensor, grid_thw: torch.Tensor, ch
     so its features are computed once and reused. Each distinct image runs alone: transformers 4.5x's
     SDPA vision attention masks one [patches, patches] matrix over all images of a call, a cost that
     grows with the square of the image count (5.x splits the call per image itself).
-    ``seen_images``: the (patches, features) pairs already computed, extended here; one list shared
-    by several calls (the row groups of one encode) computes each image once across all of them.
+    ``seen_images``: the (patches, features) pairs already computed, least recently used first,
+    extended and reordered here; one list shared by several calls (the row groups of one encode, the
+    encodes of a pipeline) computes each image once across all of them.
     """
     visual = vision_tower(model)
     device = model.device
     patch_counts = grid_thw.prod(-1).tolist()
-    distinct = [] if seen_images is None else seen_images  # (patches, features) per distinct image
+    distinct = [] if seen_images is None else seen_images  # (patches, features) per distinct image, oldest use first
     features = []
     for patches, grid in zip(pixel_values.split(patch_counts), grid_thw.split(1)):
-        known = next((f for p, f in distinct if p.shape == patches.shape and torch.equal(p, patches)), None)
-        if known is None:
+        seen = next((k for k, (p, _) in enumerate(distinct) if p.shape == patches.shape and torch.equal(p, patches)),
+                    None)
+        if seen is not None:  # used again: it moves to the end, so trimming the front drops the least recently used
+            distinct.append(distinct.pop(seen))
+            known = distinct[-1][1]
+        else:
             if check_cancel is not None:
                 check_cancel()
             output = visual(patches.to(device=device, dtype=vision_dtype(model)), grid_thw=grid)

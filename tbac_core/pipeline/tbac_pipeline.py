@@ -102,7 +102,7 @@ class TBACPipeline:
         # Guidance rows (negative prompt + images) -> their MLLM states: a new prompt with the same
         # negative prompt and images runs only its own rows through the MLLM.
         self._guidance_rows: RecentCache = RecentCache(guidance_cache_size)
-        self._seen_images: list = []  # (patches, vision features) of recent input images, oldest first
+        self._seen_images: list = []  # (patches, vision features) of recent input images, least recently used first
         # compile_dit: whether the DiT blocks were compiled (False when asked but no compiler is found).
         compute_device = getattr(placement, "device", None) or model.device  # where the DiT will run
         self.compiled_dit = compile_dit and compile_dit_blocks(model.dit, torch.device(compute_device))
@@ -194,7 +194,8 @@ class TBACPipeline:
                                      layers=inputs.layers, block_rungs=inputs.block_rungs,
                                      keep_all_rungs=keep_all_rungs, check_cancel=check_cancel,
                                      guidance_row_cache=self._guidance_rows, seen_images=self._seen_images)
-        # The images of the last few encodes (an edit shows its input and a black image) stay known.
+        # The images of the last few encodes (an edit shows its input and a black image) stay known;
+        # the list is least recently used first, so a black image shared by same-size edits stays.
         del self._seen_images[:max(0, len(self._seen_images) - 2 * self._guidance_rows.size)]
         self._cache[key] = cond
         return cond

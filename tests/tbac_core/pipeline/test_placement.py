@@ -179,3 +179,22 @@ def test_what_is_kept_between_encodes_waits_in_host_memory(pipe, monkeypatch):
     assert all(id(features) in kept for _, features in cached._seen_images)
     # Kept states are reused as they are: a new prompt with the same negative row gives the uncached result.
     _same(cached.encode("a dog", images=None), reference.encode("a dog", images=None))
+
+
+def test_recent_images_are_dropped_least_recently_used_first(pipe):
+    """Edits of same-size images share their black image: it is used by every edit, so it stays known
+    while older input images are dropped (first-in-first-out would drop it as the oldest entry)."""
+    from PIL import Image
+
+    cached = TBACPipeline(pipe.model, cache_size=0, guidance_cache_size=1, device="cpu")  # keeps 2 images
+    red, green, blue = (Image.new("RGB", (64, 48), colour) for colour in ((200, 0, 0), (0, 200, 0), (0, 0, 200)))
+    cached.encode("make it pale", images=[red])  # black and red seen
+    cached.encode("make it pale", images=[green])  # black used again; green seen; red dropped
+    with _MLLMCalls(pipe.model.mllm) as calls:
+        cached.encode("make it pale", images=[blue])
+    assert calls.images == 1  # only blue ran through the vision tower: the black image was still known
+    with _MLLMCalls(pipe.model.mllm) as calls:
+        cached.encode("make it pale", images=[red])
+    assert calls.images == 1  # red had been dropped, black had not
+    reference = TBACPipeline(pipe.model, cache_size=0, guidance_cache_size=0, device="cpu")
+    _same(cached.encode("make it dark", images=[green]), reference.encode("make it dark", images=[green]))
