@@ -108,7 +108,10 @@ def ramp(start: float, end: float, count: int) -> list[float]:
     if count == 1:
         return [start]
     # start*(1-u) + end*u (not start + (end-start)*u): exact at both ends, no overflow of end-start.
-    return [start * (1 - i / (count - 1)) + end * (i / (count - 1)) for i in range(count)]
+    # Its two products can round outside the ends (both halves of a subnormal round to 0), so each
+    # value is held between them.
+    low, high = min(start, end), max(start, end)
+    return [min(max(start * (1 - i / (count - 1)) + end * (i / (count - 1)), low), high) for i in range(count)]
 
 
 def _parse_float(text: str) -> float | None:

@@ -65,6 +65,16 @@ def test_ramp_ends_are_exact():
     assert weights[0] == 0.1 and weights[-1] == 0.7
 
 
+@pytest.mark.parametrize("spec", ["ramp 5e-324 5e-324", "5e-324->1e-323", "-5e-324->5e-324", "1e308->-1e308"])
+def test_ramp_values_stay_between_its_ends(spec):
+    """Subnormal ends: start*(1-u) + end*u rounds both products to 0 (found by hypothesis in CI)."""
+    weights = parse_block_weights(spec, 5)
+    low, high = min(weights[0], weights[-1]), max(weights[0], weights[-1])
+    assert all(math.isfinite(w) and low <= w <= high for w in weights), weights
+    if weights[0] == weights[-1]:
+        assert len(set(weights)) == 1
+
+
 WEIGHT_SYNTAX = "Valid syntax"
 WEIGHT_ERROR_CASES = [
     # spec, num_blocks, fragments the message must contain (besides the echoed spec)
