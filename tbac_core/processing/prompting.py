@@ -125,8 +125,7 @@ class PromptBuilder:
 
         The first ``head_length(num_image_tokens, system_prompt)`` ids do not depend on ``user_text``.
         """
-        return self._head_ids(num_image_tokens, system_prompt) + self._tail_ids(user_text, bool(num_image_tokens),
-                                                                              suffix_ids)
+        return self._row_ids(user_text, num_image_tokens, system_prompt, suffix_ids)[0]
 
     def head_length(self, num_image_tokens: list[int], system_prompt: str | None) -> int:
         """How many leading ids of a row depend only on the system prompt and the images, not on its text.
@@ -134,6 +133,12 @@ class PromptBuilder:
         Rows with the same head share its keys/values in the MLLM (``modeling.prefix_kv``).
         """
         return len(self._head_ids(num_image_tokens, system_prompt))
+
+    def _row_ids(self, user_text: str, num_image_tokens: list[int], system_prompt: str | None,
+                 suffix_ids: list[int]) -> tuple[list[int], int]:
+        """``chat_ids`` and its ``head_length``, the head tokenised once."""
+        head = self._head_ids(num_image_tokens, system_prompt)
+        return head + self._tail_ids(user_text, bool(num_image_tokens), suffix_ids), len(head)
 
     def _head_ids(self, num_image_tokens: list[int], system_prompt: str | None) -> list[int]:
         # The system turn, the user turn's <|im_start|>, and with images "user\n" and the image blocks.
@@ -202,9 +207,9 @@ class PromptBuilder:
         for text, imgs in rows:
             counts = tokens[cursor: cursor + len(imgs)]
             cursor += len(imgs)
-            head = self._head_ids(counts, system_prompt)  # chat_ids, with the head's length kept
-            id_rows.append(head + self._tail_ids(text, bool(counts), suffix_ids))
-            head_lengths.append(len(head))
+            ids, head_length = self._row_ids(text, counts, system_prompt, suffix_ids)
+            id_rows.append(ids)
+            head_lengths.append(head_length)
         input_ids, attention_mask = self.pad_left(id_rows)
         return {
             "input_ids": input_ids,
