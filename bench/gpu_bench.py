@@ -269,7 +269,7 @@ def table(result: dict) -> str:
                 bu.gib(stats["peak_memory_encode"]["bytes"]),
                 bu.gib(stats["peak_memory_sampling_decode"]["bytes"]),
                 bu.gib(data["memory_at_rest_bytes"]),
-                bu.gib(data["memory_kept_after_runs_bytes"]) if "memory_kept_after_runs_bytes" in data else "-",
+                bu.gib(data["memory_kept_after_runs_bytes"]),
             ])
     s = result["settings"]
     memory = "VRAM" if result["device"].startswith("cuda") else "RSS"
