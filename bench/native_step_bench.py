@@ -10,8 +10,12 @@ call: the native model before it made them contiguous), ``raw`` (contiguous copi
 call: the first step of a run) and ``cached`` (a ``ConditionKVCache`` hit: every later step). Wall seconds, medians (with more than one thread, the CPU time of OpenMP's waiting
 threads would blur the comparison), and the process's CPU seconds beside them.
 
+``--offloadable-layers`` first makes the DiT's layers offloadable (``layer_offload``), the form every
+layer has under the pack's ComfyUI nodes (so ComfyUI's memory manager may stream them): the fast
+paths must hold there too.
+
 Usage: python bench/native_step_bench.py [--model medium|DIR] [--dtype fp32|bf16] [--threads 1]
-       [--size 256] [--repeats 5]
+       [--size 256] [--repeats 5] [--offloadable-layers]
 ``--out FILE`` also writes the figures as JSON.
 """
 from __future__ import annotations
@@ -31,11 +35,16 @@ from prompts import PROMPT  # noqa: E402
 
 
 def main(argv=None) -> dict:
-    args, parser = bu.one_call_benchmark_arguments(__doc__, argv, size=256, repeats=5)
-    from tbac_core.modeling import ConditionKVCache, mask_to_bias
+    args, parser = bu.one_call_benchmark_arguments(
+        __doc__, argv, size=256, repeats=5,
+        add_arguments=lambda p: p.add_argument(
+            "--offloadable-layers", action="store_true",
+            help="make the DiT's layers offloadable first, as the pack's ComfyUI nodes have them"))
+    from tbac_core.modeling import ConditionKVCache, make_layers_offloadable, mask_to_bias
 
     checkpoint, pipe = bu.cpu_pipeline(args, parser)
     dit, model = pipe.model.dit, pipe.model
+    offloadable = len(make_layers_offloadable(dit)) if args.offloadable_layers else 0
     with torch.no_grad():
         cond = pipe.encode(PROMPT)
         # core's context: each block's condition side by side, [rows, blocks * N, D]; negative then positive.
@@ -64,6 +73,7 @@ def main(argv=None) -> dict:
                           "keys/values", args, checkpoint)
     labels = {"strided": "strided views, projected in the call", "raw": "contiguous, projected in the call",
               "cached": "cached keys/values"}
+    result["offloadable_layers"] = offloadable
     rows = bu.timing_rows(result, times, labels)
     result["cached_over_raw"] = result["cached_s"] / result["raw_s"]
     result["cached_over_strided"] = result["cached_s"] / result["strided_s"]

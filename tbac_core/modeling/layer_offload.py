@@ -17,6 +17,10 @@ device, so a streamed quantised layer costs its stored bytes in transfer, not it
   them is elsewhere, or whenever its ``weights_offloaded`` flag says its placement keeps them off
   the device.
 
+Fast paths that compute a layer's op from its weights instead of calling it (a 1x1 convolution as
+``F.linear``) recognise a layer by ``built_class`` and read its weights inside ``tensors_on``, so
+they hold for offloadable layers too.
+
 Everything else is *resident*: it must sit on the compute device while the part runs, and
 ``place_resident`` puts it there (a few KB to a few MB: tensors owned by non-layer modules, such as
 SANA's ``scale_shift_table``s, buffers of modules without weights, such as rotary ``inv_freq``,
@@ -39,10 +43,35 @@ class OffloadableLayer:
 
     def forward(self, *args, **kwargs):
         device = args[0].device if args and isinstance(args[0], torch.Tensor) else _input_device(args, kwargs)
-        if device is not None and (self.weights_offloaded or _held_elsewhere(self, device)):
+        if device is not None and _must_move(self, device):
             with _tensors_moved(self, device):
                 return super().forward(*args, **kwargs)
         return super().forward(*args, **kwargs)
+
+
+def built_class(layer: torch.nn.Module) -> type:
+    """The class ``layer`` was built as: ``make_layers_offloadable`` puts a subclass of it in its place.
+
+    For fast paths that compute a layer's op from its tensors instead of calling it (a 1x1
+    convolution as ``F.linear``): ``built_class(conv) is nn.Conv2d`` holds for a plain convolution,
+    offloadable or not, and not for anything wrapping one (a LoRA layer), which must run as itself.
+    """
+    return getattr(type(layer), "offloadable_form_of", type(layer))
+
+
+@contextmanager
+def tensors_on(layer: torch.nn.Module, device: torch.device):
+    """While the block runs, ``layer``'s own tensors are on ``device``, as its forward would see them.
+
+    An offloadable layer whose weights rest elsewhere gets copies for the block (as its forward
+    does); any other layer is left as it is. Fast paths that read a layer's weights directly run
+    inside this, so they work where a memory manager streams the layer.
+    """
+    if isinstance(layer, OffloadableLayer) and _must_move(layer, device):
+        with _tensors_moved(layer, device):
+            yield
+    else:
+        yield
 
 
 def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -61,6 +90,10 @@ def _input_device(args, kwargs) -> torch.device | None:
 
 def _own_tensors(module: torch.nn.Module) -> dict[str, dict]:
     return {"_parameters": module._parameters, "_buffers": module._buffers}
+
+
+def _must_move(layer: "OffloadableLayer", device: torch.device) -> bool:
+    return layer.weights_offloaded or _held_elsewhere(layer, device)
 
 
 def _held_elsewhere(layer: torch.nn.Module, device: torch.device) -> bool:
@@ -93,7 +126,8 @@ def _tensors_moved(layer: torch.nn.Module, device: torch.device):
 def _offloadable_class(cls: type) -> type:
     # Same name and module as the original: framework code that checks class names keeps working.
     return type(cls.__name__, (OffloadableLayer, cls), {"__module__": cls.__module__,
-                                                         "__qualname__": cls.__qualname__})
+                                                         "__qualname__": cls.__qualname__,
+                                                         "offloadable_form_of": cls})
 
 
 def _holds_state(module: torch.nn.Module) -> bool:

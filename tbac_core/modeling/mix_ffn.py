@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .layer_offload import built_class, tensors_on
+
 
 class TokenMajorGLUMBConv(nn.Module):
     """``GLUMBConv`` (no residual, no norm: SANA's setting) on the same weights, 1x1 convs as ``F.linear``."""
@@ -45,11 +47,13 @@ class TokenMajorGLUMBConv(nn.Module):
 def pointwise(conv: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     """A 1x1 convolution on token-major ``tokens`` [B, H, W, C_in] -> [B, H, W, C_out].
 
-    A plain ``nn.Conv2d`` runs as ``F.linear``; anything wrapping it (a LoRA layer on the conv) runs
-    as itself, so its extra terms are never skipped.
+    A plain ``nn.Conv2d`` runs as ``F.linear``, also in its offloadable form (ComfyUI's memory
+    manager may stream its weights: ``layer_offload``); anything wrapping it (a LoRA layer on the
+    conv) runs as itself, so its extra terms are never skipped.
     """
-    if type(conv) is nn.Conv2d:
-        return F.linear(tokens, conv.weight.flatten(1), conv.bias)
+    if built_class(conv) is nn.Conv2d:
+        with tensors_on(conv, tokens.device):
+            return F.linear(tokens, conv.weight.flatten(1), conv.bias)
     return conv(tokens.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
 
 

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .layer_offload import built_class, tensors_on
+
 
 class LinearPatchEmbed(nn.Module):
     """``Qwen2_5_VisionPatchEmbed`` on the same ``proj`` weight, its kernel-sized Conv3d as ``F.linear``."""
@@ -33,12 +35,13 @@ class LinearPatchEmbed(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Patches [N, C * T * P * P] (or any shape holding them) -> [N, embed_dim]."""
-        if type(self.proj) is not nn.Conv3d:  # something wraps the convolution: run it as itself
+        if built_class(self.proj) is not nn.Conv3d:  # something wraps the convolution: run it as itself
             patches = hidden_states.reshape(-1, *self.patch_shape)
             return self.proj(patches.to(next(self.proj.parameters()).dtype)).reshape(-1, self.embed_dim)
-        weight = self.proj.weight  # [embed_dim, C, T, P, P]
-        patches = hidden_states.reshape(-1, weight[0].numel()).to(weight.dtype)  # [N, C * T * P * P]
-        return F.linear(patches, weight.flatten(1))
+        with tensors_on(self.proj, hidden_states.device):  # its weight may be streamed (layer_offload)
+            weight = self.proj.weight  # [embed_dim, C, T, P, P]
+            patches = hidden_states.reshape(-1, weight[0].numel()).to(weight.dtype)  # [N, C * T * P * P]
+            return F.linear(patches, weight.flatten(1))
 
 
 def use_linear_patch_embed(visual: nn.Module) -> bool:

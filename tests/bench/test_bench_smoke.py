@@ -238,6 +238,15 @@ def test_native_step_bench_times_raw_conditions_against_cached_keys_values(tmp_p
     assert result["strided_s"] > 0
     assert len(result["raw_all_s"]) == len(result["cached_all_s"]) == len(result["strided_all_s"]) == 2
     assert json.loads(out.read_text())["cached_over_raw"] == result["cached_over_raw"]
+    assert result["offloadable_layers"] == 0
+
+
+def test_native_step_bench_runs_with_the_layers_as_comfyui_has_them(fixture_root):
+    import native_step_bench
+
+    result = native_step_bench.main(["--model", str(fixture_root / "checkpoint"), "--size", "64", "--repeats", "1",
+                                     "--offloadable-layers"])
+    assert result["offloadable_layers"] > 10 and result["cached_s"] > 0
 
 
 def test_decode_bench_times_both_norms_and_finds_the_same_bits(tmp_path, fixture_root):
@@ -258,6 +267,25 @@ def test_decode_bench_compares_the_up_blocks(fixture_root):
                                 "--compare", "up-blocks"])
     assert result["same_bits"] is True and result["compare"] == "up-blocks"
     assert result["view_s"] > 0 and result["diffusers_s"] > 0 and result["view_over_diffusers"] > 0
+
+
+def test_decode_bench_compares_the_folded_upsampling_and_leaves_the_library_state(fixture_root, monkeypatch):
+    import decode_bench
+
+    from tbac_core.modeling.dc_up_block import ViewShortcutDCUpBlock
+
+    pipes = []
+    load = decode_bench.bu.cpu_pipeline
+    monkeypatch.setattr(decode_bench.bu, "cpu_pipeline", lambda *a: pipes.append(load(*a)) or pipes[-1])
+    result = decode_bench.main(["--model", str(fixture_root / "checkpoint"), "--size", "64", "--repeats", "2",
+                                "--compare", "upsampling"])
+    assert result["compare"] == "upsampling" and result["folded_s"] > 0 and result["interpolate_s"] > 0
+    assert 0 < result["max_abs_difference"] < 1e-4  # within rounding, not the same bits
+    decode_bench.main(["--model", str(fixture_root / "checkpoint"), "--size", "64", "--repeats", "1",
+                       "--compare", "up-blocks"])
+    for _, pipe in pipes:
+        blocks = [m for m in pipe.model.vae.modules() if isinstance(m, ViewShortcutDCUpBlock)]
+        assert blocks and all(block.fold_upsampling for block in blocks)  # the library's own decoder afterwards
 
 
 def test_attention_bench_times_both_processors(tmp_path, fixture_root):
