@@ -93,7 +93,9 @@ def folded_upsampling_kernel(weight: torch.Tensor) -> torch.Tensor:
     convolution (padding 1) equal to nearest x2 upsampling followed by it (module docstring: why).
 
     Folded in float32 (each tap a sum of up to four of the weight's), returned in the weight's dtype.
-    One matrix product of the [I * O, 9] taps with the 9 -> 16 fold along both axes.
+    One matrix product of the [I * O, 9] taps with the 9 -> 16 fold along both axes: the fastest form
+    measured (stacked slices or gathers: 4-10x slower). Where TF32 matrix products are enabled on a
+    GPU, the fold rounds as the convolution itself does (cuDNN's TF32 default).
     """
     out_channels, in_channels = weight.shape[:2]
     taps = weight.transpose(0, 1).reshape(in_channels * out_channels, 9).float()  # [I * O, 9]
