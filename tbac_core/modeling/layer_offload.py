@@ -17,6 +17,10 @@ device, so a streamed quantised layer costs its stored bytes in transfer, not it
   them is elsewhere, or whenever its ``weights_offloaded`` flag says its placement keeps them off
   the device.
 
+A memory manager that streams a layer may also attach per-call patches to its weights (ComfyUI's
+``weight_function`` / ``bias_function``: how a LoRA reaches a layer its partial load left
+offloaded); the moved copies get them, in order, and the stored weights never change.
+
 Fast paths that compute a layer's op from its weights instead of calling it (a 1x1 convolution as
 ``F.linear``) recognise a layer by ``built_class`` and read its weights inside ``tensors_on``, so
 they hold for offloadable layers too.
@@ -34,6 +38,8 @@ import functools
 from contextlib import contextmanager
 
 import torch
+
+from ..errors import InvalidParameterError
 
 
 class OffloadableLayer:
@@ -107,19 +113,43 @@ def _held_elsewhere(layer: torch.nn.Module, device: torch.device) -> bool:
     return False
 
 
+# Per-call weight patches a memory manager may attach to a layer it streams, applied to the moved
+# copies in order: ComfyUI's ``weight_function`` / ``bias_function`` (a LoRA on a layer its partial
+# load left offloaded comes this way; its own layers apply them in ``comfy.ops.cast_bias_weight``).
+PATCH_FUNCTIONS = {"weight": "weight_function", "bias": "bias_function"}
+PATCHABLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
 @contextmanager
 def _tensors_moved(layer: torch.nn.Module, device: torch.device):
-    """For the block, the layer's own tensors are copies on ``device``; the originals are put back after."""
+    """For the block, the layer's own tensors are copies on ``device`` (with any per-call weight patches
+    applied); the originals are put back after, unchanged."""
     saved = {kind: dict(table) for kind, table in _own_tensors(layer).items()}
     try:
         for kind, table in _own_tensors(layer).items():
             for name, tensor in saved[kind].items():
-                if tensor is not None:
-                    table[name] = to_device(tensor, device)
+                if tensor is None:
+                    continue
+                patches = getattr(layer, PATCH_FUNCTIONS[name], None) if name in PATCH_FUNCTIONS else None
+                table[name] = _patched(layer, name, tensor, device, patches) if patches else to_device(tensor, device)
         yield
     finally:
         for kind, table in _own_tensors(layer).items():
             table.update(saved[kind])
+
+
+def _patched(layer: torch.nn.Module, name: str, tensor: torch.Tensor, device: torch.device, patches) -> torch.Tensor:
+    """A copy of ``tensor`` on ``device`` with the patches applied (they may work in place: never on the original)."""
+    if tensor.dtype not in PATCHABLE_DTYPES:
+        raise InvalidParameterError(
+            f"A weight patch (e.g. a LoRA applied in ComfyUI) targets the {tensor.dtype} {name} of a "
+            f"{type(layer).__name__} layer, a quantised layer that patches cannot be applied to. Load the "
+            "model with its weights as stored (not fp8/GGUF) to use patches on it."
+        )
+    patched = tensor.to(device, copy=True)
+    for patch in patches:
+        patched = patch(patched)
+    return patched
 
 
 @functools.cache

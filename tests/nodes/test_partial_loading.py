@@ -74,19 +74,28 @@ def test_a_partly_loaded_part_gives_the_fully_loaded_result_within_its_budget(fa
 
 
 # -- ComfyUI's own ModelPatcher (with a checkout) ----------------------------------------------
-@pytest.fixture(scope="module")
-def comfy_figures(fixture_root) -> dict:
+def _comfy_partial_load_check(fixture_root, *options: str) -> dict:
     if not COMFYUI_DIR:
         pytest.skip("set TBAC_COMFYUI_DIR to a ComfyUI checkout")
     python = os.environ.get("TBAC_COMFYUI_PYTHON", sys.executable)
     script = ROOT / "tests" / "support" / "partial_load_check.py"
     run = subprocess.run([python, str(script), COMFYUI_DIR, str(ROOT), str(fixture_root / "checkpoint"),
-                          "--quantizations", "none,q4_k", "--fractions", ",".join(map(str, FRACTIONS))],
+                          "--fractions", ",".join(map(str, FRACTIONS)), *options],
                          check=False, capture_output=True, text=True, timeout=900, cwd=COMFYUI_DIR,
                          env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
     lines = [line for line in run.stdout.splitlines() if line.startswith("FIGURES ")]
     assert run.returncode == 0 and lines, run.stdout[-3000:] + run.stderr[-6000:]
     return json.loads(lines[-1][len("FIGURES "):])
+
+
+@pytest.fixture(scope="module")
+def comfy_figures(fixture_root) -> dict:
+    return _comfy_partial_load_check(fixture_root, "--quantizations", "none,q4_k")
+
+
+@pytest.fixture(scope="module")
+def comfy_patched_figures(fixture_root) -> dict:
+    return _comfy_partial_load_check(fixture_root, "--quantizations", "none", "--patched")
 
 
 @pytest.mark.parametrize("quantization", ["none", "q4_k"])
@@ -101,3 +110,15 @@ def test_comfyui_partial_loading_gives_the_full_load_result(comfy_figures, quant
         assert figures["comfy_loaded"] <= budget, part
         assert figures["on_compute"] <= budget + figures["resident"], part
     assert all(comfy_figures[quantization]["full"][part]["offloaded_layers"] == 0 for part in ("mllm", "dit"))
+
+
+@pytest.mark.parametrize("fraction", [str(f) for f in FRACTIONS])
+def test_comfyui_weight_patches_reach_the_layers_a_partial_load_leaves_offloaded(comfy_patched_figures, fraction):
+    """A LoRA patched in by ComfyUI: applied in place on a full load, per call (``weight_function``) to the
+    layers a partial load streams. Both must give the same result (before the fix the streamed layers
+    dropped their patches)."""
+    figures = comfy_patched_figures["none"]
+    assert all(effect > 1e-3 for effect in figures["patch_effect"].values())  # the patches change every output
+    entry = figures["budgets"][fraction]
+    assert all(entry[part]["offloaded_layers"] > 0 for part in ("mllm", "dit", "vae"))
+    assert entry["max_diff"] == {"encode": 0.0, "step": 0.0, "decode": 0.0}

@@ -34,6 +34,8 @@ parser.add_argument("--quantizations", default="none", help="comma-separated: no
 parser.add_argument("--fractions", default="0.5,0.1")
 parser.add_argument("--repeats", type=int, default=1)
 parser.add_argument("--size", type=int, default=64)
+parser.add_argument("--patched", action="store_true",
+                    help="first give every part ComfyUI weight patches (a LoRA's diffs on every matrix weight)")
 options = parser.parse_args()
 
 HERE = Path(__file__).resolve().parent  # holds the tests' comfy_api double: the real one must win
@@ -119,6 +121,16 @@ def run(pipeline) -> tuple[dict, dict]:
     return outputs, {"encode_s": encode_s, "step_s": step_s}
 
 
+def add_diff_patches(patcher) -> int:
+    """Small random diffs on every floating-point matrix weight of the part, as a LoRA loader adds them."""
+    generator = torch.Generator().manual_seed(0)
+    weights = {key: value for key, value in patcher.model.state_dict().items()
+               if key.endswith(".weight") and value.dim() >= 2 and value.is_floating_point()}
+    patches = {key: ("diff", (0.02 * torch.randn(value.shape, generator=generator).to(value.dtype),))
+               for key, value in weights.items()}
+    return len(patcher.add_patches(patches, 1.0))
+
+
 def check(quantization: str | None) -> dict:
     tbac = pack.tbac_core.load_model(options.checkpoint, device="cpu", dtype="float32", quantization=quantization,
                                      models_dirs=[options.models_dir or options.checkpoint.parent])
@@ -126,9 +138,16 @@ def check(quantization: str | None) -> dict:
     patchers = pipeline.placement._patchers
     budget["fraction"] = None
     pipeline.encode(PROMPT)  # warm-up (first-call allocations)
+    patch_effect = None
+    if options.patched:  # ComfyUI applies them in place on a full load, per call to offloaded layers
+        unpatched, _ = run(pipeline)
+        for part, patcher in patchers.items():
+            add_diff_patches(patcher)
     reference, reference_times = run(pipeline)
+    if options.patched:
+        patch_effect = {key: float((reference[key].float() - unpatched[key].float()).abs().max()) for key in reference}
     figures = {"full": {**reference_times, **{part: placement_figures(patchers, part) for part in patchers}},
-               "budgets": {}}
+               "budgets": {}, "patch_effect": patch_effect}
     for fraction in [float(f) for f in options.fractions.split(",")]:
         budget["fraction"] = fraction
         outputs, times = run(pipeline)

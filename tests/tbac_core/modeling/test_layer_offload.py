@@ -171,3 +171,46 @@ def test_resident_tensors_are_the_first_layer_and_what_lies_outside_layers(check
         on_meta = {id(getattr(o, k)[n]) for o, k, n in resident_tensors(module)}
         for tensor in module.state_dict(keep_vars=True).values():
             assert (tensor.device == META) == (id(tensor) in on_meta)
+
+
+def _streamed_linear():
+    part = torch.nn.ModuleList([torch.nn.Linear(1, 1), torch.nn.Linear(3, 2)])  # the first layer stays resident
+    (layer,) = make_layers_offloadable(part)
+    layer.weights_offloaded = True
+    return layer
+
+
+def test_a_streamed_layer_applies_the_per_call_weight_patches_to_its_copies():
+    """ComfyUI's partial load hands a LoRA on an offloaded layer over as ``weight_function`` / ``bias_function``."""
+    layer = _streamed_linear()
+    stored_weight, stored_bias = layer.weight.detach().clone(), layer.bias.detach().clone()
+    layer.weight_function = [lambda w: w.add_(1.0), lambda w: w * 2]  # in place first: must hit a copy
+    layer.bias_function = [lambda b: b - 0.5]
+    x = torch.randn(4, 3)
+    with torch.no_grad():
+        got = layer(x)
+        expected = torch.nn.functional.linear(x, (stored_weight + 1.0) * 2, stored_bias - 0.5)
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+        assert torch.equal(layer.weight, stored_weight) and torch.equal(layer.bias, stored_bias)
+        layer.weight_function, layer.bias_function = [], []
+        torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, stored_weight, stored_bias), rtol=0, atol=0)
+
+
+def test_the_fast_paths_see_the_patched_weights_too():
+    from tbac_core.modeling.layer_offload import tensors_on
+
+    layer = _streamed_linear()
+    layer.weight_function = [lambda w: w * 0]
+    with tensors_on(layer, torch.device("cpu")):
+        assert torch.equal(layer.weight, torch.zeros_like(layer.weight))
+    assert layer.weight.abs().sum() > 0
+
+
+def test_a_patch_on_a_quantised_layer_is_refused_clearly():
+    from tbac_core.errors import InvalidParameterError
+
+    layer = _streamed_linear()
+    layer.weight.data = layer.weight.data.to(torch.float8_e4m3fn)
+    layer.weight_function = [lambda w: w]
+    with pytest.raises(InvalidParameterError, match="quantised layer"):
+        layer(torch.randn(1, 3))
