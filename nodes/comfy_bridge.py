@@ -55,6 +55,7 @@ from ..tbac_core.devices import resolve_device
 from ..tbac_core.errors import InvalidParameterError
 from ..tbac_core.loading import MODELS_DIR_ENV
 from ..tbac_core.modeling import (
+    PATCH_FUNCTIONS,
     make_layers_offloadable,
     offloadable_layers,
     place_resident,
@@ -207,7 +208,9 @@ def prepare_partial_loading(module: torch.nn.Module) -> list[torch.nn.Module]:
     layer then moves its weights per call (``tbac_core.modeling.layer_offload``). An unmarked
     layer that does not fit would be left behind with nothing to move its weights.
     ComfyUI reads ``weight`` and ``bias`` of every marked layer (as comfy.ops layers have them), so a
-    layer without a bias (``nn.Embedding``, Qwen's RMSNorm) gets ``bias = None``.
+    layer without a bias (``nn.Embedding``, Qwen's RMSNorm) gets ``bias = None``; and it hands over
+    per-call weight patches in the layer's ``weight_function`` / ``bias_function`` lists, which
+    every layer gets empty (the layer applies them: ``layer_offload``).
     """
     layers = make_layers_offloadable(module)
     for layer in layers:
@@ -216,6 +219,9 @@ def prepare_partial_loading(module: torch.nn.Module) -> list[torch.nn.Module]:
         for name in ("weight", "bias"):
             if not hasattr(layer, name):
                 setattr(layer, name, None)
+        for name in PATCH_FUNCTIONS.values():  # ComfyUI extends these for a loaded layer's weight wrappers
+            if not hasattr(layer, name):
+                setattr(layer, name, [])
     return layers
 
 

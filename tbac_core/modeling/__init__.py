@@ -5,7 +5,8 @@ _EXPORTS = {  # module -> the names it exports
     ".model": ("TBACModel",),
     ".dit": ("LadderDiT", "Connector", "ConditionKVCache", "mask_to_bias"),
     ".vae": ("decode_signed", "encode_signed"),
-    ".layer_offload": ("make_layers_offloadable", "offloadable_layers", "place_resident", "resident_tensors"),
+    ".layer_offload": ("PATCH_FUNCTIONS", "make_layers_offloadable", "offloadable_layers", "place_resident",
+                       "resident_tensors"),
 }
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 __all__ = sorted(name for names in _EXPORTS.values() for name in names)

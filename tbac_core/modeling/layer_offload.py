@@ -99,7 +99,15 @@ def _own_tensors(module: torch.nn.Module) -> dict[str, dict]:
 
 
 def _must_move(layer: "OffloadableLayer", device: torch.device) -> bool:
-    return layer.weights_offloaded or _held_elsewhere(layer, device)
+    return layer.weights_offloaded or _has_patches(layer) or _held_elsewhere(layer, device)
+
+
+def _has_patches(layer: torch.nn.Module) -> bool:
+    # A loaded layer may carry per-call patches too (ComfyUI's weight wrappers); its own layers then
+    # take the casting path whatever their flag says, and so does this one. Instance attributes only:
+    # plain dict lookups on every forward.
+    attributes = layer.__dict__
+    return bool(attributes.get("weight_function") or attributes.get("bias_function"))
 
 
 def _held_elsewhere(layer: torch.nn.Module, device: torch.device) -> bool:

@@ -122,12 +122,15 @@ def run(pipeline) -> tuple[dict, dict]:
 
 
 def add_diff_patches(patcher) -> int:
-    """Small random diffs on every floating-point matrix weight of the part, as a LoRA loader adds them."""
+    """Small random diffs on every floating-point matrix weight of the part, as a LoRA loader adds them,
+    and a weight wrapper (applied per call even to a fully loaded layer) on the last of them (not the
+    part's first layer, which stays resident as a plain layer)."""
     generator = torch.Generator().manual_seed(0)
     weights = {key: value for key, value in patcher.model.state_dict().items()
                if key.endswith(".weight") and value.dim() >= 2 and value.is_floating_point()}
     patches = {key: ("diff", (0.02 * torch.randn(value.shape, generator=generator).to(value.dtype),))
                for key, value in weights.items()}
+    patcher.add_weight_wrapper(list(weights)[-1], lambda weight: weight * 1.5)
     return len(patcher.add_patches(patches, 1.0))
 
 

@@ -214,3 +214,17 @@ def test_a_patch_on_a_quantised_layer_is_refused_clearly():
     layer.weight_function = [lambda w: w]
     with pytest.raises(InvalidParameterError, match="quantised layer"):
         layer(torch.randn(1, 3))
+
+
+def test_a_loaded_layer_with_per_call_patches_applies_them_too():
+    """ComfyUI's weight wrappers reach fully loaded layers as well; its own layers then take the casting path."""
+    layer = _streamed_linear()
+    layer.weights_offloaded = False  # loaded: nothing to move
+    stored = layer.weight.detach().clone()
+    x = torch.randn(2, 3)
+    with torch.no_grad():
+        plain = layer(x)
+        layer.weight_function = [lambda w: w * 3]
+        torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, stored * 3, layer.bias), rtol=0, atol=0)
+        layer.weight_function = []
+        assert torch.equal(layer(x), plain) and torch.equal(layer.weight, stored)
