@@ -17,6 +17,7 @@ Usage: python bench/decode_bench.py [--model medium|real|DIR] [--dtype fp32|bf16
 """
 from __future__ import annotations
 
+import functools
 import sys
 from pathlib import Path
 
@@ -32,39 +33,34 @@ import torch  # noqa: E402
 
 def comparisons() -> dict:
     """``--compare`` choice -> (label, (name, swap) of the baseline, (name, swap) of ours)."""
-    from tbac_core.modeling.dc_up_block import (
-        use_diffusers_up_blocks,
-        use_folded_upsampling,
-        use_view_shortcut_up_blocks,
-    )
+    from tbac_core.modeling.dc_up_block import use_diffusers_up_blocks
     from tbac_core.modeling.rms_norm import use_diffusers_rms_norms, use_lean_rms_norms
 
-    def unfolded_view_blocks(vae):
-        use_view_shortcut_up_blocks(vae)
-        use_folded_upsampling(vae, enabled=False)
-
-    def folded_view_blocks(vae):
-        use_view_shortcut_up_blocks(vae)
-        use_folded_upsampling(vae, enabled=True)
-
+    unfolded, folded = (functools.partial(view_shortcut_blocks, folded=f) for f in (False, True))
     return {
         "norms": ("diffusers' RMSNorm vs LeanRMSNorm", ("diffusers", use_diffusers_rms_norms),
                   ("lean", use_lean_rms_norms)),
         "up-blocks": ("diffusers' DCUpBlock2d vs ViewShortcutDCUpBlock (its shortcut a view, upsampling not folded)",
-                      ("diffusers", use_diffusers_up_blocks), ("view", unfolded_view_blocks)),
+                      ("diffusers", use_diffusers_up_blocks), ("view", unfolded)),
         "upsampling": ("interpolate-then-convolve vs the folded transposed convolution (ViewShortcutDCUpBlock)",
-                       ("interpolate", unfolded_view_blocks), ("folded", folded_view_blocks)),
+                       ("interpolate", unfolded), ("folded", folded)),
     }
+
+
+def view_shortcut_blocks(vae, *, folded: bool) -> None:
+    """The up-blocks as ``ViewShortcutDCUpBlock`` (the shortcut a view), their upsampling folded or not."""
+    from tbac_core.modeling.dc_up_block import use_folded_upsampling, use_view_shortcut_up_blocks
+
+    use_view_shortcut_up_blocks(vae)
+    use_folded_upsampling(vae, enabled=folded)
 
 
 def library_state(vae) -> None:
     """The library's own decoder: lean norms, view-shortcut up-blocks with folded upsampling."""
-    from tbac_core.modeling.dc_up_block import use_folded_upsampling, use_view_shortcut_up_blocks
     from tbac_core.modeling.rms_norm import use_lean_rms_norms
 
     use_lean_rms_norms(vae)
-    use_view_shortcut_up_blocks(vae)
-    use_folded_upsampling(vae)
+    view_shortcut_blocks(vae, folded=True)
 
 
 def main(argv=None) -> dict:

@@ -99,12 +99,12 @@ def folded_upsampling_kernel(weight: torch.Tensor) -> torch.Tensor:
     """
     out_channels, in_channels = weight.shape[:2]
     taps = weight.transpose(0, 1).reshape(in_channels * out_channels, 9).float()  # [I * O, 9]
-    fold = torch.kron(_TAP_FOLD, _TAP_FOLD).to(taps.device)  # [16, 9]: (p, q) <- (a, b)
-    return (taps @ fold.T).view(in_channels, out_channels, 4, 4).to(weight.dtype)
+    return (taps @ _FOLD_2D.T.to(taps.device)).view(in_channels, out_channels, 4, 4).to(weight.dtype)
 
 
 # Along one axis: transposed-conv tap p (0..3) of the 3x3 kernel's taps a (0..2): [w2, w1 + w2, w0 + w1, w0].
 _TAP_FOLD = torch.tensor([[0.0, 0.0, 1.0], [0.0, 1.0, 1.0], [1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+_FOLD_2D = torch.kron(_TAP_FOLD, _TAP_FOLD)  # [16, 9]: 2-D tap (p, q) <- (a, b), both axes folded
 
 
 def shortcut_view(hidden: torch.Tensor, repeats: int, factor: int) -> torch.Tensor | None:

@@ -104,10 +104,14 @@ def _must_move(layer: "OffloadableLayer", device: torch.device) -> bool:
 
 def _has_patches(layer: torch.nn.Module) -> bool:
     # A loaded layer may carry per-call patches too (ComfyUI's weight wrappers); its own layers then
-    # take the casting path whatever their flag says, and so does this one. Instance attributes only:
-    # plain dict lookups on every forward.
-    attributes = layer.__dict__
-    return bool(attributes.get("weight_function") or attributes.get("bias_function"))
+    # take the casting path whatever their flag says, and so does this one.
+    return any(_patch_functions(layer, name) for name in PATCH_FUNCTIONS)
+
+
+def _patch_functions(layer: torch.nn.Module, name: str) -> list:
+    # Instance attributes only: plain dict lookups on every forward (not nn.Module's __getattr__).
+    attribute = PATCH_FUNCTIONS.get(name)
+    return (layer.__dict__.get(attribute) or []) if attribute else []
 
 
 def _held_elsewhere(layer: torch.nn.Module, device: torch.device) -> bool:
@@ -138,7 +142,7 @@ def _tensors_moved(layer: torch.nn.Module, device: torch.device):
             for name, tensor in saved[kind].items():
                 if tensor is None:
                     continue
-                patches = getattr(layer, PATCH_FUNCTIONS[name], None) if name in PATCH_FUNCTIONS else None
+                patches = _patch_functions(layer, name)
                 table[name] = _patched(layer, name, tensor, device, patches) if patches else to_device(tensor, device)
         yield
     finally:

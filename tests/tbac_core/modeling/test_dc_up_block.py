@@ -17,7 +17,7 @@ from tbac_core.modeling.dc_up_block import (
     use_folded_upsampling,
     use_view_shortcut_up_blocks,
 )
-from tbac_core.modeling.layer_offload import make_layers_offloadable
+from streamed_layers import forbid_calls, stream
 
 # (in_channels, out_channels): repeats = out * 4 // in = 2 and 4 (the DC-AE's), 1, 8, and 3 (no view: fallback)
 CHANNELS = [(8, 4), (4, 4), (16, 4), (4, 8), (4, 3)]
@@ -110,10 +110,7 @@ def test_an_offloadable_conv_folds_with_its_weights_moved_for_the_call(monkeypat
     source = _block(8, 4, True)
     plain = ViewShortcutDCUpBlock(copy.deepcopy(source))
     streamed = ViewShortcutDCUpBlock(source)
-    part = torch.nn.ModuleList([torch.nn.Linear(1, 1), streamed])  # the first layer of a part stays resident
-    assert streamed.conv in make_layers_offloadable(part)
-    streamed.conv.weights_offloaded = True  # as ComfyUI's partial load leaves it: copies per call
-    monkeypatch.setattr(streamed.conv, "forward", lambda *_: (_ for _ in ()).throw(AssertionError("conv ran")))
+    forbid_calls(monkeypatch, stream(streamed.conv, streamed))
     hidden = torch.randn(1, 8, 3, 3)
     with torch.no_grad():
         assert torch.equal(streamed(hidden), plain(hidden))

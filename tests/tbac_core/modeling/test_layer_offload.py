@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from streamed_layers import stream
 from torch.overrides import TorchFunctionMode
 
 from tbac_core import load_model
@@ -174,10 +175,7 @@ def test_resident_tensors_are_the_first_layer_and_what_lies_outside_layers(check
 
 
 def _streamed_linear():
-    part = torch.nn.ModuleList([torch.nn.Linear(1, 1), torch.nn.Linear(3, 2)])  # the first layer stays resident
-    (layer,) = make_layers_offloadable(part)
-    layer.weights_offloaded = True
-    return layer
+    return stream(torch.nn.Linear(3, 2))
 
 
 def test_a_streamed_layer_applies_the_per_call_weight_patches_to_its_copies():

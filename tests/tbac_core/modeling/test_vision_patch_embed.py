@@ -55,14 +55,11 @@ def test_an_offloadable_convolution_still_runs_as_a_matrix_product(monkeypatch):
     """In ComfyUI every layer is made offloadable (layer_offload); the product must not fall back to the conv."""
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionPatchEmbed
 
-    from tbac_core.modeling.layer_offload import make_layers_offloadable
+    from streamed_layers import forbid_calls, stream
 
     source = Qwen2_5_VisionPatchEmbed(patch_size=2, temporal_patch_size=2, in_channels=3, embed_dim=8)
     plain, streamed = LinearPatchEmbed(copy.deepcopy(source)), LinearPatchEmbed(source)
-    part = nn.ModuleList([nn.Linear(1, 1), streamed])  # the first layer of a part stays resident
-    assert streamed.proj in make_layers_offloadable(part)
-    streamed.proj.weights_offloaded = True  # as a partial load leaves it: copies per call
-    monkeypatch.setattr(streamed.proj, "forward", lambda *_: (_ for _ in ()).throw(AssertionError("conv ran")))
+    forbid_calls(monkeypatch, stream(streamed.proj, streamed))
     patches = torch.randn(5, 24, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert torch.equal(streamed(patches), plain(patches))
