@@ -46,15 +46,19 @@ import make_random_checkpoint as mrc
 import torch
 from accelerations import acceleration_label, parse_accelerated
 
-# Parity tolerances: max abs difference against fp32 on the CPU (tiny fixture, golden t2i case,
-# 8 steps, latents std ~1.7, images in 0..1). bf16 keeps 8 mantissa bits (relative step 2^-8);
-# bf16 on the CPU differs from fp32 on the CPU by 0.049 (latents) and 0.033 (images), so the bf16
-# bounds are ~3x that: room for other kernels' rounding, far below what a wrong dtype, device or
-# guidance path gives (differences of order 1). fp32 on another device differs only by summation
+# Parity tolerances: difference against fp32 on the CPU (tiny fixture, golden t2i case, 8 steps,
+# latents std ~1.7, images in 0..1). bf16 keeps 8 mantissa bits (relative step 2^-8). bf16 on the
+# CPU differs from fp32 on the CPU by 0.048 (latents, max) on both CPUs measured; the images by
+# 0.033 (max) on an Intel Xeon with AMX and by 0.116 max / 0.0027 mean on an AMD EPYC (AVX-512
+# BF16, no AMX): other kernels round elsewhere, and a few pixels at sharp edges carry it. A single
+# pixel's maximum is too fragile to judge a path by, so images are judged by their mean too. The
+# bounds sit ~2-3x above those figures and below what a wrong path gives on this case (fp32:
+# guidance 1 instead of 4.5: latents 1.25, images mean 0.082; another seed: mean 0.16; one step
+# fewer: latents 0.105, images mean 0.0082). fp32 on another device differs only by summation
 # order (TF32 is switched off for the check).
 TOLERANCE = {
-    "bf16": {"latents": 0.15, "images": 0.1},
-    "fp32": {"latents": 1e-3, "images": 1e-3},
+    "bf16": {"latents": 0.15, "images": 0.25, "images_mean": 0.006},
+    "fp32": {"latents": 1e-3, "images": 1e-3, "images_mean": 1e-4},
 }
 GOLDEN_CASE = {  # shared/fixtures/tbac-tiny/goldens: case "t2i"
     "prompts": ["a red cat sitting on a blue chair", "a small green house next to the river"],
@@ -226,7 +230,8 @@ def parity(fixtures: Path, device, dtypes: list[str]) -> dict:
                     "images_mean_abs": (images - ref_images).abs().mean().item(),
                     "tolerance": TOLERANCE[dtype]}
             diff["within_tolerance"] = (diff["latents_max_abs"] <= TOLERANCE[dtype]["latents"]
-                                        and diff["images_max_abs"] <= TOLERANCE[dtype]["images"])
+                                        and diff["images_max_abs"] <= TOLERANCE[dtype]["images"]
+                                        and diff["images_mean_abs"] <= TOLERANCE[dtype]["images_mean"])
             report["compared"][f"{dtype} on {torch.device(device).type}"] = diff
         report["golden_ok"] = report["reference_vs_golden_latents_max_abs"] <= GOLDEN_TOLERANCE
     finally:
@@ -288,11 +293,11 @@ def table(result: dict) -> str:
         p = result["parity"]
         lines += ["", (f"parity ({p['case']}), reference {p['reference']}: vs golden latents max abs "
                       f"{p['reference_vs_golden_latents_max_abs']:.2e} (tolerance {p['golden_tolerance']:.0e})")]
-        prow = [[name, f"{d['latents_max_abs']:.3e}", f"{d['images_max_abs']:.3e}",
-                 f"{d['tolerance']['latents']:g} / {d['tolerance']['images']:g}",
+        prow = [[name, f"{d['latents_max_abs']:.3e}", f"{d['images_max_abs']:.3e}", f"{d['images_mean_abs']:.2e}",
+                 f"{d['tolerance']['latents']:g} / {d['tolerance']['images']:g} / {d['tolerance']['images_mean']:g}",
                  "yes" if d["within_tolerance"] else "NO"] for name, d in p["compared"].items()]
-        lines.append(bu.markdown_table(["run", "latents max abs", "images max abs", "tolerance (lat / img)",
-                                        "within"], prow))
+        lines.append(bu.markdown_table(["run", "latents max abs", "images max abs", "images mean abs",
+                                        "tolerance (lat / img / img mean)", "within"], prow))
     if result.get("load"):
         load = result["load"]
         lines += ["", (f"load {load['checkpoint']}: {load['seconds']:.2f} s, weights {bu.gib(load['weights_bytes'])}, "
