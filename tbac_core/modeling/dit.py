@@ -18,6 +18,7 @@ from torch import nn
 from .contiguous import make_inputs_contiguous
 from .linear_attention import use_token_major_linear_attention
 from .mix_ffn import use_token_major_ffn
+from .onednn_linear import use_onednn_linears
 from .step_cache import FirstBlockCache
 
 # The official connector's RMSNorm starts at sqrt(5.5) and is trained; the value comes from the
@@ -208,6 +209,7 @@ class LadderDiT(nn.Module):
                 block.attn2.set_processor(PrecomputedKVAttnProcessor(block.attn2.processor))
         use_token_major_ffn(transformer.transformer_blocks)  # 1x1 convs as matmuls (mix_ffn: why)
         use_token_major_linear_attention(block.attn1 for block in transformer.transformer_blocks)
+        use_onednn_linears(self)  # float32 CPU products through oneDNN (onednn_linear: why)
         # diffusers' self-attention processor, wherever it still runs (a block the token-major one does
         # not support, A/B runs), hands its output projection a transposed view (contiguous: why).
         make_inputs_contiguous(block.attn1.to_out[0] for block in transformer.transformer_blocks)

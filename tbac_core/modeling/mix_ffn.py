@@ -12,10 +12,10 @@ run in another order), well inside the parity tolerances.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .layer_offload import built_class, tensors_on
+from .onednn_linear import linear
 
 
 class TokenMajorGLUMBConv(nn.Module):
@@ -53,7 +53,7 @@ def pointwise(conv: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     """
     if built_class(conv) is nn.Conv2d:
         with tensors_on(conv, tokens.device):
-            return F.linear(tokens, conv.weight.flatten(1), conv.bias)
+            return linear(tokens, conv.weight.flatten(1), conv.bias)
     return conv(tokens.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
 
 

@@ -25,6 +25,7 @@ from .prefix_kv import (
     new_cache,
     shared_prefix_length,
 )
+from .onednn_linear import use_onednn_linears
 from .vision_patch_embed import use_linear_patch_embed
 
 
@@ -59,6 +60,7 @@ def build_mllm(config_dict: dict, embedding_rows: int) -> tuple[Qwen2_5_VLForCon
         model = Qwen2_5_VLForConditionalGeneration._from_config(config, attn_implementation="sdpa")
     model.lm_head = nn.Identity()  # attached from the embedding after loading
     use_linear_patch_embed(vision_tower(model))  # the kernel-sized Conv3d as a matmul (vision_patch_embed: why)
+    use_onednn_linears(model)  # float32 CPU products through oneDNN (onednn_linear: why)
     model.eval().requires_grad_(False)
     return model, base_vocab
 

@@ -13,6 +13,7 @@ from torch import nn
 
 from .contiguous import make_inputs_contiguous
 from .dc_up_block import use_view_shortcut_up_blocks
+from .onednn_linear import use_onednn_linears
 from .rms_norm import use_lean_rms_norms
 
 
@@ -28,8 +29,10 @@ def use_contiguous_projections(vae: AutoencoderDC) -> int:
 
 def speed_up_vae(vae: AutoencoderDC) -> None:
     """The exact speed-ups of the DC-AE: contiguous projection inputs, lean RMS norms (rms_norm.py),
-    up-blocks whose shortcut is a view of their input (dc_up_block.py)."""
+    up-blocks whose shortcut is a view of their input (dc_up_block.py), float32 CPU products through
+    oneDNN (onednn_linear.py)."""
     use_contiguous_projections(vae)
+    use_onednn_linears(vae)
     use_lean_rms_norms(vae)
     use_view_shortcut_up_blocks(vae)
 

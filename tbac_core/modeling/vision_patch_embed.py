@@ -10,10 +10,10 @@ the result equals the convolution's within float rounding (the sums run in anoth
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .layer_offload import built_class, tensors_on
+from .onednn_linear import linear
 
 
 class LinearPatchEmbed(nn.Module):
@@ -41,7 +41,7 @@ class LinearPatchEmbed(nn.Module):
         with tensors_on(self.proj, hidden_states.device):  # its weight may be streamed (layer_offload)
             weight = self.proj.weight  # [embed_dim, C, T, P, P]
             patches = hidden_states.reshape(-1, weight[0].numel()).to(weight.dtype)  # [N, C * T * P * P]
-            return F.linear(patches, weight.flatten(1))
+            return linear(patches, weight.flatten(1))
 
 
 def use_linear_patch_embed(visual: nn.Module) -> bool:

@@ -11,7 +11,9 @@ transposes them on the way in): each stays an ``[out, in]`` parameter (same modu
 state-dict key and values) whose memory is ``[in, out]``, so ``weight.T`` is a plain row-major
 matrix. Products give the same numbers up to float rounding. Moving the model keeps the layout
 (``Tensor.to`` preserves strides). Only float32 on the CPU: bfloat16 products run through oneDNN
-(AMX), which is not faster this way, and GPUs' BLAS take either layout at full speed.
+(AMX), which is not faster this way, and GPUs' BLAS take either layout at full speed. Where float32
+products run through oneDNN too (``onednn_linear``), the layout gives the same bits and is as fast or
+a little faster (AMD EPYC, one thread: 94-105 against 93-97 GFLOP/s row-major).
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from .mix_ffn import TokenMajorGLUMBConv
 def input_major_keys(transformer: nn.Module) -> frozenset[str]:
     """State-dict keys of the weights that run as ``F.linear``: the linears, and the 1x1 convolutions
     of the Mix-FFNs the token-major rewrite takes or took (``mix_ffn.pointwise``)."""
-    keys = {f"{name}.weight" for name, module in transformer.named_modules() if type(module) is nn.Linear}
+    keys = {f"{name}.weight" for name, module in transformer.named_modules() if isinstance(module, nn.Linear)}
     for name, module in transformer.named_modules():
         if TokenMajorGLUMBConv.supports(module) or isinstance(module, TokenMajorGLUMBConv):
             keys |= {f"{name}.conv_inverted.weight", f"{name}.conv_point.weight"}
