@@ -297,3 +297,16 @@ def test_attention_bench_times_both_processors(tmp_path, fixture_root):
     assert result["max_abs_difference"] < 1e-4
     assert result["token_major_s"] > 0 and result["diffusers_s"] > 0 and len(result["token_major_all_s"]) == 2
     assert json.loads(out.read_text())["token_major_over_diffusers"] == result["token_major_over_diffusers"]
+
+
+def test_linear_bench_times_both_paths(tmp_path, fixture_root):
+    import linear_bench
+
+    out = tmp_path / "linear.json"
+    result = linear_bench.main(["--model", str(fixture_root / "checkpoint"), "--size", "64", "--steps", "2",
+                                "--repeats", "2", "--products", "2", "--out", str(out)])
+    assert len(result["products"]) == 2 and all(p["mkl_gflops"] > 0 and p["onednn_gflops"] > 0
+                                                for p in result["products"])
+    assert result["latents_max_abs_difference"] < 1e-4
+    assert result["mkl_s"] > 0 and result["onednn_s"] > 0 and len(result["onednn_all_s"]) == 2
+    assert json.loads(out.read_text())["onednn_over_mkl"] == result["onednn_over_mkl"]

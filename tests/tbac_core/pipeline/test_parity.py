@@ -1,6 +1,8 @@
 """Numerical parity with the official implementation on the tiny fixture's golden cases.
 
-Integers must match exactly, float32 tensors within 1e-4, uint8 images within one level.
+Integers must match exactly, float32 tensors within 1e-4, uint8 images within one level. Each case
+runs twice: as the library runs it, and with every float32 product through oneDNN (``onednn_linear``
+takes only products of 8 M multiply-adds or more, none of which the tiny model has).
 """
 from __future__ import annotations
 
@@ -12,12 +14,14 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from tbac_core.modeling import onednn_linear
 from tbac_core.params import SamplingParams
 from tbac_core.processing.images import images_per_prompt
 from tbac_core.processing.prompt_layout import conditioning_rows
 
 ATOL = 1e-4
 CASES = ["t2i", "edit", "edit_textcfg"]
+ROUTES = ["as-is", "onednn"]
 
 
 def _case(manifest, name):
@@ -41,22 +45,32 @@ def _golden_rows(case, prompts):
     return list(range(3 * len(prompts)))
 
 
-@pytest.fixture(scope="module", params=CASES)
+@pytest.fixture(scope="module", params=[(case, route) for case in CASES for route in ROUTES],
+                ids=lambda param: "-".join(param))
 def run(request, pipe, manifest, fixture_root):
-    case = _case(manifest, request.param)
+    name, route = request.param
+    case = _case(manifest, name)
     golden = load_file(fixture_root / "goldens" / case["file"])
     prompts, images, call = _inputs(fixture_root, case)
-    cond = pipe.encode(prompts, images=images, negative_prompt=call["negative_prompt"])
-    steps = []
-    params = SamplingParams(
-        steps=call["num_inference_steps"],
-        guidance_scale=call["guidance_scale"],
-        image_guidance_scale=call["image_guidance_scale"],
-        seed=case["seed"],
-        num_images_per_prompt=call["num_images_per_prompt"],
-    )
-    latents = pipe.sample(cond, params=params, callback=steps.append)
-    images_out = pipe.decode(latents)
+    onednn_products = []
+    with pytest.MonkeyPatch.context() as patch:
+        if route == "onednn":
+            real = onednn_linear._onednn_linear
+            patch.setattr(onednn_linear, "MIN_MULTIPLY_ADDS", 0)
+            patch.setattr(onednn_linear, "_onednn_linear", lambda *args: onednn_products.append(1) or real(*args))
+        pipe.clear_cache()  # the encode runs in this route, not served from the other's
+        cond = pipe.encode(prompts, images=images, negative_prompt=call["negative_prompt"])
+        steps = []
+        params = SamplingParams(
+            steps=call["num_inference_steps"],
+            guidance_scale=call["guidance_scale"],
+            image_guidance_scale=call["image_guidance_scale"],
+            seed=case["seed"],
+            num_images_per_prompt=call["num_images_per_prompt"],
+        )
+        latents = pipe.sample(cond, params=params, callback=steps.append)
+        images_out = pipe.decode(latents)
+    assert (len(onednn_products) > 100) == (route == "onednn")  # MLLM, connector, DiT and DC-AE products
     return dict(case=case, golden=golden, prompts=prompts, images=images, call=call,
                 cond=cond, steps=steps, latents=latents, images_out=images_out)
 
