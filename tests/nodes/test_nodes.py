@@ -251,12 +251,12 @@ def test_loader_weights_input_quantises_while_loading(models_root):
         return type(loaded.model.dit.transformer.transformer_blocks[0].attn1.to_q).__name__
 
     assert _choices(loader.TBACModelLoader, "weights") == ["as stored", "fp8", "q8_0", "q5_k", "q4_k"]
-    for weights, layer in (("fp8", "FP8Linear"), ("q4_k", "GGUFLinear"), ("as stored", "Linear")):
+    for weights, layer in (("fp8", "FP8Linear"), ("q4_k", "GGUFLinear"), ("as stored", "OneDNNLinear")):
         (loaded,) = outputs(loader.TBACModelLoader, checkpoint="tbac-tiny", dtype="fp32", device="cpu",
                             adapter="none", weights=weights)
         assert first_layer(loaded) == layer, weights
         assert torch.isfinite(_encode(loaded, "a red circle").block_conditions("positive", lambda s: s)[0]).all()
-    assert first_layer(_load()) == "Linear"  # the input left out
+    assert first_layer(_load()) == "OneDNNLinear"  # the input left out (onednn_linear: a plain nn.Linear)
 
 
 def test_tokenizer_fallback_is_used_only_when_the_core_finds_none(tmp_path, fixture_root, monkeypatch):
