@@ -2,13 +2,13 @@
 
 PyTorch hands a float32 ``F.linear`` on the CPU to MKL's sgemm (bfloat16 goes to oneDNN already).
 On an AMD EPYC (Zen 4, AVX-512, no AMX), one thread, oneDNN's product is faster on this model's
-shapes: ``[128, 640] x [640, 3200]`` 83 -> 100 GFLOP/s, ``[128, 1600] x [1600, 640]`` 80 -> 100,
-``[181, 768] x [768, 1536]`` (an MLLM encode) 92 -> 94-97, and 1.26-1.5x with 2 threads
-(``bench/linear_bench.py``); a 20-step medium generation 10-20 % faster. MKL is Intel's library,
-and on Intel CPUs its sgemm was measured as fast as oneDNN's (bench/MEASUREMENTS.md, 2026-12-07).
-The values are the same within float rounding (the sums run in another order; a 20-step medium
-generation's latents within 1e-5), and oneDNN gives the same bits for either weight layout
-(``weight_layout``).
+shapes with its input-major weights (``weight_layout``): ``[128, 640] x [640, 3200]`` 83 -> 100
+GFLOP/s, ``[128, 1600] x [1600, 640]`` 80 -> 101, ``[181, 1536] x [1536, 768]`` (an MLLM encode)
+77 -> 100; 1.26-1.5x with 2 threads. A medium generation with a new prompt went 4.03 -> 3.71 s
+(-8 %, ``bench/linear_bench.py``; bench/MEASUREMENTS.md, 2026-12-08). MKL is Intel's library, and on
+an Intel Xeon its sgemm was measured as fast as oneDNN's (2026-12-07). The values are the same
+within float rounding (the sums run in another order; that generation's latents within 1e-5), and
+oneDNN gives the same bits for either weight layout.
 
 Only where it pays and is safe, else ``F.linear`` as before:
 
