@@ -2,8 +2,8 @@
 """Float32 linear layers on the CPU: MKL's sgemm (``F.linear``) against oneDNN's product (``onednn_linear``).
 
 Loads a checkpoint on the CPU, runs one short generation while recording the shape of every product
-that ``onednn_linear.linear`` sees (and the path it picks), then times each distinct shape both ways
-(``--products``, most frequent first), and a whole text-to-image generation (a new prompt: the MLLM encode, ``--steps``
+that ``onednn_linear.linear`` sees (and the path it picks), then times each distinct shape both ways,
+the weight laid out as the model stores it (``weight_layout``; ``--products``, most frequent first), and a whole text-to-image generation (a new prompt: the MLLM encode, ``--steps``
 denoising steps with guidance, the decode) with every linear of the model on one path or the
 other, alternating in one process. Prints GFLOP/s per shape and seconds per generation, and
 whether both paths give the same latents.
@@ -36,16 +36,17 @@ def _add_arguments(parser) -> None:
 
 
 def product_shapes(pipe, size: int) -> collections.Counter:
-    """(rows, in, out, whether oneDNN takes it) of every product ``onednn_linear.linear`` sees in a 2-step
-    generation -> counts."""
+    """(rows, in, out, whether the weight is stored input-major, whether oneDNN takes it) of every product
+    ``onednn_linear.linear`` sees in a 2-step generation -> counts."""
     from tbac_core.modeling import onednn_linear
+    from tbac_core.modeling.weight_layout import is_input_major
 
     shapes: collections.Counter = collections.Counter()
     real = onednn_linear.takes_onednn
 
     def recorded(input, weight, bias=None):
         taken = real(input, weight, bias)
-        shapes[(input.numel() // input.shape[-1], weight.shape[1], weight.shape[0], taken)] += 1
+        shapes[(input.numel() // input.shape[-1], weight.shape[1], weight.shape[0], is_input_major(weight), taken)] += 1
         return taken
 
     onednn_linear.takes_onednn = recorded
@@ -61,8 +62,10 @@ def time_products(shapes: collections.Counter, limit: int, repeats: int) -> list
 
     rows = []
     generator = torch.Generator().manual_seed(0)
-    for (m, k, n, taken), count in shapes.most_common(limit):
+    for (m, k, n, input_major, taken), count in shapes.most_common(limit):
         x, weight, bias = torch.randn(m, k, generator=generator), torch.randn(n, k, generator=generator), torch.randn(n)
+        if input_major:  # as the model stores it (weight_layout)
+            weight = weight.t().contiguous().t()
         inner = max(1, int(2e8 // (2 * m * k * n)))  # ~0.2 GFLOP per timed call: long enough to time
 
         def repeated(call):
@@ -75,7 +78,8 @@ def time_products(shapes: collections.Counter, limit: int, repeats: int) -> list
                                    "onednn": repeated(lambda: _onednn_linear(x, weight, bias))}, repeats)
         gflop = 2 * m * k * n * inner / 1e9
         best = {name: min(s.wall for s in values) for name, values in times.items()}
-        rows.append({"rows": m, "in": k, "out": n, "calls_per_generation_2_steps": count, "onednn_takes_it": taken,
+        rows.append({"rows": m, "in": k, "out": n, "input_major_weight": input_major,
+                     "calls_per_generation_2_steps": count, "onednn_takes_it": taken,
                      "mkl_gflops": gflop / best["mkl"], "onednn_gflops": gflop / best["onednn"]})
     return rows
 
@@ -117,9 +121,10 @@ def main(argv=None) -> dict:
                        "(onednn_linear), per product shape and per generation", args, checkpoint),
         "steps": args.steps, "products": products, "latents_max_abs_difference": difference,
     }
-    print(bu.markdown_table(["rows x in x out", "calls (2 steps)", "path taken", "MKL GFLOP/s", "oneDNN GFLOP/s",
-                             "oneDNN / MKL"],
-                            [[f"{p['rows']} x {p['in']} x {p['out']}", p["calls_per_generation_2_steps"],
+    print(bu.markdown_table(["rows x in x out", "weight", "calls (2 steps)", "path taken", "MKL GFLOP/s",
+                             "oneDNN GFLOP/s", "oneDNN / MKL"],
+                            [[f"{p['rows']} x {p['in']} x {p['out']}",
+                              "input-major" if p["input_major_weight"] else "row-major", p["calls_per_generation_2_steps"],
                               "oneDNN" if p["onednn_takes_it"] else "MKL",
                               f"{p['mkl_gflops']:.1f}", f"{p['onednn_gflops']:.1f}",
                               f"{p['onednn_gflops'] / p['mkl_gflops']:.2f}x"] for p in products]))

@@ -5,7 +5,7 @@ On an AMD EPYC (Zen 4, AVX-512, no AMX), one thread, oneDNN's product is faster 
 shapes with its input-major weights (``weight_layout``): ``[128, 640] x [640, 3200]`` 83 -> 100
 GFLOP/s, ``[128, 1600] x [1600, 640]`` 80 -> 101, ``[181, 1536] x [1536, 768]`` (an MLLM encode)
 77 -> 100; 1.26-1.5x with 2 threads. A medium generation with a new prompt went 4.03 -> 3.71 s
-(-8 %, ``bench/linear_bench.py``; bench/MEASUREMENTS.md, 2026-12-08). MKL is Intel's library, and on
+and 4.47 -> 3.98 s in two runs (-8 %, -11 %; ``bench/linear_bench.py``; bench/MEASUREMENTS.md, 2026-12-08). MKL is Intel's library, and on
 an Intel Xeon its sgemm was measured as fast as oneDNN's (2026-12-07). The values are the same
 within float rounding (the sums run in another order; that generation's latents within 1e-5), and
 oneDNN gives the same bits for either weight layout.
