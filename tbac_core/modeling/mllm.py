@@ -16,6 +16,7 @@ from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 from ..devices import to_host
 from .layer_offload import to_device
 from .meta_init import empty_weights
+from .onednn_linear import use_onednn_linears
 from .prefix_kv import (
     RowPrefix,
     cache_keyword,
@@ -25,7 +26,6 @@ from .prefix_kv import (
     new_cache,
     shared_prefix_length,
 )
-from .onednn_linear import use_onednn_linears
 from .vision_patch_embed import use_linear_patch_embed
 
 

@@ -93,6 +93,10 @@ def test_training_keeps_autograd(onednn_calls):
     assert len(onednn_calls) == 1  # the same tensors without gradient tracking take the fast path
 
 
+def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return torch.equal(a.view(torch.uint8), b.view(torch.uint8))  # the fp8 weight is uninitialised: NaNs compare unequal
+
+
 def test_use_onednn_linears_swaps_plain_linears_only():
     model = nn.Sequential(nn.Linear(8, 8), nn.Sequential(nn.Linear(8, 4), nn.GELU()), FP8Linear(4, 4, bias=False, scaled=False))
 
@@ -101,11 +105,10 @@ def test_use_onednn_linears_swaps_plain_linears_only():
 
     model.append(Custom(4, 4))
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    same_bytes = lambda a, b: torch.equal(a.view(torch.uint8), b.view(torch.uint8))  # noqa: E731 - fp8 is uninitialised
     assert use_onednn_linears(model) == 2
     assert [type(m) for m in (model[0], model[1][0], model[2], model[3])] == [OneDNNLinear, OneDNNLinear, FP8Linear, Custom]
     assert model.state_dict().keys() == state.keys()
-    assert all(same_bytes(v, state[k]) for k, v in model.state_dict().items())
+    assert all(_same_bytes(v, state[k]) for k, v in model.state_dict().items())
     assert use_onednn_linears(model, enabled=False) == 2 and type(model[0]) is nn.Linear
     assert use_onednn_linears(model, enabled=False) == 0
 
